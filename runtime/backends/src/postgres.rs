@@ -1,0 +1,990 @@
+//! Production backends on PostgreSQL: D1 ([`PostgresSql`]) and Durable Object storage
+//! ([`PostgresObjectStorage`]).
+//!
+//! D1 is SQLite's dialect; the guest's SQL runs unchanged on a portable subset. The only
+//! rewrites ([`translate`]) are `?`/`?NNN` placeholders to `$N`, SQLite type names whose
+//! PostgreSQL meaning differs (`BLOB` -> `BYTEA`, `INTEGER` -> `BIGINT` since SQLite integers
+//! are 64-bit, `REAL` -> `DOUBLE PRECISION` since SQLite reals are 8 bytes) and backquoted
+//! identifiers to double-quoted ones, all outside literals, quoted identifiers and comments.
+//!
+//! Shard epochs live in `lattice_do_shards (namespace, shard, epoch)`, created by both backends
+//! on first use, so a D1 batch carrying a [`Fence`] is checked in its own transaction against the
+//! epochs [`PostgresObjectStorage::acquire_shard`] hands out when both share a database.
+//!
+//! Every call is bounded: the pool's acquire timeout ([`CONNECT_TIMEOUT`]) covers connecting,
+//! and [`OPERATION_TIMEOUT`] the whole operation; both become [`BackendError::Unavailable`].
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use sqlx::postgres::{
+    PgArgumentBuffer, PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow, PgTypeInfo,
+    PgValueRef, Postgres,
+};
+use sqlx::{
+    Arguments, AssertSqlSafe, Column, ConnectOptions, Connection, Either, Executor, Row,
+    SqlSafeStr, Statement, TypeInfo, ValueRef,
+};
+use tokio::sync::OnceCell;
+
+use crate::sqlite::list_range_sql;
+use crate::{
+    BackendError, Fence, ObjectAddr, ObjectListRange, ObjectStorageBackend, ObjectWrite, QueryMeta,
+    QueryOutput, SqlBackend, SqlError, SqlStatement, SqlValue,
+};
+
+const BACKEND: &str = "postgres";
+
+/// How long getting a connection may take, including connecting: a database that is down
+/// answers `Unavailable` after this.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Upper bound for one backend call (a whole batch or commit).
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections per pool; PostgreSQL's default `max_connections` is 100 for every client.
+pub const MAX_CONNECTIONS: u32 = 10;
+
+const SHARDS_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS lattice_do_shards (
+    namespace TEXT NOT NULL,
+    shard BIGINT NOT NULL,
+    epoch BIGINT NOT NULL,
+    PRIMARY KEY (namespace, shard)
+);
+";
+
+const DO_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS lattice_do_entries (
+    namespace TEXT NOT NULL,
+    object_id TEXT NOT NULL,
+    key BYTEA NOT NULL,
+    value BYTEA NOT NULL,
+    PRIMARY KEY (namespace, object_id, key)
+);
+CREATE TABLE IF NOT EXISTS lattice_do_alarms (
+    namespace TEXT NOT NULL,
+    object_id TEXT NOT NULL,
+    shard BIGINT NOT NULL,
+    scheduled_ms BIGINT NOT NULL,
+    PRIMARY KEY (namespace, object_id)
+);
+CREATE INDEX IF NOT EXISTS lattice_do_alarms_due ON lattice_do_alarms (namespace, shard, scheduled_ms);
+";
+
+fn unavailable(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> BackendError {
+    BackendError::unavailable(BACKEND, e)
+}
+
+/// A lazily connecting pool with bounded waits.
+fn pool(url: &str) -> Result<PgPool, BackendError> {
+    let options = PgConnectOptions::from_str(url)
+        .map_err(unavailable)?
+        .application_name("lattice")
+        .disable_statement_logging();
+    Ok(PgPoolOptions::new()
+        .max_connections(MAX_CONNECTIONS)
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .idle_timeout(Duration::from_secs(300))
+        .connect_lazy_with(options))
+}
+
+async fn bounded<T, E: From<BackendError>>(
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    match tokio::time::timeout(OPERATION_TIMEOUT, fut).await {
+        Ok(r) => r,
+        Err(elapsed) => Err(E::from(unavailable(elapsed))),
+    }
+}
+
+/// Creates the tables once per process (again after a failure).
+async fn ensure_schema(
+    cell: &OnceCell<()>,
+    pool: &PgPool,
+    schema: &'static str,
+) -> Result<(), BackendError> {
+    cell.get_or_try_init(|| async {
+        sqlx::raw_sql(schema)
+            .execute(pool)
+            .await
+            .map(drop)
+            .map_err(unavailable)
+    })
+    .await
+    .map(drop)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+// ---------------------------------------------------------------------------------------------
+// SQLite dialect -> PostgreSQL
+
+/// A statement rewritten for PostgreSQL, with what the rewrite learned about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Translated {
+    pub sql: String,
+    /// The first keyword, upper-cased (`SELECT`, `INSERT`, `WITH`, ...).
+    pub first_word: String,
+    /// Whether `INSERT`, `UPDATE`, `DELETE` or `MERGE` appears as a keyword: the command's row
+    /// count is then the number of rows changed.
+    pub writes: bool,
+}
+
+/// Rewrites SQLite-dialect SQL for PostgreSQL (see the module docs). Errors name the problem.
+pub fn translate(sql: &str) -> Result<Translated, String> {
+    let chars: Vec<char> = sql.chars().collect();
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut first_word = String::new();
+    let mut writes = false;
+    let mut max_index: u32 = 0;
+    let mut i = 0;
+    // Copies a quoted run starting at `i` (the opening quote) up to its closing quote, where a
+    // doubled quote is an escaped one; returns the index after it.
+    let quoted = |i: usize, q: char, out: &mut String| -> Result<usize, String> {
+        let mut j = i + 1;
+        loop {
+            match chars.get(j) {
+                None => return Err(format!("unterminated {q} quote")),
+                Some(&c) if c == q => {
+                    if chars.get(j + 1) == Some(&q) {
+                        j += 2;
+                    } else {
+                        out.extend(&chars[i..=j]);
+                        return Ok(j + 1);
+                    }
+                }
+                Some(_) => j += 1,
+            }
+        }
+    };
+    while i < chars.len() {
+        let c = chars[i];
+        match c {
+            '\'' | '"' => i = quoted(i, c, &mut out)?,
+            '`' => {
+                let start = i;
+                let mut j = i + 1;
+                while j < chars.len() && chars[j] != '`' {
+                    j += 1;
+                }
+                if j == chars.len() {
+                    return Err("unterminated ` quote".into());
+                }
+                let inner: String = chars[start + 1..j].iter().collect();
+                out.push('"');
+                out.push_str(&inner.replace('"', "\"\""));
+                out.push('"');
+                i = j + 1;
+            }
+            '-' if chars.get(i + 1) == Some(&'-') => {
+                let mut j = i;
+                while j < chars.len() && chars[j] != '\n' {
+                    j += 1;
+                }
+                out.extend(&chars[i..j]);
+                i = j;
+            }
+            '/' if chars.get(i + 1) == Some(&'*') => {
+                let mut j = i + 2;
+                while j < chars.len() && !(chars[j] == '*' && chars.get(j + 1) == Some(&'/')) {
+                    j += 1;
+                }
+                let end = (j + 2).min(chars.len());
+                out.extend(&chars[i..end]);
+                i = end;
+            }
+            '?' => {
+                let mut j = i + 1;
+                while j < chars.len() && chars[j].is_ascii_digit() {
+                    j += 1;
+                }
+                let index = if j > i + 1 {
+                    let digits: String = chars[i + 1..j].iter().collect();
+                    match digits.parse::<u32>() {
+                        Ok(n) if (1..=32766).contains(&n) => n,
+                        _ => return Err(format!("invalid parameter ?{digits}")),
+                    }
+                } else {
+                    max_index + 1
+                };
+                max_index = max_index.max(index);
+                out.push('$');
+                out.push_str(&index.to_string());
+                i = j;
+            }
+            c if c.is_alphabetic() || c == '_' => {
+                let mut j = i;
+                while j < chars.len()
+                    && (chars[j].is_alphanumeric() || chars[j] == '_' || chars[j] == '$')
+                {
+                    j += 1;
+                }
+                let word: String = chars[i..j].iter().collect();
+                let upper = word.to_ascii_uppercase();
+                if first_word.is_empty() {
+                    first_word = upper.clone();
+                }
+                match upper.as_str() {
+                    "BLOB" => out.push_str("BYTEA"),
+                    "INTEGER" => out.push_str("BIGINT"),
+                    "REAL" => out.push_str("DOUBLE PRECISION"),
+                    "INSERT" | "UPDATE" | "DELETE" | "MERGE" => {
+                        writes = true;
+                        out.push_str(&word);
+                    }
+                    _ => out.push_str(&word),
+                }
+                i = j;
+            }
+            c if c.is_ascii_digit() => {
+                // A number, with its exponent or hex digits, so `1e5` stays one token.
+                let mut j = i;
+                while j < chars.len() && (chars[j].is_alphanumeric() || chars[j] == '.') {
+                    j += 1;
+                }
+                out.extend(&chars[i..j]);
+                i = j;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    Ok(Translated {
+        sql: out,
+        first_word,
+        writes,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Values
+
+/// A NULL parameter whose type PostgreSQL infers from the statement (OID 0, "unspecified"), so
+/// that a NULL fits any column, as in SQLite.
+struct UntypedNull;
+
+impl sqlx::Type<Postgres> for UntypedNull {
+    fn type_info() -> PgTypeInfo {
+        PgTypeInfo::with_oid(sqlx::postgres::types::Oid(0))
+    }
+    fn compatible(_: &PgTypeInfo) -> bool {
+        true
+    }
+}
+
+impl sqlx::Encode<'_, Postgres> for UntypedNull {
+    fn encode_by_ref(
+        &self,
+        _: &mut PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        Ok(sqlx::encode::IsNull::Yes)
+    }
+}
+
+fn bind_params(params: &[SqlValue]) -> Result<PgArguments, sqlx::error::BoxDynError> {
+    let mut args = PgArguments::default();
+    for p in params {
+        match p {
+            SqlValue::Null => args.add(UntypedNull)?,
+            SqlValue::Integer(v) => args.add(*v)?,
+            SqlValue::Real(v) => args.add(*v)?,
+            SqlValue::Text(v) => args.add(v.as_str())?,
+            SqlValue::Blob(v) => args.add(v.as_slice())?,
+        }
+    }
+    Ok(args)
+}
+
+/// A suffix that makes the statement text differ per parameter type signature: sqlx caches
+/// prepared statements by text, and a statement prepared for an `INT8` parameter must not be
+/// reused with a `TEXT` one.
+fn signature_comment(params: &[SqlValue]) -> String {
+    let sig: String = params
+        .iter()
+        .map(|p| match p {
+            SqlValue::Null => 'n',
+            SqlValue::Integer(_) => 'i',
+            SqlValue::Real(_) => 'r',
+            SqlValue::Text(_) => 't',
+            SqlValue::Blob(_) => 'b',
+        })
+        .collect();
+    format!("\n/* lattice:{sig} */")
+}
+
+/// Decodes PostgreSQL's binary NUMERIC into an f64.
+fn numeric_to_f64(bytes: &[u8]) -> Result<f64, String> {
+    let word = |i: usize| -> Result<i16, String> {
+        bytes
+            .get(i..i + 2)
+            .map(|b| i16::from_be_bytes([b[0], b[1]]))
+            .ok_or_else(|| "truncated NUMERIC".to_string())
+    };
+    let ndigits = usize::try_from(word(0)?).map_err(|_| "bad NUMERIC".to_string())?;
+    let weight = i32::from(word(2)?);
+    let sign = word(4)? as u16;
+    match sign {
+        0xC000 => return Ok(f64::NAN),
+        0xD000 => return Ok(f64::INFINITY),
+        0xF000 => return Ok(f64::NEG_INFINITY),
+        _ => {}
+    }
+    let mut value = 0f64;
+    for d in 0..ndigits {
+        let digit = f64::from(word(8 + 2 * d)?);
+        let exp = weight - i32::try_from(d).map_err(|_| "bad NUMERIC".to_string())?;
+        value += digit * 10000f64.powi(exp);
+    }
+    Ok(if sign == 0x4000 { -value } else { value })
+}
+
+fn decode_value(v: PgValueRef<'_>, column: &str) -> Result<SqlValue, String> {
+    use sqlx::Decode;
+    if v.is_null() {
+        return Ok(SqlValue::Null);
+    }
+    let ty = v.type_info().name().to_string();
+    let err = |e: sqlx::error::BoxDynError| format!("column {column:?} ({ty}): {e}");
+    Ok(match ty.as_str() {
+        "INT2" => SqlValue::Integer(i16::decode(v).map_err(err)?.into()),
+        "INT4" => SqlValue::Integer(i32::decode(v).map_err(err)?.into()),
+        "INT8" => SqlValue::Integer(i64::decode(v).map_err(err)?),
+        "OID" => SqlValue::Integer(i64::from(
+            <sqlx::postgres::types::Oid as Decode<Postgres>>::decode(v)
+                .map_err(err)?
+                .0,
+        )),
+        "FLOAT4" => SqlValue::Real(f32::decode(v).map_err(err)?.into()),
+        "FLOAT8" => SqlValue::Real(f64::decode(v).map_err(err)?),
+        "NUMERIC" => SqlValue::Real(
+            numeric_to_f64(v.as_bytes().map_err(err)?)
+                .map_err(|e| format!("column {column:?}: {e}"))?,
+        ),
+        "BOOL" => SqlValue::Integer(i64::from(bool::decode(v).map_err(err)?)),
+        "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" | "CHAR" | "UNKNOWN" | "JSON" | "CITEXT" => {
+            SqlValue::Text(v.as_str().map_err(err)?.to_owned())
+        }
+        "JSONB" => {
+            // Binary JSONB is a version byte (1) followed by the JSON text.
+            let bytes = v.as_bytes().map_err(err)?;
+            SqlValue::Text(String::from_utf8_lossy(bytes.get(1..).unwrap_or_default()).into_owned())
+        }
+        "UUID" => {
+            let b = v.as_bytes().map_err(err)?;
+            let h = hex::encode(b);
+            if h.len() != 32 {
+                return Err(format!("column {column:?}: bad UUID"));
+            }
+            SqlValue::Text(format!(
+                "{}-{}-{}-{}-{}",
+                &h[0..8],
+                &h[8..12],
+                &h[12..16],
+                &h[16..20],
+                &h[20..32]
+            ))
+        }
+        "BYTEA" => SqlValue::Blob(v.as_bytes().map_err(err)?.to_vec()),
+        "VOID" => SqlValue::Null,
+        other => {
+            return Err(format!(
+                "column {column:?} has PostgreSQL type {other}, which D1 cannot represent; \
+                 CAST it to TEXT, INTEGER or REAL in the query"
+            ));
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// D1
+
+/// D1 on PostgreSQL.
+///
+/// Meta: `changes` and `rows_written` are the rows the command changed (its row count when the
+/// statement contains `INSERT`, `UPDATE`, `DELETE` or `MERGE`, else 0); `rows_read` is the rows
+/// returned; `last_row_id` is always 0 (PostgreSQL has no rowid: use `RETURNING`); `size_after`
+/// is 0 (measuring the database on every statement would cost more than the statement);
+/// `changed_db` is true when rows changed or the statement was DDL.
+///
+/// Fencing: with a [`Fence`], the batch's transaction first reads the shard's row in
+/// `lattice_do_shards` `FOR SHARE`: a different epoch fails the batch with
+/// [`BackendError::Fenced`], and the lock holds off a concurrent `acquire_shard` until the batch
+/// commits. A shard with no row has never been acquired in this database (Durable Object storage
+/// lives elsewhere) and is not fenced here.
+#[derive(Debug, Clone)]
+pub struct PostgresSql {
+    pool: PgPool,
+    schema: std::sync::Arc<OnceCell<()>>,
+}
+
+impl PostgresSql {
+    /// A backend for `url` (`postgres://user@host:port/db`). Connects lazily: a database that is
+    /// down makes calls fail with `Unavailable`, not this constructor.
+    pub fn new(url: &str) -> Result<Self, BackendError> {
+        Ok(Self {
+            pool: pool(url)?,
+            schema: Default::default(),
+        })
+    }
+}
+
+enum BatchError {
+    Sql(SqlError),
+    /// PostgreSQL refused a cached prepared statement because a table changed under it.
+    StalePlan,
+}
+
+impl From<BackendError> for BatchError {
+    fn from(e: BackendError) -> Self {
+        Self::Sql(SqlError::Backend(e))
+    }
+}
+
+/// Whether a sqlx error is the infrastructure's fault rather than the statement's.
+fn is_infrastructure(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // 08 connection, 40 serialisation/deadlock, 53 resources, 57 shutdown/cancel,
+            // 58 system, XX internal.
+            ["08", "40", "53", "57", "58", "XX"]
+                .iter()
+                .any(|class| code.starts_with(class))
+        }
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::Encode(_)
+        | sqlx::Error::Decode(_) => false,
+        _ => true,
+    }
+}
+
+fn is_stale_plan(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db)
+        if db.code().as_deref() == Some("0A000") && db.message().contains("cached plan"))
+}
+
+fn sql_error(index: usize, e: sqlx::Error) -> BatchError {
+    if is_stale_plan(&e) {
+        BatchError::StalePlan
+    } else if is_infrastructure(&e) {
+        BatchError::Sql(SqlError::Backend(unavailable(e)))
+    } else {
+        let message = match &e {
+            sqlx::Error::Database(db) => db.message().to_string(),
+            other => other.to_string(),
+        };
+        BatchError::Sql(SqlError::Statement { index, message })
+    }
+}
+
+async fn run_statement(
+    conn: &mut sqlx::PgConnection,
+    index: usize,
+    st: &SqlStatement,
+) -> Result<QueryOutput, BatchError> {
+    let start = Instant::now();
+    let t = translate(&st.sql)
+        .map_err(|message| BatchError::Sql(SqlError::Statement { index, message }))?;
+    let sql = format!("{}{}", t.sql, signature_comment(&st.params));
+    let args = bind_params(&st.params).map_err(|e| {
+        BatchError::Sql(SqlError::Statement {
+            index,
+            message: e.to_string(),
+        })
+    })?;
+
+    let mut rows_affected = 0u64;
+    let mut rows: Vec<PgRow> = Vec::new();
+    {
+        let query = sqlx::query_with(AssertSqlSafe(sql.clone()), args);
+        let mut stream = (&mut *conn).fetch_many(query);
+        while let Some(item) = stream.try_next().await.map_err(|e| sql_error(index, e))? {
+            match item {
+                Either::Left(done) => rows_affected += done.rows_affected(),
+                Either::Right(row) => rows.push(row),
+            }
+        }
+    }
+
+    let columns: Vec<String> = match rows.first() {
+        Some(row) => row.columns().iter().map(|c| c.name().to_owned()).collect(),
+        // No row to read the names from: the statement sqlx just ran is in its cache, so this
+        // is answered without a round trip.
+        None => {
+            match (&mut *conn)
+                .prepare(AssertSqlSafe(sql).into_sql_str())
+                .await
+            {
+                Ok(stmt) => stmt.columns().iter().map(|c| c.name().to_owned()).collect(),
+                Err(e) => return Err(sql_error(index, e)),
+            }
+        }
+    };
+    let mut out_rows = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let mut values = Vec::with_capacity(columns.len());
+        for (i, name) in columns.iter().enumerate() {
+            let raw = row.try_get_raw(i).map_err(|e| sql_error(index, e))?;
+            values.push(
+                decode_value(raw, name)
+                    .map_err(|message| BatchError::Sql(SqlError::Statement { index, message }))?,
+            );
+        }
+        out_rows.push(values);
+    }
+    let changes = if t.writes { rows_affected } else { 0 };
+    let ddl = matches!(t.first_word.as_str(), "CREATE" | "ALTER" | "DROP");
+    Ok(QueryOutput {
+        columns,
+        meta: QueryMeta {
+            duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+            changes,
+            last_row_id: 0,
+            changed_db: changes > 0 || ddl,
+            rows_read: out_rows.len() as u64,
+            rows_written: changes,
+            size_after: 0,
+        },
+        rows: out_rows,
+    })
+}
+
+async fn check_fence(conn: &mut sqlx::PgConnection, fence: &Fence) -> Result<(), BackendError> {
+    let current: Option<i64> = sqlx::query_scalar(
+        "SELECT epoch FROM lattice_do_shards WHERE namespace = $1 AND shard = $2 FOR SHARE",
+    )
+    .bind(&fence.namespace)
+    .bind(i64::from(fence.shard))
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(unavailable)?;
+    match current {
+        Some(e) if u64::try_from(e).ok() != Some(fence.epoch) => Err(BackendError::Fenced {
+            shard: fence.shard,
+            epoch: fence.epoch,
+        }),
+        _ => Ok(()),
+    }
+}
+
+async fn run_batch(
+    conn: &mut sqlx::PgConnection,
+    statements: &[SqlStatement],
+    fence: Option<&Fence>,
+) -> Result<Vec<QueryOutput>, BatchError> {
+    let mut tx = conn.begin().await.map_err(unavailable)?;
+    if let Some(fence) = fence {
+        check_fence(&mut tx, fence).await?;
+    }
+    let mut outputs = Vec::with_capacity(statements.len());
+    for (index, st) in statements.iter().enumerate() {
+        // On error `tx` is dropped, which rolls the transaction back.
+        outputs.push(run_statement(&mut tx, index, st).await?);
+    }
+    tx.commit().await.map_err(unavailable)?;
+    Ok(outputs)
+}
+
+#[async_trait]
+impl SqlBackend for PostgresSql {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn batch(
+        &self,
+        statements: Vec<SqlStatement>,
+        fence: Option<Fence>,
+    ) -> Result<Vec<QueryOutput>, SqlError> {
+        bounded(async {
+            if fence.is_some() {
+                ensure_schema(&self.schema, &self.pool, SHARDS_SCHEMA).await?;
+            }
+            let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+            let mut retried = false;
+            loop {
+                match run_batch(&mut conn, &statements, fence.as_ref()).await {
+                    Ok(out) => return Ok(out),
+                    Err(BatchError::Sql(e)) => return Err(e),
+                    Err(BatchError::StalePlan) if !retried => {
+                        // Nothing was committed: forget the prepared statements and run the
+                        // whole batch again.
+                        retried = true;
+                        conn.clear_cached_statements().await.map_err(unavailable)?;
+                    }
+                    Err(BatchError::StalePlan) => {
+                        return Err(SqlError::Backend(unavailable(
+                            "prepared statement still stale after a retry",
+                        )));
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), BackendError> {
+        bounded(async {
+            sqlx::query("SELECT 1")
+                .execute(&self.pool)
+                .await
+                .map(drop)
+                .map_err(unavailable)
+        })
+        .await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Durable Object storage
+
+/// Durable Object storage on PostgreSQL, with the same semantics as
+/// [`crate::sqlite::SqliteObjectStorage`]. `commit` reads the shard's epoch `FOR SHARE` in its
+/// transaction, so it either commits under the current epoch or fails with `Fenced`;
+/// `acquire_shard` is one upsert that bumps the epoch and waits for commits in flight.
+#[derive(Debug, Clone)]
+pub struct PostgresObjectStorage {
+    pool: PgPool,
+    schema: std::sync::Arc<OnceCell<()>>,
+}
+
+impl PostgresObjectStorage {
+    /// Connects lazily, like [`PostgresSql::new`].
+    pub fn new(url: &str) -> Result<Self, BackendError> {
+        Ok(Self {
+            pool: pool(url)?,
+            schema: Default::default(),
+        })
+    }
+
+    async fn ready(&self) -> Result<(), BackendError> {
+        self.schema
+            .get_or_try_init(|| async {
+                let schema = format!("{SHARDS_SCHEMA}{DO_SCHEMA}");
+                sqlx::raw_sql(AssertSqlSafe(schema))
+                    .execute(&self.pool)
+                    .await
+                    .map(drop)
+                    .map_err(unavailable)
+            })
+            .await
+            .map(drop)
+    }
+}
+
+fn key_string(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+#[async_trait]
+impl ObjectStorageBackend for PostgresObjectStorage {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn acquire_shard(&self, namespace: &str, shard: u32) -> Result<u64, BackendError> {
+        bounded(async {
+            self.ready().await?;
+            let epoch: i64 = sqlx::query_scalar(
+                "INSERT INTO lattice_do_shards (namespace, shard, epoch) VALUES ($1, $2, 1)
+                 ON CONFLICT (namespace, shard)
+                 DO UPDATE SET epoch = lattice_do_shards.epoch + 1
+                 RETURNING epoch",
+            )
+            .bind(namespace)
+            .bind(i64::from(shard))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            Ok(u64::try_from(epoch).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn get(
+        &self,
+        addr: &ObjectAddr,
+        keys: &[String],
+    ) -> Result<Vec<(String, Vec<u8>)>, BackendError> {
+        bounded(async {
+            self.ready().await?;
+            let wanted: Vec<Vec<u8>> = keys.iter().map(|k| k.as_bytes().to_vec()).collect();
+            let rows: Vec<(Vec<u8>, Vec<u8>)> = sqlx::query_as(
+                "SELECT key, value FROM lattice_do_entries
+                 WHERE namespace = $1 AND object_id = $2 AND key = ANY($3)",
+            )
+            .bind(&addr.namespace)
+            .bind(&addr.id)
+            .bind(&wanted)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            let mut found: BTreeMap<Vec<u8>, Vec<u8>> = rows.into_iter().collect();
+            // In the order asked for, like the SQLite store.
+            Ok(keys
+                .iter()
+                .filter_map(|k| found.remove(k.as_bytes()).map(|v| (k.clone(), v)))
+                .collect())
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        addr: &ObjectAddr,
+        range: &ObjectListRange,
+    ) -> Result<Vec<(String, Vec<u8>)>, BackendError> {
+        bounded(async {
+            self.ready().await?;
+            let (tail, values) = list_range_sql(range, 3, |n| format!("${n}"));
+            let sql = format!(
+                "SELECT key, value FROM lattice_do_entries
+                 WHERE namespace = $1 AND object_id = $2{tail}"
+            );
+            let mut q = sqlx::query_as::<_, (Vec<u8>, Vec<u8>)>(AssertSqlSafe(sql))
+                .bind(&addr.namespace)
+                .bind(&addr.id);
+            for v in values {
+                q = q.bind(v);
+            }
+            let rows = q.fetch_all(&self.pool).await.map_err(unavailable)?;
+            Ok(rows.into_iter().map(|(k, v)| (key_string(k), v)).collect())
+        })
+        .await
+    }
+
+    async fn get_alarm(&self, addr: &ObjectAddr) -> Result<Option<u64>, BackendError> {
+        bounded(async {
+            self.ready().await?;
+            let ms: Option<i64> = sqlx::query_scalar(
+                "SELECT scheduled_ms FROM lattice_do_alarms WHERE namespace = $1 AND object_id = $2",
+            )
+            .bind(&addr.namespace)
+            .bind(&addr.id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            Ok(ms.map(|m| u64::try_from(m).unwrap_or(0)))
+        })
+        .await
+    }
+
+    async fn commit(
+        &self,
+        addr: &ObjectAddr,
+        epoch: u64,
+        writes: &ObjectWrite,
+    ) -> Result<(), BackendError> {
+        bounded(async {
+            self.ready().await?;
+            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            let current: Option<i64> = sqlx::query_scalar(
+                "SELECT epoch FROM lattice_do_shards WHERE namespace = $1 AND shard = $2 FOR SHARE",
+            )
+            .bind(&addr.namespace)
+            .bind(i64::from(addr.shard))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            if current.and_then(|e| u64::try_from(e).ok()) != Some(epoch) {
+                return Err(BackendError::Fenced { shard: addr.shard, epoch });
+            }
+            if writes.delete_all {
+                sqlx::query("DELETE FROM lattice_do_entries WHERE namespace = $1 AND object_id = $2")
+                    .bind(&addr.namespace)
+                    .bind(&addr.id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            // The last write to a key wins; one statement for the deletes, one for the puts.
+            let mut last: BTreeMap<&[u8], Option<&Vec<u8>>> = BTreeMap::new();
+            for (k, v) in &writes.entries {
+                last.insert(k.as_bytes(), v.as_ref());
+            }
+            let deletes: Vec<&[u8]> =
+                last.iter().filter(|(_, v)| v.is_none()).map(|(k, _)| *k).collect();
+            let (put_keys, put_values): (Vec<&[u8]>, Vec<&[u8]>) = last
+                .iter()
+                .filter_map(|(k, v)| v.map(|v| (*k, v.as_slice())))
+                .unzip();
+            if !deletes.is_empty() {
+                sqlx::query(
+                    "DELETE FROM lattice_do_entries
+                     WHERE namespace = $1 AND object_id = $2 AND key = ANY($3)",
+                )
+                .bind(&addr.namespace)
+                .bind(&addr.id)
+                .bind(&deletes)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            }
+            if !put_keys.is_empty() {
+                sqlx::query(
+                    "INSERT INTO lattice_do_entries (namespace, object_id, key, value)
+                     SELECT $1, $2, k, v FROM UNNEST($3::bytea[], $4::bytea[]) AS t(k, v)
+                     ON CONFLICT (namespace, object_id, key) DO UPDATE SET value = EXCLUDED.value",
+                )
+                .bind(&addr.namespace)
+                .bind(&addr.id)
+                .bind(&put_keys)
+                .bind(&put_values)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            }
+            match writes.alarm {
+                Some(Some(ms)) => {
+                    sqlx::query(
+                        "INSERT INTO lattice_do_alarms (namespace, object_id, shard, scheduled_ms)
+                         VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (namespace, object_id)
+                         DO UPDATE SET shard = EXCLUDED.shard, scheduled_ms = EXCLUDED.scheduled_ms",
+                    )
+                    .bind(&addr.namespace)
+                    .bind(&addr.id)
+                    .bind(i64::from(addr.shard))
+                    .bind(to_i64(ms))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                }
+                Some(None) => {
+                    sqlx::query(
+                        "DELETE FROM lattice_do_alarms WHERE namespace = $1 AND object_id = $2",
+                    )
+                    .bind(&addr.namespace)
+                    .bind(&addr.id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                }
+                None => {}
+            }
+            tx.commit().await.map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn due_alarms(
+        &self,
+        namespace: &str,
+        shards: &[u32],
+        now_ms: u64,
+    ) -> Result<Vec<(ObjectAddr, u64)>, BackendError> {
+        bounded(async {
+            self.ready().await?;
+            let shard_list: Vec<i64> = shards.iter().map(|s| i64::from(*s)).collect();
+            let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+                "SELECT object_id, shard, scheduled_ms FROM lattice_do_alarms
+                 WHERE namespace = $1 AND shard = ANY($2) AND scheduled_ms <= $3
+                 ORDER BY scheduled_ms",
+            )
+            .bind(namespace)
+            .bind(&shard_list)
+            .bind(to_i64(now_ms))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            Ok(rows
+                .into_iter()
+                .map(|(id, shard, ms)| {
+                    (
+                        ObjectAddr {
+                            namespace: namespace.to_owned(),
+                            id,
+                            shard: u32::try_from(shard).unwrap_or(0),
+                        },
+                        u64::try_from(ms).unwrap_or(0),
+                    )
+                })
+                .collect())
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), BackendError> {
+        bounded(async {
+            sqlx::query("SELECT 1")
+                .execute(&self.pool)
+                .await
+                .map(drop)
+                .map_err(unavailable)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{numeric_to_f64, translate};
+
+    fn check(input: &str, expected: &str) {
+        match translate(input) {
+            Ok(t) => assert_eq!(t.sql, expected, "translate({input:?})"),
+            Err(e) => panic!("translate({input:?}) failed: {e}"),
+        }
+    }
+
+    #[test]
+    fn placeholders() {
+        check("SELECT ?", "SELECT $1");
+        check("SELECT ?, ?", "SELECT $1, $2");
+        check("SELECT ?2, ?1", "SELECT $2, $1");
+        check("SELECT ?2, ?", "SELECT $2, $3");
+        check(
+            "SELECT '?', \"a?\", ? -- ?\n",
+            "SELECT '?', \"a?\", $1 -- ?\n",
+        );
+        check("SELECT /* ? */ ?", "SELECT /* ? */ $1");
+        check("SELECT 'it''s ?', ?", "SELECT 'it''s ?', $1");
+        assert!(translate("SELECT ?0").is_err());
+        assert!(translate("SELECT 'open").is_err());
+    }
+
+    #[test]
+    fn type_names() {
+        check(
+            "CREATE TABLE t (a INTEGER, b REAL, c BLOB, d TEXT)",
+            "CREATE TABLE t (a BIGINT, b DOUBLE PRECISION, c BYTEA, d TEXT)",
+        );
+        check(
+            "SELECT 'BLOB', \"blob\", blobby",
+            "SELECT 'BLOB', \"blob\", blobby",
+        );
+        check("SELECT `a\"b`", "SELECT \"a\"\"b\"");
+        check("SELECT 1e5, x1", "SELECT 1e5, x1");
+    }
+
+    #[test]
+    fn statement_kind() {
+        let t = translate("WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.first_word, "WITH");
+        assert!(t.writes);
+        let t = translate("  -- c\n select 'insert'").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.first_word, "SELECT");
+        assert!(!t.writes);
+    }
+
+    #[test]
+    fn numeric() {
+        // 12345.678 = digits [1, 2345, 6780], weight 1, dscale 3.
+        let mut b = Vec::new();
+        for w in [3i16, 1, 0, 3, 1, 2345, 6780] {
+            b.extend_from_slice(&w.to_be_bytes());
+        }
+        let v = numeric_to_f64(&b).unwrap_or_else(|e| panic!("{e}"));
+        assert!((v - 12345.678).abs() < 1e-9, "{v}");
+    }
+}

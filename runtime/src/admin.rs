@@ -1,0 +1,88 @@
+//! The admin listener: `/healthz`, `/readyz`, `/metrics` (and the test clock when enabled).
+//!
+//! Readiness means "this pod can serve": the component is loaded, the listener is up and the
+//! pod is not draining. A backend outage does not make a pod unready — every pod shares the
+//! same backends, so failing readiness would empty the Service at once; instead requests that
+//! need the backend get 503 with Retry-After, and `/readyz` lists backend status in its body.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use crate::runtime::Shared;
+use crate::server::{Body, full};
+
+pub struct AdminState {
+    pub shared: Arc<Shared>,
+    pub draining: AtomicBool,
+}
+
+async fn route(state: Arc<AdminState>, req: Request<Incoming>) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => full(StatusCode::OK, r#"{"status":"ok"}"#),
+        (&Method::GET, "/readyz") => {
+            let draining = state.draining.load(Ordering::SeqCst);
+            let backends = state.shared.backend_status().await;
+            let body = serde_json::json!({ "ready": !draining, "draining": draining, "backends": backends });
+            let status = if draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+            full(status, body.to_string())
+        }
+        (&Method::GET, "/metrics") => {
+            let mut text = state.shared.metrics.render();
+            text.push_str("# TYPE lattice_backend_up gauge\n");
+            for b in state.shared.backend_status().await {
+                text.push_str(&format!(
+                    "lattice_backend_up{{binding=\"{}\",backend=\"{}\"}} {}\n",
+                    b.binding,
+                    b.backend,
+                    u8::from(b.up)
+                ));
+            }
+            for (name, ns) in &state.shared.objects.namespaces {
+                text.push_str(&format!("lattice_live_objects{{namespace=\"{name}\"}} {}\n", ns.live_count()));
+            }
+            let mut r = full(StatusCode::OK, text);
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        (&Method::POST, "/testing/clock/advance") => {
+            let ms = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
+                .and_then(|v| v.parse::<u64>().ok());
+            match ms {
+                Some(ms) if state.shared.clock.advance(ms) => {
+                    full(StatusCode::OK, format!("{{\"now_ms\":{}}}", state.shared.clock.now_ms()))
+                }
+                Some(_) => full(StatusCode::NOT_FOUND, r#"{"error":"no manual clock"}"#),
+                None => full(StatusCode::BAD_REQUEST, r#"{"error":"ms=N required"}"#),
+            }
+        }
+        _ => full(StatusCode::NOT_FOUND, r#"{"error":"not found"}"#),
+    }
+}
+
+pub async fn serve(state: Arc<AdminState>, listener: TcpListener) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(state, req).await) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}

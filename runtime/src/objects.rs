@@ -1,0 +1,780 @@
+//! Durable Objects: ids, placement, live objects with workerd's gates, group commit, alarms.
+//!
+//! # Gates
+//! Each live object has an execution token (a `tokio` mutex). An event holds it while guest
+//! code runs and while it waits on the object's own storage (input gate closed); it gives it up
+//! while it waits on any other I/O and when it finishes (input gate open), so another event can
+//! run meanwhile. That is not a per-object mutex around whole events: the wait for durability
+//! happens without the token.
+//!
+//! Writes go to the object's in-memory view at once. When an event opens its gates its writes
+//! are *sealed*; a flusher per object commits every sealed write in one backend transaction,
+//! carrying the shard's epoch (fencing). An event's response, and any I/O it starts, waits
+//! until everything written before it is durable (output gate). Writes sealed while a commit
+//! is in flight go out together in the next commit: group commit.
+//!
+//! # Placement
+//! [`Placement`] says which shards this process owns and under which epoch. Embedded mode owns
+//! every shard; leased shard pods (a later piece) plug in behind the same trait.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use lattice_backends::{BackendError, Fence, ObjectAddr, ObjectListRange, ObjectStorageBackend, ObjectWrite};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{OwnedMutexGuard, watch};
+
+use crate::bindings::{ObjectRequest, ObjectResponse};
+use crate::runtime::Shared;
+use crate::state::{WorkerState, arm_deadline};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// SQLite-backed Durable Object limit: key plus value.
+pub const MAX_ENTRY_BYTES: usize = 2 * 1024 * 1024;
+/// Keys one get/put/delete call may name.
+pub const MAX_KEYS_PER_CALL: usize = 1024;
+/// workerd alarm retries: first retry after 2 s, doubling, at most 6 retries.
+pub const ALARM_RETRY_START: Duration = Duration::from_secs(2);
+pub const ALARM_RETRY_MAX_TRIES: u32 = 6;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    #[error("invalid Durable Object id: {0}")]
+    InvalidId(&'static str),
+    #[error("shard {0} is not owned by this process")]
+    NotOwner(u32),
+    #[error("the object's storage failed: {0}")]
+    Storage(#[from] BackendError),
+    #[error("the object was reset after a failed write")]
+    Broken,
+    #[error("Durable Object call depth over {0}")]
+    TooDeep(u32),
+    #[error("the component has no Durable Object handler")]
+    NoHandler,
+    #[error("the guest failed: {0}")]
+    Guest(String),
+    #[error("the event ran past its execution limit")]
+    Deadline,
+}
+
+/// Which shards this process owns, and under which epoch.
+pub trait Placement: Send + Sync {
+    fn epoch(&self, namespace: &str, shard: u32) -> Option<u64>;
+    fn owned_shards(&self, namespace: &str) -> Vec<u32>;
+}
+
+/// Embedded mode: one process owns every shard; epochs are taken at start-up.
+pub struct LocalPlacement {
+    epochs: HashMap<String, Vec<u64>>,
+}
+
+impl LocalPlacement {
+    pub async fn acquire_all(
+        namespaces: &[(String, u32, Arc<dyn ObjectStorageBackend>)],
+    ) -> Result<Self, BackendError> {
+        let mut epochs = HashMap::new();
+        for (ns, shards, storage) in namespaces {
+            let mut v = Vec::with_capacity(*shards as usize);
+            for shard in 0..*shards {
+                v.push(storage.acquire_shard(ns, shard).await?);
+            }
+            epochs.insert(ns.clone(), v);
+        }
+        Ok(Self { epochs })
+    }
+}
+
+impl Placement for LocalPlacement {
+    fn epoch(&self, namespace: &str, shard: u32) -> Option<u64> {
+        self.epochs.get(namespace).and_then(|v| v.get(shard as usize).copied())
+    }
+    fn owned_shards(&self, namespace: &str) -> Vec<u32> {
+        self.epochs.get(namespace).map(|v| (0..v.len() as u32).collect()).unwrap_or_default()
+    }
+}
+
+/// One namespace (a Durable Object class bound under a name).
+pub struct ObjectNamespace {
+    pub binding: String,
+    pub class: String,
+    key: [u8; 32],
+    shards: u32,
+    storage: Arc<dyn ObjectStorageBackend>,
+    live: Mutex<HashMap<String, Arc<LiveObject>>>,
+    alarm_retries: Mutex<HashMap<String, u32>>,
+}
+
+impl ObjectNamespace {
+    pub fn new(
+        binding: String,
+        class: String,
+        unique_key: &[u8],
+        shards: u32,
+        storage: Arc<dyn ObjectStorageBackend>,
+    ) -> Self {
+        Self {
+            binding,
+            class,
+            key: Sha256::digest(unique_key).into(),
+            shards,
+            storage,
+            live: Mutex::new(HashMap::new()),
+            alarm_retries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn storage(&self) -> &Arc<dyn ObjectStorageBackend> {
+        &self.storage
+    }
+
+    fn mac16(&self, data: &[u8]) -> [u8; 16] {
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable_hmac());
+        mac.update(data);
+        let full = mac.finalize().into_bytes();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&full[..16]);
+        out
+    }
+
+    fn id_from_first(&self, first: [u8; 16]) -> String {
+        let mut id = [0u8; 32];
+        id[..16].copy_from_slice(&first);
+        id[16..].copy_from_slice(&self.mac16(&first));
+        hex::encode(id)
+    }
+
+    /// workerd: first 16 bytes HMAC(key, name), last 16 bytes HMAC(key, first 16).
+    pub fn id_from_name(&self, name: &str) -> String {
+        self.id_from_first(self.mac16(name.as_bytes()))
+    }
+
+    pub fn new_unique_id(&self) -> String {
+        self.id_from_first(rand::random())
+    }
+
+    pub fn id_from_string(&self, id: &str) -> Result<String, ObjectError> {
+        if id.len() != 64 {
+            return Err(ObjectError::InvalidId("must be 64 hex digits"));
+        }
+        let bytes = hex::decode(id).map_err(|_| ObjectError::InvalidId("must be 64 hex digits"))?;
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&bytes[..16]);
+        if self.mac16(&first)[..] != bytes[16..] {
+            return Err(ObjectError::InvalidId("not valid for this namespace"));
+        }
+        Ok(id.to_ascii_lowercase())
+    }
+
+    /// The shard of an id: its first 8 bytes (uniform: they are an HMAC or random) modulo the
+    /// namespace's fixed shard count.
+    pub fn shard_of(&self, id: &str) -> u32 {
+        let prefix = hex::decode(id.get(..16).unwrap_or("0")).unwrap_or_default();
+        let mut b = [0u8; 8];
+        for (i, v) in prefix.iter().take(8).enumerate() {
+            b[i] = *v;
+        }
+        u32::try_from(u64::from_be_bytes(b) % u64::from(self.shards)).unwrap_or(0)
+    }
+
+    fn live_object(&self, placement: &dyn Placement, id: &str) -> Result<Arc<LiveObject>, ObjectError> {
+        let shard = self.shard_of(id);
+        let epoch = placement.epoch(&self.binding, shard).ok_or(ObjectError::NotOwner(shard))?;
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(obj) = live.get(id) {
+            if obj.epoch == epoch && !obj.is_broken() {
+                obj.touch();
+                return Ok(obj.clone());
+            }
+        }
+        let obj = Arc::new(LiveObject::new(
+            ObjectAddr { namespace: self.binding.clone(), id: id.to_owned(), shard },
+            epoch,
+            self.storage.clone(),
+        ));
+        live.insert(id.to_owned(), obj.clone());
+        Ok(obj)
+    }
+
+    /// Drops idle objects that have nothing left to flush.
+    pub fn evict_idle(&self, idle: Duration) {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.retain(|_, o| !(o.is_broken() || (o.idle_for() >= idle && o.is_quiet())));
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.live.lock().map(|l| l.len()).unwrap_or(0)
+    }
+}
+
+fn unreachable_hmac() -> HmacSha256 {
+    // HMAC accepts keys of any length; this is never reached.
+    panic!("HMAC-SHA256 rejected a 32-byte key")
+}
+
+/// The object's view of its storage, with what is not durable yet.
+#[derive(Default)]
+struct Pending {
+    delete_all: bool,
+    entries: BTreeMap<String, Option<Vec<u8>>>,
+    alarm: Option<Option<u64>>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        !self.delete_all && self.entries.is_empty() && self.alarm.is_none()
+    }
+
+    fn absorb(&mut self, later: Pending) {
+        if later.delete_all {
+            *self = later;
+            return;
+        }
+        self.entries.extend(later.entries);
+        if later.alarm.is_some() {
+            self.alarm = later.alarm;
+        }
+    }
+
+    fn into_write(self) -> ObjectWrite {
+        ObjectWrite { delete_all: self.delete_all, entries: self.entries.into_iter().collect(), alarm: self.alarm }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    UpTo(u64),
+    Broken,
+}
+
+struct Inner {
+    /// Known values; `None` = known to be absent.
+    cache: BTreeMap<String, Option<Vec<u8>>>,
+    /// The cache holds every key (after delete-all).
+    complete: bool,
+    alarm: Option<Option<u64>>,
+    /// Writes of the event holding the token, not sealed yet.
+    open: Pending,
+    open_seq: u64,
+    /// Sealed writes waiting for the flusher.
+    sealed: Pending,
+    sealed_seq: u64,
+    write_seq: u64,
+    flushing: bool,
+    broken: bool,
+}
+
+pub struct LiveObject {
+    pub addr: ObjectAddr,
+    pub epoch: u64,
+    storage: Arc<dyn ObjectStorageBackend>,
+    exec: Arc<tokio::sync::Mutex<()>>,
+    inner: Mutex<Inner>,
+    durable: watch::Sender<Durability>,
+    last_used: Mutex<Instant>,
+}
+
+impl LiveObject {
+    fn new(addr: ObjectAddr, epoch: u64, storage: Arc<dyn ObjectStorageBackend>) -> Self {
+        Self {
+            addr,
+            epoch,
+            storage,
+            exec: Arc::new(tokio::sync::Mutex::new(())),
+            inner: Mutex::new(Inner {
+                cache: BTreeMap::new(),
+                complete: false,
+                alarm: None,
+                open: Pending::default(),
+                open_seq: 0,
+                sealed: Pending::default(),
+                sealed_seq: 0,
+                write_seq: 0,
+                flushing: false,
+                broken: false,
+            }),
+            durable: watch::channel(Durability::UpTo(0)).0,
+            last_used: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn touch(&self) {
+        if let Ok(mut t) = self.last_used.lock() {
+            *t = Instant::now();
+        }
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.last_used.lock().map(|t| t.elapsed()).unwrap_or_default()
+    }
+
+    fn is_broken(&self) -> bool {
+        self.lock().broken
+    }
+
+    fn is_quiet(&self) -> bool {
+        let i = self.lock();
+        !i.flushing && i.open.is_empty() && i.sealed.is_empty() && self.exec.try_lock().is_ok()
+    }
+
+    pub fn fence(&self) -> Fence {
+        Fence { namespace: self.addr.namespace.clone(), shard: self.addr.shard, epoch: self.epoch }
+    }
+
+    fn check(&self) -> Result<(), ObjectError> {
+        if self.lock().broken { Err(ObjectError::Broken) } else { Ok(()) }
+    }
+
+    pub async fn get(&self, keys: &[String]) -> Result<Vec<(String, Vec<u8>)>, ObjectError> {
+        self.check()?;
+        let missing: Vec<String> = {
+            let i = self.lock();
+            if i.complete { vec![] } else { keys.iter().filter(|k| !i.cache.contains_key(*k)).cloned().collect() }
+        };
+        if !missing.is_empty() {
+            let loaded = self.storage.get(&self.addr, &missing).await?;
+            let mut i = self.lock();
+            let mut found: HashMap<String, Vec<u8>> = loaded.into_iter().collect();
+            for k in missing {
+                let v = found.remove(&k);
+                i.cache.entry(k).or_insert(v);
+            }
+        }
+        let i = self.lock();
+        Ok(keys
+            .iter()
+            .filter_map(|k| i.cache.get(k).and_then(|v| v.clone()).map(|v| (k.clone(), v)))
+            .collect())
+    }
+
+    pub fn put(&self, entries: Vec<(String, Vec<u8>)>) -> Result<(), ObjectError> {
+        self.check()?;
+        let mut i = self.lock();
+        for (k, v) in entries {
+            i.cache.insert(k.clone(), Some(v.clone()));
+            i.open.entries.insert(k, Some(v));
+        }
+        i.write_seq += 1;
+        i.open_seq = i.write_seq;
+        Ok(())
+    }
+
+    pub async fn delete(&self, keys: &[String]) -> Result<u32, ObjectError> {
+        let existing = self.get(keys).await?.len();
+        let mut i = self.lock();
+        for k in keys {
+            i.cache.insert(k.clone(), None);
+            i.open.entries.insert(k.clone(), None);
+        }
+        i.write_seq += 1;
+        i.open_seq = i.write_seq;
+        Ok(u32::try_from(existing).unwrap_or(u32::MAX))
+    }
+
+    pub fn delete_all(&self) -> Result<(), ObjectError> {
+        self.check()?;
+        let mut i = self.lock();
+        i.cache.clear();
+        i.complete = true;
+        i.alarm = Some(None);
+        i.open = Pending { delete_all: true, entries: BTreeMap::new(), alarm: Some(None) };
+        i.write_seq += 1;
+        i.open_seq = i.write_seq;
+        Ok(())
+    }
+
+    pub async fn list(&self, range: &ObjectListRange) -> Result<Vec<(String, Vec<u8>)>, ObjectError> {
+        self.check()?;
+        let complete = self.lock().complete;
+        let mut merged: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
+        if !complete {
+            // Pending writes may hide or add keys, so read the whole range, then overlay.
+            let unlimited = ObjectListRange { limit: None, ..range.clone() };
+            for (k, v) in self.storage.list(&self.addr, &unlimited).await? {
+                merged.insert(k, Some(v));
+            }
+        }
+        {
+            let mut i = self.lock();
+            for (k, v) in &merged {
+                i.cache.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+            for (k, v) in i.cache.iter() {
+                if in_range(k, range) {
+                    merged.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        let mut out: Vec<(String, Vec<u8>)> =
+            merged.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).filter(|(k, _)| in_range(k, range)).collect();
+        if range.reverse {
+            out.reverse();
+        }
+        if let Some(limit) = range.limit {
+            out.truncate(limit);
+        }
+        Ok(out)
+    }
+
+    pub async fn get_alarm(&self) -> Result<Option<u64>, ObjectError> {
+        self.check()?;
+        if let Some(a) = self.lock().alarm {
+            return Ok(a);
+        }
+        let a = self.storage.get_alarm(&self.addr).await?;
+        let mut i = self.lock();
+        Ok(*i.alarm.get_or_insert(a))
+    }
+
+    pub fn set_alarm(&self, at: Option<u64>) -> Result<(), ObjectError> {
+        self.check()?;
+        let mut i = self.lock();
+        i.alarm = Some(at);
+        i.open.alarm = Some(at);
+        i.write_seq += 1;
+        i.open_seq = i.write_seq;
+        Ok(())
+    }
+
+    /// Seals the open writes and makes sure a flusher runs; returns the sequence number a
+    /// response sent now must wait for.
+    fn seal(self: &Arc<Self>) -> u64 {
+        let mut i = self.lock();
+        let open = std::mem::take(&mut i.open);
+        if !open.is_empty() {
+            i.sealed.absorb(open);
+            i.sealed_seq = i.open_seq;
+        }
+        let seq = i.write_seq;
+        if !i.sealed.is_empty() && !i.flushing && !i.broken {
+            i.flushing = true;
+            let obj = self.clone();
+            tokio::spawn(async move { obj.flush_loop().await });
+        }
+        seq
+    }
+
+    async fn flush_loop(self: Arc<Self>) {
+        loop {
+            let (batch, upto) = {
+                let mut i = self.lock();
+                if i.sealed.is_empty() {
+                    i.flushing = false;
+                    return;
+                }
+                (std::mem::take(&mut i.sealed), i.sealed_seq)
+            };
+            match self.storage.commit(&self.addr, self.epoch, &batch.into_write()).await {
+                Ok(()) => {
+                    self.durable.send_replace(Durability::UpTo(upto));
+                }
+                Err(e) => {
+                    tracing::error!(namespace = %self.addr.namespace, id = %self.addr.id, error = %e, "object write failed; resetting the object");
+                    let mut i = self.lock();
+                    i.broken = true;
+                    i.flushing = false;
+                    drop(i);
+                    self.durable.send_replace(Durability::Broken);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The output gate: waits until every write up to `seq` is durable.
+    async fn wait_durable(&self, seq: u64) -> Result<(), ObjectError> {
+        let mut rx = self.durable.subscribe();
+        loop {
+            match *rx.borrow_and_update() {
+                Durability::Broken => return Err(ObjectError::Broken),
+                Durability::UpTo(d) if d >= seq => return Ok(()),
+                Durability::UpTo(_) => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(ObjectError::Broken);
+            }
+        }
+    }
+
+    /// `storage.sync()`: seal what this event wrote and wait until it is durable.
+    pub async fn sync(self: &Arc<Self>) -> Result<(), ObjectError> {
+        let seq = self.seal();
+        self.wait_durable(seq).await
+    }
+}
+
+fn in_range(k: &str, r: &ObjectListRange) -> bool {
+    r.prefix.as_deref().is_none_or(|p| k.starts_with(p))
+        && r.start.as_deref().is_none_or(|s| k >= s)
+        && r.start_after.as_deref().is_none_or(|s| k > s)
+        && r.end.as_deref().is_none_or(|e| k < e)
+}
+
+/// A running event's hold on its object: the execution token while guest code runs.
+pub struct ObjectEvent {
+    pub obj: Arc<LiveObject>,
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl ObjectEvent {
+    pub fn fence(&self) -> Fence {
+        self.obj.fence()
+    }
+
+    /// Before other I/O: seal this event's writes, let other events in, and wait until the
+    /// writes are durable (the output gate holds outgoing messages too).
+    pub async fn open_gates(&mut self) -> Result<(), ObjectError> {
+        let seq = self.obj.seal();
+        self.guard = None;
+        self.obj.wait_durable(seq).await
+    }
+
+    pub async fn close_input_gate(&mut self) {
+        if self.guard.is_none() {
+            self.guard = Some(self.obj.exec.clone().lock_owned().await);
+        }
+    }
+}
+
+/// Every namespace, and the placement that decides which objects run here.
+pub struct Objects {
+    pub namespaces: HashMap<String, Arc<ObjectNamespace>>,
+    pub placement: Arc<dyn Placement>,
+}
+
+enum EventKind {
+    Fetch(ObjectRequest),
+    Alarm(u32),
+}
+
+enum EventOutcome {
+    Response(ObjectResponse),
+    Alarm(Result<(), String>),
+}
+
+impl Objects {
+    /// Delivers a request to an object and returns its response once its writes are durable.
+    pub async fn fetch(
+        shared: &Arc<Shared>,
+        ns: &Arc<ObjectNamespace>,
+        id: &str,
+        request: ObjectRequest,
+        depth: u32,
+    ) -> Result<ObjectResponse, ObjectError> {
+        match Self::run_event(shared, ns, id, EventKind::Fetch(request), depth).await? {
+            EventOutcome::Response(r) => Ok(r),
+            EventOutcome::Alarm(_) => Err(ObjectError::Guest("unexpected alarm outcome".into())),
+        }
+    }
+
+    async fn run_event(
+        shared: &Arc<Shared>,
+        ns: &Arc<ObjectNamespace>,
+        id: &str,
+        kind: EventKind,
+        depth: u32,
+    ) -> Result<EventOutcome, ObjectError> {
+        let max_depth = shared.config.limits.max_call_depth;
+        if depth >= max_depth {
+            return Err(ObjectError::TooDeep(max_depth));
+        }
+        let Some(pre) = shared.prepared.objects.clone() else {
+            return Err(ObjectError::NoHandler);
+        };
+        let obj = ns.live_object(shared.objects.placement.as_ref(), id)?;
+        let guard = obj.exec.clone().lock_owned().await;
+        obj.check()?;
+        let started = Instant::now();
+        let event = ObjectEvent { obj: obj.clone(), guard: Some(guard) };
+        let mut store = wasmtime::Store::new(&shared.engine, WorkerState::new(shared.clone(), Some(event), depth + 1));
+        store.limiter(|s| &mut s.limits);
+        arm_deadline(&mut store);
+        let outcome = async {
+            let worker = pre.instantiate_async(&mut store).await?;
+            let handler = worker.lattice_bindings_object_handler();
+            Ok::<_, wasmtime::Error>(match kind {
+                EventKind::Fetch(req) => EventOutcome::Response(handler.call_fetch(&mut store, &ns.class, id, &req).await?),
+                EventKind::Alarm(retry) => EventOutcome::Alarm(handler.call_alarm(&mut store, &ns.class, id, retry).await?),
+            })
+        }
+        .await;
+        // Free the instance before waiting on the output gate.
+        let event = store.data_mut().inv.object.take();
+        drop(store);
+        let seq = obj.seal();
+        drop(event);
+        shared.metrics.object_event(&ns.binding, started.elapsed(), outcome.is_err());
+        let outcome = outcome.map_err(|e| {
+            if matches!(e.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
+                ObjectError::Deadline
+            } else {
+                ObjectError::Guest(format!("{e:#}"))
+            }
+        })?;
+        obj.wait_durable(seq).await?;
+        Ok(outcome)
+    }
+
+    /// Fires due alarms of the shards this process owns. Called periodically.
+    pub async fn poll_alarms(shared: &Arc<Shared>) {
+        let now = shared.clock.now_ms();
+        for ns in shared.objects.namespaces.values() {
+            let shards = shared.objects.placement.owned_shards(&ns.binding);
+            let due = match ns.storage.due_alarms(&ns.binding, &shards, now).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(namespace = %ns.binding, error = %e, "cannot read due alarms");
+                    continue;
+                }
+            };
+            for (addr, scheduled) in due {
+                let retries = ns.alarm_retries.lock().map(|r| r.get(&addr.id).copied().unwrap_or(0)).unwrap_or(0);
+                Self::fire_alarm(shared, ns, &addr.id, scheduled, retries).await;
+            }
+        }
+    }
+
+    async fn fire_alarm(shared: &Arc<Shared>, ns: &Arc<ObjectNamespace>, id: &str, scheduled: u64, retry: u32) {
+        // While the alarm runs, get-alarm answers none unless the handler sets a new one.
+        if let Ok(obj) = ns.live_object(shared.objects.placement.as_ref(), id) {
+            let _token = obj.exec.lock().await;
+            let mut i = obj.lock();
+            if i.alarm == Some(Some(scheduled)) || i.alarm.is_none() {
+                i.alarm = Some(None);
+            }
+        }
+        let result = Self::run_event(shared, ns, id, EventKind::Alarm(retry), 0).await;
+        let failed = match &result {
+            Ok(EventOutcome::Alarm(Ok(()))) => None,
+            Ok(EventOutcome::Alarm(Err(e))) => Some(e.clone()),
+            Ok(EventOutcome::Response(_)) => Some("unexpected response".into()),
+            Err(e) => Some(e.to_string()),
+        };
+        let Ok(obj) = ns.live_object(shared.objects.placement.as_ref(), id) else { return };
+        let _token = obj.exec.lock().await;
+        match failed {
+            None => {
+                if let Ok(mut r) = ns.alarm_retries.lock() {
+                    r.remove(id);
+                }
+                let reset = {
+                    let i = obj.lock();
+                    // Clear the fired alarm unless the handler set another one.
+                    i.alarm == Some(None) && i.open.alarm.is_none() && i.sealed.alarm.is_none()
+                };
+                if reset {
+                    let _ = obj.set_alarm(None);
+                }
+            }
+            Some(e) if retry + 1 < ALARM_RETRY_MAX_TRIES => {
+                let delay = ALARM_RETRY_START.as_millis() as u64 * (1u64 << retry.min(9));
+                let jitter = (delay as f64 * 0.25 * rand::random::<f64>()) as u64;
+                tracing::warn!(namespace = %ns.binding, id, retry, error = %e, "alarm failed; retrying");
+                if let Ok(mut r) = ns.alarm_retries.lock() {
+                    r.insert(id.to_owned(), retry + 1);
+                }
+                let _ = obj.set_alarm(Some(shared.clock.now_ms() + delay + jitter));
+            }
+            Some(e) => {
+                tracing::error!(namespace = %ns.binding, id, error = %e, "alarm failed for the last time; dropping it");
+                if let Ok(mut r) = ns.alarm_retries.lock() {
+                    r.remove(id);
+                }
+                let _ = obj.set_alarm(None);
+            }
+        }
+        let seq = obj.seal();
+        drop(_token);
+        if let Err(e) = obj.wait_durable(seq).await {
+            tracing::error!(namespace = %ns.binding, id, error = %e, "cannot persist the alarm state");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns() -> ObjectNamespace {
+        struct NoStorage;
+        #[async_trait::async_trait]
+        impl ObjectStorageBackend for NoStorage {
+            fn name(&self) -> &'static str {
+                "none"
+            }
+            async fn acquire_shard(&self, _: &str, _: u32) -> Result<u64, BackendError> {
+                Ok(1)
+            }
+            async fn get(&self, _: &ObjectAddr, _: &[String]) -> Result<Vec<(String, Vec<u8>)>, BackendError> {
+                Ok(vec![])
+            }
+            async fn list(&self, _: &ObjectAddr, _: &ObjectListRange) -> Result<Vec<(String, Vec<u8>)>, BackendError> {
+                Ok(vec![])
+            }
+            async fn get_alarm(&self, _: &ObjectAddr) -> Result<Option<u64>, BackendError> {
+                Ok(None)
+            }
+            async fn commit(&self, _: &ObjectAddr, _: u64, _: &ObjectWrite) -> Result<(), BackendError> {
+                Ok(())
+            }
+            async fn due_alarms(&self, _: &str, _: &[u32], _: u64) -> Result<Vec<(ObjectAddr, u64)>, BackendError> {
+                Ok(vec![])
+            }
+            async fn ping(&self) -> Result<(), BackendError> {
+                Ok(())
+            }
+        }
+        ObjectNamespace::new("ROOMS".into(), "Room".into(), b"unique-key", 16, Arc::new(NoStorage))
+    }
+
+    #[test]
+    fn ids_are_stable_and_verified() {
+        let n = ns();
+        let a = n.id_from_name("!room:example.org");
+        assert_eq!(a.len(), 64);
+        assert_eq!(a, n.id_from_name("!room:example.org"));
+        assert_ne!(a, n.id_from_name("!other:example.org"));
+        assert_eq!(n.id_from_string(&a).ok(), Some(a.clone()));
+        let u = n.new_unique_id();
+        assert!(n.id_from_string(&u).is_ok());
+        // Flip one bit of the MAC half.
+        let mut bad = a.clone().into_bytes();
+        bad[63] = if bad[63] == b'0' { b'1' } else { b'0' };
+        let bad = String::from_utf8(bad).unwrap_or_default();
+        assert!(matches!(n.id_from_string(&bad), Err(ObjectError::InvalidId("not valid for this namespace"))));
+        assert!(matches!(n.id_from_string("abc"), Err(ObjectError::InvalidId(_))));
+        // Another namespace key does not accept it.
+        let other = ObjectNamespace::new("X".into(), "Room".into(), b"other", 16, n.storage.clone());
+        assert!(other.id_from_string(&a).is_err());
+    }
+
+    #[test]
+    fn shards_are_in_range_and_stable() {
+        let n = ns();
+        for i in 0..200 {
+            let id = n.id_from_name(&format!("obj{i}"));
+            let s = n.shard_of(&id);
+            assert!(s < 16);
+            assert_eq!(s, n.shard_of(&id));
+        }
+    }
+
+    #[test]
+    fn list_range_rules() {
+        let r = ObjectListRange { start: Some("b".into()), end: Some("d".into()), ..Default::default() };
+        assert!(!in_range("a", &r));
+        assert!(in_range("b", &r));
+        assert!(in_range("c", &r));
+        assert!(!in_range("d", &r));
+        let r = ObjectListRange { start_after: Some("b".into()), prefix: Some("b".into()), ..Default::default() };
+        assert!(!in_range("b", &r));
+        assert!(in_range("bb", &r));
+        assert!(!in_range("c", &r));
+    }
+}

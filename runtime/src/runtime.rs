@@ -1,0 +1,249 @@
+//! The composition root: builds every binding's backend from the config, loads the component
+//! and holds what all requests share.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use lattice_backends::{KvBackend, ObjectBackend, ObjectStorageBackend, SqlBackend};
+use wasmtime::Engine;
+
+use crate::clock::Clock;
+use crate::config::{self, Config, D1Binding, KvBinding, ObjectStorage, R2Binding};
+use crate::engine::{self, Prepared};
+use crate::metrics::Metrics;
+use crate::objects::{LocalPlacement, ObjectNamespace, Objects};
+use crate::outbound::OutboundPolicy;
+use crate::signals::Signals;
+
+/// Bytes of a generated secret.
+pub const GENERATED_SECRET_BYTES: usize = 32;
+
+/// Secrets by name: files in a directory (a mounted Kubernetes Secret, or generated once in
+/// embedded mode).
+#[derive(Debug, Clone)]
+pub struct Secrets {
+    dir: Option<PathBuf>,
+}
+
+impl Secrets {
+    pub fn open(c: &config::SecretsConfig) -> anyhow::Result<Self> {
+        if let Some(dir) = &c.dir {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating secrets dir {}", dir.display()))?;
+            for name in &c.generate {
+                let path = secret_path(dir, name)?;
+                if !path.exists() {
+                    write_private(&path, &rand::random::<[u8; GENERATED_SECRET_BYTES]>())
+                        .with_context(|| format!("writing generated secret {}", path.display()))?;
+                    tracing::info!(name, "generated secret");
+                }
+            }
+        } else if !c.generate.is_empty() {
+            anyhow::bail!("secrets.generate needs secrets.dir");
+        }
+        Ok(Self { dir: c.dir.clone() })
+    }
+
+    pub fn get(&self, name: &str) -> Result<Option<Vec<u8>>, std::io::Error> {
+        let Some(dir) = &self.dir else { return Ok(None) };
+        let Ok(path) = secret_path(dir, name) else { return Ok(None) };
+        match std::fs::read(path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn secret_path(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.') || name.starts_with('.') {
+        anyhow::bail!("invalid secret name {name:?}");
+    }
+    Ok(dir.join(name))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(tmp, path)
+}
+
+/// What every request shares.
+pub struct Shared {
+    pub config: Config,
+    pub clock: Clock,
+    pub metrics: Arc<Metrics>,
+    pub signals: Arc<Signals>,
+    pub outbound: Arc<OutboundPolicy>,
+    pub secrets: Arc<Secrets>,
+    pub d1: HashMap<String, Arc<dyn SqlBackend>>,
+    pub kv: HashMap<String, Arc<dyn KvBackend>>,
+    pub r2: HashMap<String, Arc<dyn ObjectBackend>>,
+    pub objects: Objects,
+    pub engine: Engine,
+    pub prepared: Prepared,
+}
+
+fn url(url: &Option<String>, url_env: &Option<String>, key: &str) -> anyhow::Result<String> {
+    config::resolve_url(url, url_env).map_err(|e| anyhow::anyhow!("{key}: {e}"))
+}
+
+impl Shared {
+    /// Builds everything from a validated config.
+    pub async fn build(config: Config) -> anyhow::Result<Arc<Self>> {
+        let clock = match config.testing.manual_clock_start_ms {
+            Some(ms) => Clock::manual(ms),
+            None => Clock::System,
+        };
+        std::fs::create_dir_all(&config.server.data_dir)
+            .with_context(|| format!("creating data dir {}", config.server.data_dir.display()))?;
+        let secrets = Arc::new(Secrets::open(&config.secrets)?);
+
+        let mut d1: HashMap<String, Arc<dyn SqlBackend>> = HashMap::new();
+        for (name, b) in &config.d1 {
+            let backend: Arc<dyn SqlBackend> = match b {
+                D1Binding::Sqlite { path } => Arc::new(lattice_backends::sqlite::SqliteSql::open(path).await?),
+                D1Binding::Postgres { url: u, url_env } => Arc::new(
+                    lattice_backends::postgres::PostgresSql::new(&url(u, url_env, &format!("d1.{name}"))?)?,
+                ),
+            };
+            d1.insert(name.clone(), backend);
+        }
+        let mut kv: HashMap<String, Arc<dyn KvBackend>> = HashMap::new();
+        for (name, b) in &config.kv {
+            let backend: Arc<dyn KvBackend> = match b {
+                KvBinding::Sqlite { path } => Arc::new(lattice_backends::sqlite::SqliteKv::open(path).await?),
+                KvBinding::Redis { url: u, url_env } => Arc::new(
+                    lattice_backends::redis::RedisKv::new(&url(u, url_env, &format!("kv.{name}"))?)?,
+                ),
+            };
+            kv.insert(name.clone(), backend);
+        }
+        let mut r2: HashMap<String, Arc<dyn ObjectBackend>> = HashMap::new();
+        for (name, b) in &config.r2 {
+            let backend: Arc<dyn ObjectBackend> = match b {
+                R2Binding::Fs { path } => Arc::new(lattice_backends::fs::FsObjects::open(path).await?),
+                R2Binding::S3 { endpoint, region, bucket, access_key_env, secret_key_env, path_style } => {
+                    let key = std::env::var(access_key_env)
+                        .with_context(|| format!("r2.{name}: environment variable {access_key_env} is not set"))?;
+                    let secret = std::env::var(secret_key_env)
+                        .with_context(|| format!("r2.{name}: environment variable {secret_key_env} is not set"))?;
+                    Arc::new(lattice_backends::s3::S3Objects::new(&lattice_backends::s3::S3Config {
+                        endpoint: endpoint.clone(),
+                        region: region.clone(),
+                        bucket: bucket.clone(),
+                        access_key: key,
+                        secret_key: secret,
+                        path_style: *path_style,
+                    })?)
+                }
+            };
+            r2.insert(name.clone(), backend);
+        }
+
+        let mut namespaces = HashMap::new();
+        let mut to_acquire = Vec::new();
+        for (name, b) in &config.durable_objects {
+            let storage: Arc<dyn ObjectStorageBackend> = match &b.storage {
+                ObjectStorage::Sqlite { path } => {
+                    Arc::new(lattice_backends::sqlite::SqliteObjectStorage::open(path).await?)
+                }
+                ObjectStorage::Postgres { url: u, url_env } => Arc::new(
+                    lattice_backends::postgres::PostgresObjectStorage::new(&url(
+                        u,
+                        url_env,
+                        &format!("durable_objects.{name}"),
+                    )?)?,
+                ),
+            };
+            let key = secrets
+                .get(&b.unique_key_secret)?
+                .with_context(|| format!("durable_objects.{name}: secret {} is missing", b.unique_key_secret))?;
+            to_acquire.push((name.clone(), b.shards, storage.clone()));
+            namespaces.insert(
+                name.clone(),
+                Arc::new(ObjectNamespace::new(name.clone(), b.class.clone(), &key, b.shards, storage)),
+            );
+        }
+        let placement = Arc::new(LocalPlacement::acquire_all(&to_acquire).await?);
+
+        let engine = engine::build_engine(&config.limits)?;
+        let cache_dir = config.component.cache_dir.clone().unwrap_or_else(|| config.server.data_dir.join("compiled"));
+        let component = engine::load_component(&engine, &config.component.path, &cache_dir)?;
+        let prepared = engine::prepare(&engine, &component)?;
+        if prepared.objects.is_none() && !namespaces.is_empty() {
+            anyhow::bail!("durable_objects are configured but the component exports no lattice:bindings/object-handler");
+        }
+        let outbound = Arc::new(OutboundPolicy::new(&config.outbound)?);
+        Ok(Arc::new(Self {
+            clock,
+            metrics: Arc::new(Metrics::default()),
+            signals: Arc::new(Signals::new()),
+            outbound,
+            secrets,
+            d1,
+            kv,
+            r2,
+            objects: Objects { namespaces, placement },
+            engine,
+            prepared,
+            config,
+        }))
+    }
+
+    /// Background work: alarms, eviction of idle objects, forgetting old signal keys.
+    pub fn start_background(self: &Arc<Self>) {
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let every = std::time::Duration::from_millis(shared.config.limits.alarm_poll_ms);
+            let idle = std::time::Duration::from_millis(shared.config.limits.object_idle_ms);
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                Objects::poll_alarms(&shared).await;
+                for ns in shared.objects.namespaces.values() {
+                    ns.evict_idle(idle);
+                }
+                let seq = shared.signals.current_seq();
+                shared.signals.sweep(seq.saturating_sub(100_000));
+            }
+        });
+    }
+}
+
+#[derive(serde::Serialize)]
+pub struct BackendStatus {
+    pub binding: String,
+    pub backend: &'static str,
+    pub up: bool,
+}
+
+impl Shared {
+    /// Pings every backend (for /readyz's body and metrics; readiness itself does not depend
+    /// on it, see ARCHITECTURE.md).
+    pub async fn backend_status(&self) -> Vec<BackendStatus> {
+        let mut out = Vec::new();
+        for (name, b) in &self.d1 {
+            out.push(BackendStatus { binding: format!("d1.{name}"), backend: b.name(), up: b.ping().await.is_ok() });
+        }
+        for (name, b) in &self.kv {
+            out.push(BackendStatus { binding: format!("kv.{name}"), backend: b.name(), up: b.ping().await.is_ok() });
+        }
+        for (name, b) in &self.r2 {
+            out.push(BackendStatus { binding: format!("r2.{name}"), backend: b.name(), up: b.ping().await.is_ok() });
+        }
+        for (name, ns) in &self.objects.namespaces {
+            out.push(BackendStatus {
+                binding: format!("durable_objects.{name}"),
+                backend: ns.storage().name(),
+                up: ns.storage().ping().await.is_ok(),
+            });
+        }
+        out
+    }
+}
