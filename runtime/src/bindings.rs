@@ -33,7 +33,9 @@ pub(crate) mod generated {
     });
 }
 
-pub use generated::lattice::bindings::durable_object::{Request as ObjectRequest, Response as ObjectResponse};
+pub use generated::lattice::bindings::durable_object::{
+    Request as ObjectRequest, Response as ObjectResponse,
+};
 pub(crate) use generated::lattice::bindings::types::{Error as GuestError, Unavailable};
 
 /// Seconds a guest is told to wait after a backend outage.

@@ -372,8 +372,7 @@ impl Config {
 pub fn resolve_url(url: &Option<String>, url_env: &Option<String>) -> Result<String, String> {
     match (url, url_env) {
         (Some(u), _) => Ok(u.clone()),
-        (None, Some(var)) => std::env::var(var)
-            .map_err(|_| format!("environment variable {var} is not set")),
+        (None, Some(var)) => std::env::var(var).map_err(|_| format!("environment variable {var} is not set")),
         (None, None) => Err("no url".into()),
     }
 }

@@ -135,7 +135,10 @@ pub fn linker(engine: &Engine) -> anyhow::Result<Linker<WorkerState>> {
     // at all, so a component that imports them is refused at start-up (invariant 1).
     {
         use wasmtime_wasi::cli::{WasiCli, WasiCliView as _};
-        wasmtime_wasi::p2::bindings::cli::environment::add_to_linker::<_, WasiCli>(&mut linker, WorkerState::cli)?;
+        wasmtime_wasi::p2::bindings::cli::environment::add_to_linker::<_, WasiCli>(
+            &mut linker,
+            WorkerState::cli,
+        )?;
         wasmtime_wasi::p2::bindings::cli::exit::add_to_linker::<_, WasiCli>(&mut linker, WorkerState::cli)?;
         use wasmtime_wasi::p2::bindings::cli::{
             terminal_input, terminal_output, terminal_stderr, terminal_stdin, terminal_stdout,

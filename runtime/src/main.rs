@@ -36,7 +36,8 @@ fn main() -> anyhow::Result<()> {
         }
         "compile" => {
             let e = engine::build_engine(&config.limits)?;
-            let cache = config.component.cache_dir.clone().unwrap_or_else(|| config.server.data_dir.join("compiled"));
+            let cache =
+                config.component.cache_dir.clone().unwrap_or_else(|| config.server.data_dir.join("compiled"));
             engine::load_component(&e, &config.component.path, &cache)?;
             println!("compiled {}", config.component.path.display());
             Ok(())

@@ -41,6 +41,9 @@ impl Histogram {
     }
 }
 
+/// Calls, errors and latency of one label set.
+type Series = (u64, u64, Histogram);
+
 #[derive(Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<u16, u64>>,
@@ -52,9 +55,9 @@ pub struct Metrics {
     pub guest_traps: AtomicU64,
     pub guest_deadline: AtomicU64,
     /// (binding, backend) -> (calls, errors, latency)
-    bindings: Mutex<BTreeMap<(&'static str, &'static str), (u64, u64, Histogram)>>,
+    bindings: Mutex<BTreeMap<(&'static str, &'static str), Series>>,
     /// namespace -> (events, errors, latency)
-    objects: Mutex<BTreeMap<String, (u64, u64, Histogram)>>,
+    objects: Mutex<BTreeMap<String, Series>>,
 }
 
 impl Metrics {
@@ -111,7 +114,11 @@ impl Metrics {
         if let Ok(h) = self.instantiate.lock() {
             h.render(&mut out, "lattice_instantiate_duration_seconds", "");
         }
-        let _ = writeln!(out, "# TYPE lattice_parked_requests gauge\nlattice_parked_requests {}", self.parked.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "# TYPE lattice_parked_requests gauge\nlattice_parked_requests {}",
+            self.parked.load(Ordering::Relaxed)
+        );
         let _ = writeln!(
             out,
             "# TYPE lattice_parked_requests_total counter\nlattice_parked_requests_total {}",
@@ -122,7 +129,11 @@ impl Metrics {
             "# TYPE lattice_body_too_large_total counter\nlattice_body_too_large_total {}",
             self.rejected_body_too_large.load(Ordering::Relaxed)
         );
-        let _ = writeln!(out, "# TYPE lattice_guest_traps_total counter\nlattice_guest_traps_total {}", self.guest_traps.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "# TYPE lattice_guest_traps_total counter\nlattice_guest_traps_total {}",
+            self.guest_traps.load(Ordering::Relaxed)
+        );
         let _ = writeln!(
             out,
             "# TYPE lattice_guest_deadline_total counter\nlattice_guest_deadline_total {}",

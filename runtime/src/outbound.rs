@@ -190,8 +190,18 @@ mod tests {
     #[test]
     fn private_ranges_are_not_public() {
         for ip in [
-            "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.1.1", "0.0.0.0", "100.64.0.1",
-            "::1", "fc00::1", "fe80::1", "::ffff:127.0.0.1", "198.18.0.1",
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.1.1",
+            "0.0.0.0",
+            "100.64.0.1",
+            "::1",
+            "fc00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "198.18.0.1",
         ] {
             assert!(!is_public(ip.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))), "{ip} counted as public");
         }
@@ -225,8 +235,8 @@ mod tests {
 
     #[tokio::test]
     async fn allow_list_and_overrides() {
-        let p = policy(false, &["matrix.example.org"], &[("matrix.example.org", "127.0.0.1:8448")]);
-        assert_eq!(p.resolve("matrix.example.org", 443).await.ok(), "127.0.0.1:8448".parse().ok());
+        let p = policy(false, &["peer.example.org"], &[("peer.example.org", "127.0.0.1:8448")]);
+        assert_eq!(p.resolve("peer.example.org", 443).await.ok(), "127.0.0.1:8448".parse().ok());
         assert!(matches!(p.resolve("other.example.org", 443).await, Err(HttpError::HttpRequestDenied)));
     }
 }

@@ -30,7 +30,8 @@ pub struct Secrets {
 impl Secrets {
     pub fn open(c: &config::SecretsConfig) -> anyhow::Result<Self> {
         if let Some(dir) = &c.dir {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating secrets dir {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating secrets dir {}", dir.display()))?;
             for name in &c.generate {
                 let path = secret_path(dir, name)?;
                 if !path.exists() {
@@ -57,7 +58,10 @@ impl Secrets {
 }
 
 fn secret_path(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.') || name.starts_with('.') {
+    if name.is_empty()
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+        || name.starts_with('.')
+    {
         anyhow::bail!("invalid secret name {name:?}");
     }
     Ok(dir.join(name))
@@ -107,7 +111,9 @@ impl Shared {
         let mut d1: HashMap<String, Arc<dyn SqlBackend>> = HashMap::new();
         for (name, b) in &config.d1 {
             let backend: Arc<dyn SqlBackend> = match b {
-                D1Binding::Sqlite { path } => Arc::new(lattice_backends::sqlite::SqliteSql::open(path).await?),
+                D1Binding::Sqlite { path } => {
+                    Arc::new(lattice_backends::sqlite::SqliteSql::open(path).await?)
+                }
                 D1Binding::Postgres { url: u, url_env } => Arc::new(
                     lattice_backends::postgres::PostgresSql::new(&url(u, url_env, &format!("d1.{name}"))?)?,
                 ),
@@ -118,9 +124,9 @@ impl Shared {
         for (name, b) in &config.kv {
             let backend: Arc<dyn KvBackend> = match b {
                 KvBinding::Sqlite { path } => Arc::new(lattice_backends::sqlite::SqliteKv::open(path).await?),
-                KvBinding::Redis { url: u, url_env } => Arc::new(
-                    lattice_backends::redis::RedisKv::new(&url(u, url_env, &format!("kv.{name}"))?)?,
-                ),
+                KvBinding::Redis { url: u, url_env } => {
+                    Arc::new(lattice_backends::redis::RedisKv::new(&url(u, url_env, &format!("kv.{name}"))?)?)
+                }
             };
             kv.insert(name.clone(), backend);
         }
@@ -129,10 +135,12 @@ impl Shared {
             let backend: Arc<dyn ObjectBackend> = match b {
                 R2Binding::Fs { path } => Arc::new(lattice_backends::fs::FsObjects::open(path).await?),
                 R2Binding::S3 { endpoint, region, bucket, access_key_env, secret_key_env, path_style } => {
-                    let key = std::env::var(access_key_env)
-                        .with_context(|| format!("r2.{name}: environment variable {access_key_env} is not set"))?;
-                    let secret = std::env::var(secret_key_env)
-                        .with_context(|| format!("r2.{name}: environment variable {secret_key_env} is not set"))?;
+                    let key = std::env::var(access_key_env).with_context(|| {
+                        format!("r2.{name}: environment variable {access_key_env} is not set")
+                    })?;
+                    let secret = std::env::var(secret_key_env).with_context(|| {
+                        format!("r2.{name}: environment variable {secret_key_env} is not set")
+                    })?;
                     Arc::new(lattice_backends::s3::S3Objects::new(&lattice_backends::s3::S3Config {
                         endpoint: endpoint.clone(),
                         region: region.clone(),
@@ -153,17 +161,17 @@ impl Shared {
                 ObjectStorage::Sqlite { path } => {
                     Arc::new(lattice_backends::sqlite::SqliteObjectStorage::open(path).await?)
                 }
-                ObjectStorage::Postgres { url: u, url_env } => Arc::new(
-                    lattice_backends::postgres::PostgresObjectStorage::new(&url(
+                ObjectStorage::Postgres { url: u, url_env } => {
+                    Arc::new(lattice_backends::postgres::PostgresObjectStorage::new(&url(
                         u,
                         url_env,
                         &format!("durable_objects.{name}"),
-                    )?)?,
-                ),
+                    )?)?)
+                }
             };
-            let key = secrets
-                .get(&b.unique_key_secret)?
-                .with_context(|| format!("durable_objects.{name}: secret {} is missing", b.unique_key_secret))?;
+            let key = secrets.get(&b.unique_key_secret)?.with_context(|| {
+                format!("durable_objects.{name}: secret {} is missing", b.unique_key_secret)
+            })?;
             to_acquire.push((name.clone(), b.shards, storage.clone()));
             namespaces.insert(
                 name.clone(),
@@ -173,11 +181,14 @@ impl Shared {
         let placement = Arc::new(LocalPlacement::acquire_all(&to_acquire).await?);
 
         let engine = engine::build_engine(&config.limits)?;
-        let cache_dir = config.component.cache_dir.clone().unwrap_or_else(|| config.server.data_dir.join("compiled"));
+        let cache_dir =
+            config.component.cache_dir.clone().unwrap_or_else(|| config.server.data_dir.join("compiled"));
         let component = engine::load_component(&engine, &config.component.path, &cache_dir)?;
         let prepared = engine::prepare(&engine, &component)?;
         if prepared.objects.is_none() && !namespaces.is_empty() {
-            anyhow::bail!("durable_objects are configured but the component exports no lattice:bindings/object-handler");
+            anyhow::bail!(
+                "durable_objects are configured but the component exports no lattice:bindings/object-handler"
+            );
         }
         let outbound = Arc::new(OutboundPolicy::new(&config.outbound)?);
         Ok(Arc::new(Self {
@@ -229,13 +240,25 @@ impl Shared {
     pub async fn backend_status(&self) -> Vec<BackendStatus> {
         let mut out = Vec::new();
         for (name, b) in &self.d1 {
-            out.push(BackendStatus { binding: format!("d1.{name}"), backend: b.name(), up: b.ping().await.is_ok() });
+            out.push(BackendStatus {
+                binding: format!("d1.{name}"),
+                backend: b.name(),
+                up: b.ping().await.is_ok(),
+            });
         }
         for (name, b) in &self.kv {
-            out.push(BackendStatus { binding: format!("kv.{name}"), backend: b.name(), up: b.ping().await.is_ok() });
+            out.push(BackendStatus {
+                binding: format!("kv.{name}"),
+                backend: b.name(),
+                up: b.ping().await.is_ok(),
+            });
         }
         for (name, b) in &self.r2 {
-            out.push(BackendStatus { binding: format!("r2.{name}"), backend: b.name(), up: b.ping().await.is_ok() });
+            out.push(BackendStatus {
+                binding: format!("r2.{name}"),
+                backend: b.name(),
+                up: b.ping().await.is_ok(),
+            });
         }
         for (name, ns) in &self.objects.namespaces {
             out.push(BackendStatus {

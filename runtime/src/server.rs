@@ -31,7 +31,9 @@ pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, HttpError>;
 pub const WAKE_HEADER: &str = "lattice-wake";
 
 pub fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(Full::new(body.into()).map_err(|e: Infallible| -> HttpError { match e {} }).boxed_unsync());
+    let mut r = Response::new(
+        Full::new(body.into()).map_err(|e: Infallible| -> HttpError { match e {} }).boxed_unsync(),
+    );
     *r.status_mut() = status;
     r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
@@ -66,7 +68,8 @@ async fn invoke(
     store.limiter(|s| &mut s.limits);
     arm_deadline(&mut store);
 
-    let mut req = Request::builder().method(parts.method.clone()).uri(parts.uri.clone()).version(parts.version);
+    let mut req =
+        Request::builder().method(parts.method.clone()).uri(parts.uri.clone()).version(parts.version);
     if let Some(h) = req.headers_mut() {
         *h = parts.headers.clone();
         h.remove(WAKE_HEADER);
@@ -76,14 +79,20 @@ async fn invoke(
     }
     let req = match req.body(Full::new(body.clone()).map_err(|e: Infallible| -> HttpError { match e {} })) {
         Ok(r) => r,
-        Err(_) => return Invocation::Respond(error_response(StatusCode::BAD_REQUEST, "malformed request", None)),
+        Err(_) => {
+            return Invocation::Respond(error_response(StatusCode::BAD_REQUEST, "malformed request", None));
+        }
     };
     let (incoming, outparam, rx) = {
         let mut http = store.data_mut().http();
         let incoming = match http.new_incoming_request(scheme.clone(), req) {
             Ok(r) => r,
             Err(_) => {
-                return Invocation::Respond(error_response(StatusCode::BAD_REQUEST, "request without a host", None));
+                return Invocation::Respond(error_response(
+                    StatusCode::BAD_REQUEST,
+                    "request without a host",
+                    None,
+                ));
             }
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -91,7 +100,11 @@ async fn invoke(
             Ok(o) => o,
             Err(e) => {
                 tracing::error!(error = %e, "resource table");
-                return Invocation::Respond(error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error", None));
+                return Invocation::Respond(error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error",
+                    None,
+                ));
             }
         };
         (incoming, outparam, rx)
@@ -177,12 +190,13 @@ async fn handle_inner(shared: &Arc<Shared>, scheme: Scheme, req: Request<Incomin
     }
     let (parts, body) = req.into_parts();
     let limited = Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX));
-    let body = match tokio::time::timeout(Duration::from_millis(limits.body_timeout_ms), limited.collect()).await {
-        Err(_) => return error_response(StatusCode::REQUEST_TIMEOUT, "request body too slow", None),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
-        Ok(Err(_)) => return error_response(StatusCode::BAD_REQUEST, "request body broken", None),
-        Ok(Ok(c)) => c.to_bytes(),
-    };
+    let body =
+        match tokio::time::timeout(Duration::from_millis(limits.body_timeout_ms), limited.collect()).await {
+            Err(_) => return error_response(StatusCode::REQUEST_TIMEOUT, "request body too slow", None),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+            Ok(Err(_)) => return error_response(StatusCode::BAD_REQUEST, "request body broken", None),
+            Ok(Ok(c)) => c.to_bytes(),
+        };
     let mut wake = None;
     loop {
         match invoke(shared, &parts, &body, &scheme, wake).await {
@@ -194,7 +208,11 @@ async fn handle_inner(shared: &Arc<Shared>, scheme: Scheme, req: Request<Incomin
                 let parked = shared.metrics.parked.fetch_add(1, Ordering::SeqCst);
                 if parked >= i64::from(limits.max_parked) {
                     shared.metrics.parked.fetch_sub(1, Ordering::SeqCst);
-                    return error_response(StatusCode::SERVICE_UNAVAILABLE, "too many waiting requests", Some(1));
+                    return error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "too many waiting requests",
+                        Some(1),
+                    );
                 }
                 shared.metrics.parked_total.fetch_add(1, Ordering::Relaxed);
                 let w = shared.signals.wait(&p.keys, since, p.timeout).await;

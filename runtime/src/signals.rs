@@ -158,9 +158,9 @@ mod tests {
         let start = s.current_seq();
         let waiter = {
             let s = s.clone();
-            tokio::spawn(async move {
-                s.wait(&["x".into(), "y".into()], start, Duration::from_secs(60)).await
-            })
+            tokio::spawn(
+                async move { s.wait(&["x".into(), "y".into()], start, Duration::from_secs(60)).await },
+            )
         };
         // Wait until the waiter has registered (its Notify is shared), then signal.
         while s.keys.lock().map(|m| m.get("y").map_or(0, |k| Arc::strong_count(&k.notify))).unwrap_or(0) < 2 {

@@ -93,19 +93,18 @@ impl WorkerState {
     /// may leave the object after a lost write.
     pub async fn waiting<T>(&mut self, gate: Gate, fut: impl Future<Output = T>) -> wasmtime::Result<T> {
         let start = Instant::now();
-        if gate == Gate::Open {
-            if let Some(event) = self.inv.object.as_mut() {
-                if let Err(e) = event.open_gates().await {
-                    self.inv.host_wait += start.elapsed();
-                    return Err(wasmtime::Error::msg(format!("Durable Object reset: {e}")));
-                }
-            }
+        if gate == Gate::Open
+            && let Some(event) = self.inv.object.as_mut()
+            && let Err(e) = event.open_gates().await
+        {
+            self.inv.host_wait += start.elapsed();
+            return Err(wasmtime::Error::msg(format!("Durable Object reset: {e}")));
         }
         let out = fut.await;
-        if gate == Gate::Open {
-            if let Some(event) = self.inv.object.as_mut() {
-                event.close_input_gate().await;
-            }
+        if gate == Gate::Open
+            && let Some(event) = self.inv.object.as_mut()
+        {
+            event.close_input_gate().await;
         }
         self.inv.host_wait += start.elapsed();
         Ok(out)

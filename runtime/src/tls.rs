@@ -40,7 +40,8 @@ fn load_certified_key(cert: &Path, key: &Path) -> anyhow::Result<CertifiedKey> {
     if certs.is_empty() {
         anyhow::bail!("no certificate in {}", cert.display());
     }
-    let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading private key {}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("reading private key {}", key.display()))?;
     let signing = aws_lc_rs::sign::any_supported_type(&key).context("unsupported private key type")?;
     Ok(CertifiedKey::new(certs, signing))
 }
@@ -121,7 +122,9 @@ pub fn client_config(pq: PostQuantum, extra_ca: &[PathBuf]) -> anyhow::Result<ru
         let _ = roots.add(cert);
     }
     for path in extra_ca {
-        for cert in CertificateDer::pem_file_iter(path).with_context(|| format!("reading CA {}", path.display()))? {
+        for cert in
+            CertificateDer::pem_file_iter(path).with_context(|| format!("reading CA {}", path.display()))?
+        {
             roots
                 .add(cert.with_context(|| format!("parsing CA {}", path.display()))?)
                 .with_context(|| format!("adding CA {}", path.display()))?;

@@ -1,1 +1,262 @@
-fn main() {}
+//! Project chores, one binary (`cargo xtask <command>`):
+//!
+//! - `dev [--port N] [--plain]`: build the runtime and the worker, write a config on embedded
+//!   defaults (SQLite, local files) with a self-signed certificate, and serve.
+//! - `ci`: everything CI runs: format and lint checks, invariant checks, guests built to
+//!   `wasm32-wasip2`, the real services started (PostgreSQL, Redis, S3), the whole test suite,
+//!   and the services stopped again whatever happened.
+//! - `guests`: build the guest components and print where they are.
+//! - `bench`: the runtime's benchmarks (see BENCHMARKS.md).
+//! - `check-invariants`: the architecture invariants that a grep can check.
+//!
+//! Slow builds are cached outside the clone: `CARGO_TARGET_DIR` defaults to
+//! `/var/cache/lattice/target` (set in `.cargo/config.toml`), tools to `/var/cache/lattice/tools`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = root();
+    match args.first().map(String::as_str) {
+        Some("dev") => dev(&root, &args[1..]),
+        Some("ci") => ci(&root),
+        Some("guests") => {
+            let dir = build_guests(&root)?;
+            println!("{}", dir.display());
+            Ok(())
+        }
+        Some("bench") => bench(&root, &args[1..]),
+        Some("check-invariants") => check_invariants(&root),
+        _ => bail!("usage: cargo xtask <dev|ci|guests|bench|check-invariants>"),
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("LATTICE_CACHE").map_or_else(|| PathBuf::from("/var/cache/lattice"), PathBuf::from)
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Builds every guest component to `wasm32-wasip2` with the `guest` profile.
+fn build_guests(root: &Path) -> anyhow::Result<PathBuf> {
+    run(cargo()
+        .current_dir(root)
+        .args(["build", "--target", "wasm32-wasip2", "--profile", "guest"])
+        .args(["-p", "hello", "-p", "conformance"]))?;
+    Ok(target_dir(root).join("wasm32-wasip2/guest"))
+}
+
+fn dev(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    let mut port = 8448u16;
+    let mut plain = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--port" => port = it.next().context("--port needs a number")?.parse()?,
+            "--plain" => plain = true,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    let guests = build_guests(root)?;
+    run(cargo().current_dir(root).args(["build", "-p", "lattice-runtime", "--bin", "lattice"]))?;
+    let data = root.join(".lattice-dev");
+    std::fs::create_dir_all(&data)?;
+    let tls = if plain {
+        "[tls]\nplain_http = true\n".to_owned()
+    } else {
+        let (cert, key) = (data.join("cert.pem"), data.join("key.pem"));
+        if !cert.exists() || !key.exists() {
+            let mut params =
+                rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+            params.is_ca = rcgen::IsCa::ExplicitNoCa;
+            let k = rcgen::KeyPair::generate()?;
+            let c = params.self_signed(&k)?;
+            std::fs::write(&cert, c.pem())?;
+            std::fs::write(&key, k.serialize_pem())?;
+        }
+        format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\npost_quantum = \"preferred\"\n",
+            cert.display(),
+            key.display()
+        )
+    };
+    let d = data.display();
+    let config = format!(
+        r#"# Written by `cargo xtask dev`: embedded defaults, nothing to install.
+[server]
+listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin}"
+data_dir = "{d}/data"
+
+{tls}
+[component]
+path = "{component}"
+
+[secrets]
+dir = "{d}/data/secrets"
+"#,
+        admin = port + 1,
+        component = guests.join("hello.wasm").display(),
+    );
+    let config_path = data.join("lattice.toml");
+    std::fs::write(&config_path, config)?;
+    let bin = target_dir(root).join("debug/lattice");
+    eprintln!("xtask: config {}; admin on http://127.0.0.1:{}/metrics", config_path.display(), port + 1);
+    if !plain {
+        eprintln!("xtask: self-signed certificate; try: curl -k https://127.0.0.1:{port}/");
+    }
+    run(Command::new(bin).args(["serve", "--config"]).arg(&config_path))
+}
+
+/// Reads `export K=V` lines written by scripts/services.sh.
+fn read_env(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.trim_matches(|c| c == '"' || c == '\'').to_owned()))
+        .collect())
+}
+
+fn ci(root: &Path) -> anyhow::Result<()> {
+    let started = Instant::now();
+    run(cargo().current_dir(root).args(["fmt", "--all", "--check"]))?;
+    check_invariants(root)?;
+    let guests = build_guests(root)?;
+    run(cargo().current_dir(root).args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "hello",
+        "--exclude",
+        "conformance",
+        "--exclude",
+        "lattice-worker",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo().current_dir(root).args([
+        "clippy",
+        "--target",
+        "wasm32-wasip2",
+        "-p",
+        "lattice-worker",
+        "-p",
+        "hello",
+        "-p",
+        "conformance",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let state = cache_dir().join("ci-services");
+    let services = root.join("scripts/services.sh");
+    let start = Command::new("bash").arg(&services).arg("start").arg(&state).status();
+    let result = (|| {
+        if !start.as_ref().is_ok_and(|s| s.success()) {
+            bail!("starting the test services failed: {start:?}");
+        }
+        let env = read_env(&state.join("env"))?;
+        run(cargo()
+            .current_dir(root)
+            .args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "hello",
+                "--exclude",
+                "conformance",
+                "--exclude",
+                "lattice-worker",
+            ])
+            .envs(env)
+            .env("LATTICE_GUEST_DIR", &guests)
+            .env("LATTICE_SERVICES_SCRIPT", &services)
+            .env("LATTICE_SERVICES_STATE", &state)
+            .env("LATTICE_REQUIRE_SERVICES", "1"))
+    })();
+    let stop = Command::new("bash").arg(&services).arg("stop").arg(&state).status();
+    if !stop.as_ref().is_ok_and(|s| s.success()) {
+        eprintln!("xtask: stopping the services failed: {stop:?}");
+    }
+    result?;
+    eprintln!("xtask: ci passed in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Invariant 2: the runtime knows nothing of Matrix. Invariant 1 (the homeserver does I/O only
+/// through `lattice:bindings`) is enforced by the runtime's linker, which links no filesystem
+/// or sockets; `runtime/tests/host.rs` builds guests against it.
+fn check_invariants(root: &Path) -> anyhow::Result<()> {
+    let mut offenders = Vec::new();
+    for dir in ["runtime", "wit"] {
+        walk(&root.join(dir), &mut |p| {
+            let is_source = p.extension().is_some_and(|e| e == "rs" || e == "wit" || e == "toml");
+            if is_source
+                && std::fs::read_to_string(p).is_ok_and(|t| {
+                    let t = t.to_ascii_lowercase();
+                    t.contains("matrix") || t.contains("ruma")
+                })
+            {
+                offenders.push(p.to_path_buf());
+            }
+        })?;
+    }
+    if !offenders.is_empty() {
+        bail!(
+            "the runtime must know nothing of Matrix (invariant 2), but these files mention it: {offenders:?}"
+        );
+    }
+    eprintln!("xtask: invariants hold");
+    Ok(())
+}
+
+fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            walk(&path, f)?;
+        } else {
+            f(&path);
+        }
+    }
+    Ok(())
+}
+
+fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    let guests = build_guests(root)?;
+    run(cargo()
+        .current_dir(root)
+        .args(["bench", "-p", "lattice-runtime"])
+        .args(args)
+        .env("LATTICE_GUEST_DIR", &guests))
+}

@@ -44,7 +44,9 @@ fn to_value(j: &Json) -> d1::Value {
     match j {
         Json::Null => d1::Value::Null,
         Json::Bool(b) => d1::Value::Integer(i64::from(*b)),
-        Json::Number(n) => n.as_i64().map_or_else(|| d1::Value::Real(n.as_f64().unwrap_or(0.0)), d1::Value::Integer),
+        Json::Number(n) => {
+            n.as_i64().map_or_else(|| d1::Value::Real(n.as_f64().unwrap_or(0.0)), d1::Value::Integer)
+        }
         Json::String(s) => d1::Value::Text(s.clone()),
         Json::Object(o) => match o.get("blob").and_then(Json::as_array) {
             Some(a) => d1::Value::Blob(a.iter().filter_map(|v| v.as_u64().map(|b| b as u8)).collect()),
@@ -81,12 +83,17 @@ fn result_json(r: &d1::QueryResult) -> Json {
 fn statement(j: &Json) -> d1::Statement {
     d1::Statement {
         sql: j.get("sql").and_then(Json::as_str).unwrap_or_default().to_owned(),
-        params: j.get("params").and_then(Json::as_array).map(|a| a.iter().map(to_value).collect()).unwrap_or_default(),
+        params: j
+            .get("params")
+            .and_then(Json::as_array)
+            .map(|a| a.iter().map(to_value).collect())
+            .unwrap_or_default(),
     }
 }
 
 fn body_json(req: &Request) -> Result<Json, Reply> {
-    serde_json::from_slice(&req.body).map_err(|e| (400, json!({"error": "bad json", "message": e.to_string()})))
+    serde_json::from_slice(&req.body)
+        .map_err(|e| (400, json!({"error": "bad json", "message": e.to_string()})))
 }
 
 fn d1_route(req: &Request) -> Result<Reply, Reply> {
@@ -98,7 +105,8 @@ fn d1_route(req: &Request) -> Result<Reply, Reply> {
             Err(e) => d1_err(&e),
         },
         "/d1/batch" => {
-            let stmts: Vec<d1::Statement> = body.as_array().map(|a| a.iter().map(statement).collect()).unwrap_or_default();
+            let stmts: Vec<d1::Statement> =
+                body.as_array().map(|a| a.iter().map(statement).collect()).unwrap_or_default();
             match db.batch(&stmts) {
                 Ok(rs) => (200, json!(rs.iter().map(result_json).collect::<Vec<_>>())),
                 Err(e) => d1_err(&e),
@@ -109,7 +117,8 @@ fn d1_route(req: &Request) -> Result<Reply, Reply> {
             Err(e) => d1_err(&e),
         },
         "/d1/first" => {
-            let stmt = lattice_worker::d1::prepare(body.get("sql").and_then(Json::as_str).unwrap_or_default());
+            let stmt =
+                lattice_worker::d1::prepare(body.get("sql").and_then(Json::as_str).unwrap_or_default());
             let column = body.get("column").and_then(Json::as_str).unwrap_or_default();
             match stmt.first_column(&db, column) {
                 Ok(v) => (200, json!({ "value": v.as_ref().map(from_value) })),
@@ -175,7 +184,10 @@ fn conditional(req: &Request) -> Option<r2::Conditional> {
         uploaded_before: req.header("x-uploaded-before").and_then(|v| v.parse().ok()),
         uploaded_after: req.header("x-uploaded-after").and_then(|v| v.parse().ok()),
     };
-    let any = c.etag_matches.is_some() || c.etag_does_not_match.is_some() || c.uploaded_before.is_some() || c.uploaded_after.is_some();
+    let any = c.etag_matches.is_some()
+        || c.etag_does_not_match.is_some()
+        || c.uploaded_before.is_some()
+        || c.uploaded_after.is_some();
     any.then_some(c)
 }
 
@@ -201,7 +213,10 @@ fn r2_route(req: &Request) -> Result<Reply, Reply> {
                     cache_control: None,
                     cache_expiry: None,
                 }),
-                custom_metadata: req.header("x-custom").map(|v| vec![("note".to_owned(), v)]).unwrap_or_default(),
+                custom_metadata: req
+                    .header("x-custom")
+                    .map(|v| vec![("note".to_owned(), v)])
+                    .unwrap_or_default(),
                 md5: req.header("x-md5").and_then(|h| hex_bytes(&h)),
                 sha256: req.header("x-sha256").and_then(|h| hex_bytes(&h)),
                 only_if: conditional(req),
@@ -214,14 +229,20 @@ fn r2_route(req: &Request) -> Result<Reply, Reply> {
         ("GET", "/r2") => {
             let range = match (req.param("offset"), req.param("length"), req.param("suffix")) {
                 (_, _, Some(s)) => s.parse().ok().map(r2::Range::Suffix),
-                (Some(o), l, None) => o.parse().ok().map(|o| r2::Range::Offset((o, l.and_then(|l| l.parse().ok())))),
+                (Some(o), l, None) => {
+                    o.parse().ok().map(|o| r2::Range::Offset((o, l.and_then(|l| l.parse().ok()))))
+                }
                 _ => None,
             };
             let options = r2::GetOptions { only_if: conditional(req), range };
             done(b.get(&key, &options).map(|r| match r {
                 r2::GetResult::NotFound => json!({"found": false}),
-                r2::GetResult::PreconditionFailed(o) => json!({"found": true, "precondition_failed": true, "object": object_json(&o)}),
-                r2::GetResult::Found((o, body)) => json!({"found": true, "object": object_json(&o), "body": String::from_utf8_lossy(&body)}),
+                r2::GetResult::PreconditionFailed(o) => {
+                    json!({"found": true, "precondition_failed": true, "object": object_json(&o)})
+                }
+                r2::GetResult::Found((o, body)) => {
+                    json!({"found": true, "object": object_json(&o), "body": String::from_utf8_lossy(&body)})
+                }
             }))
         }
         ("GET", "/r2/head") => done(b.head(&key).map(|o| o.as_ref().map(object_json).unwrap_or(Json::Null))),
@@ -244,7 +265,13 @@ fn r2_route(req: &Request) -> Result<Reply, Reply> {
         ("POST", "/r2/multipart") => {
             // Upload the body in `parts` pieces and complete.
             let parts: usize = req.param("parts").and_then(|v| v.parse().ok()).unwrap_or(2).max(1);
-            let none = r2::PutOptions { http_metadata: None, custom_metadata: vec![], md5: None, sha256: None, only_if: None };
+            let none = r2::PutOptions {
+                http_metadata: None,
+                custom_metadata: vec![],
+                md5: None,
+                sha256: None,
+                only_if: None,
+            };
             let r = (|| {
                 let id = b.create_multipart_upload(&key, &none)?;
                 let size = req.body.len().div_ceil(parts).max(1);
@@ -268,7 +295,11 @@ fn do_route(req: &Request) -> Result<Reply, Reply> {
     };
     let inner = durable_object::Request {
         method: req.method.clone(),
-        path: format!("{}?{}", req.path.trim_start_matches("/do"), req.query.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&")),
+        path: format!(
+            "{}?{}",
+            req.path.trim_start_matches("/do"),
+            req.query.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&")
+        ),
         headers: vec![],
         body: req.body.clone(),
     };
@@ -327,7 +358,8 @@ fn outbound(url: &str) -> Result<u16, String> {
     use wasip2::http::outgoing_handler;
     use wasip2::http::types::{Fields, OutgoingRequest, Scheme};
     let (scheme, rest) = url.split_once("://").ok_or("bad url")?;
-    let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+    let (authority, path) =
+        rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
     let r = OutgoingRequest::new(Fields::new());
     let _ = r.set_scheme(Some(&if scheme == "https" { Scheme::Https } else { Scheme::Http }));
     let _ = r.set_authority(Some(authority));
@@ -353,7 +385,12 @@ impl wasip2::exports::http::incoming_handler::Guest for Worker {
         // Long poll: park until the key is signalled, then answer how we woke.
         if req.path == "/wait" {
             if let Some(w) = req.header("lattice-wake") {
-                http::respond(out, 200, &[("content-type", "application/json")], json!({"woke": w}).to_string().as_bytes());
+                http::respond(
+                    out,
+                    200,
+                    &[("content-type", "application/json")],
+                    json!({"woke": w}).to_string().as_bytes(),
+                );
                 return;
             }
             let key = req.param("key").unwrap_or_default().to_owned();
@@ -363,7 +400,13 @@ impl wasip2::exports::http::incoming_handler::Guest for Worker {
             return;
         }
         let (status, body) = route(&req).unwrap_or_else(|e| e);
-        http::respond(out, status, &[("content-type", "application/json")], body.to_string().as_bytes());
+        // A backend outage: tell the client when to come back.
+        let retry_after = body.get("retry_after_secs").and_then(Json::as_u64).map(|s| s.to_string());
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(r) = retry_after.as_deref() {
+            headers.push(("retry-after", r));
+        }
+        http::respond(out, status, &headers, body.to_string().as_bytes());
     }
 }
 
@@ -371,8 +414,14 @@ impl wasip2::exports::http::incoming_handler::Guest for Worker {
 impl ObjectGuest for Worker {
     fn fetch(_class: String, _id: String, request: durable_object::Request) -> durable_object::Response {
         let (path, query) = request.path.split_once('?').unwrap_or((request.path.as_str(), ""));
-        let param = |name: &str| query.split('&').find_map(|kv| kv.strip_prefix(&format!("{name}="))).map(str::to_owned);
-        let reply = |status: u16, j: Json| durable_object::Response { status, headers: vec![], body: j.to_string().into_bytes() };
+        let param = |name: &str| {
+            query.split('&').find_map(|kv| kv.strip_prefix(&format!("{name}="))).map(str::to_owned)
+        };
+        let reply = |status: u16, j: Json| durable_object::Response {
+            status,
+            headers: vec![],
+            body: j.to_string().into_bytes(),
+        };
         let fail = |e: types::Error| {
             let (s, j) = err_json(&e);
             reply(s, j)
@@ -405,7 +454,14 @@ impl ObjectGuest for Worker {
                 }
             }
             "/claim" => {
-                let opts = storage::ListOptions { start: None, start_after: None, end: None, prefix: Some("pool/".into()), reverse: false, limit: Some(1) };
+                let opts = storage::ListOptions {
+                    start: None,
+                    start_after: None,
+                    end: None,
+                    prefix: Some("pool/".into()),
+                    reverse: false,
+                    limit: Some(1),
+                };
                 let r = (|| {
                     let Some((k, v)) = storage::list(&opts)?.into_iter().next() else { return Ok(None) };
                     storage::delete(&[k])?;
@@ -417,7 +473,14 @@ impl ObjectGuest for Worker {
                 }
             }
             "/state" => {
-                let opts = storage::ListOptions { start: None, start_after: None, end: None, prefix: None, reverse: false, limit: None };
+                let opts = storage::ListOptions {
+                    start: None,
+                    start_after: None,
+                    end: None,
+                    prefix: None,
+                    reverse: false,
+                    limit: None,
+                };
                 match (storage::list(&opts), storage::get_alarm()) {
                     (Ok(entries), Ok(alarm)) => reply(
                         200,
@@ -466,7 +529,8 @@ impl ObjectGuest for Worker {
             .ok()
             .and_then(|v| v.first().and_then(|(_, b)| std::str::from_utf8(b).ok()?.parse::<u32>().ok()))
             .unwrap_or(0);
-        storage::put(&[("alarm_runs".to_owned(), (fired + 1).to_string().into_bytes())]).map_err(|e| format!("{e:?}"))?;
+        storage::put(&[("alarm_runs".to_owned(), (fired + 1).to_string().into_bytes())])
+            .map_err(|e| format!("{e:?}"))?;
         if retry_count < fail_times {
             return Err(format!("failing on purpose (retry {retry_count})"));
         }

@@ -76,6 +76,9 @@ pub fn prepare(sql: impl Into<String>) -> Statement {
     Statement { raw: Raw { sql: sql.into(), params: Vec::new() } }
 }
 
+/// `.raw()`'s answer: the column names when asked for, and the rows as arrays.
+pub type RawRows = (Option<Vec<String>>, Vec<Vec<Value>>);
+
 /// One row: column names and values.
 #[derive(Debug, Clone)]
 pub struct Row {
@@ -128,7 +131,7 @@ impl Statement {
     }
 
     /// `.raw({columnNames})`: rows as arrays, optionally led by the column names.
-    pub fn raw(&self, db: &Database, column_names: bool) -> Result<(Option<Vec<String>>, Vec<Vec<Value>>), D1Error> {
+    pub fn raw(&self, db: &Database, column_names: bool) -> Result<RawRows, D1Error> {
         let r = self.run(db)?;
         Ok((column_names.then_some(r.columns), r.rows))
     }

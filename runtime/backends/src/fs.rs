@@ -116,9 +116,7 @@ fn json_err(e: serde_json::Error) -> BackendError {
 /// Writes `data` to `path` atomically: temporary file in the same directory, fsync, rename,
 /// fsync of the directory.
 fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| io::Error::other("path has no parent"))?;
+    let dir = path.parent().ok_or_else(|| io::Error::other("path has no parent"))?;
     fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".tmp-{}", hex::encode(rand::random::<[u8; 12]>())));
     let result = (|| {
@@ -176,16 +174,10 @@ impl FsObjects {
     async fn blocking<T: Send + 'static>(
         f: impl FnOnce() -> Result<T, BackendError> + Send + 'static,
     ) -> Result<T, BackendError> {
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| BackendError::unavailable(BACKEND, e))?
+        tokio::task::spawn_blocking(f).await.map_err(|e| BackendError::unavailable(BACKEND, e))?
     }
 
-    async fn lookup(
-        &self,
-        bucket: &str,
-        key: &str,
-    ) -> Result<Option<(String, ObjectMeta)>, BackendError> {
+    async fn lookup(&self, bucket: &str, key: &str) -> Result<Option<(String, ObjectMeta)>, BackendError> {
         let (bucket, key) = (bucket.to_owned(), key.to_owned());
         self.index
             .call(move |conn| {
@@ -211,7 +203,7 @@ impl FsObjects {
 
 /// One step of a delimited listing: an object or a common prefix.
 enum Item {
-    Object(ObjectMeta),
+    Object(Box<ObjectMeta>),
     Prefix(String),
 }
 
@@ -235,10 +227,7 @@ impl ObjectBackend for FsObjects {
             return Ok(None);
         };
         let Some(path) = Self::blob_path(&self.root, &blob) else {
-            return Err(BackendError::unavailable(
-                BACKEND,
-                format!("corrupt blob name {blob:?}"),
-            ));
+            return Err(BackendError::unavailable(BACKEND, format!("corrupt blob name {blob:?}")));
         };
         Self::blocking(move || {
             let mut f = match File::open(&path) {
@@ -265,19 +254,11 @@ impl ObjectBackend for FsObjects {
         .await
     }
 
-    async fn put(
-        &self,
-        bucket: &str,
-        meta: &ObjectMeta,
-        body: Vec<u8>,
-    ) -> Result<(), BackendError> {
+    async fn put(&self, bucket: &str, meta: &ObjectMeta, body: Vec<u8>) -> Result<(), BackendError> {
         let blob = hex::encode(rand::random::<[u8; 16]>());
         let root = self.root.clone();
         let Some(path) = Self::blob_path(&root, &blob) else {
-            return Err(BackendError::unavailable(
-                BACKEND,
-                "generated an invalid blob name",
-            ));
+            return Err(BackendError::unavailable(BACKEND, "generated an invalid blob name"));
         };
         Self::blocking(move || write_atomic(&path, &body).map_err(io_err)).await?;
 
@@ -408,8 +389,7 @@ impl ObjectBackend for FsObjects {
                         lower = (key.as_bytes().to_vec(), false);
                         let common = delimiter.as_ref().and_then(|d| {
                             let rest = key.get(prefix.len()..)?;
-                            rest.find(d.as_str())
-                                .map(|i| key[..prefix.len() + i + d.len()].to_owned())
+                            rest.find(d.as_str()).map(|i| key[..prefix.len() + i + d.len()].to_owned())
                         });
                         let item = match common {
                             Some(cp) => {
@@ -423,9 +403,8 @@ impl ObjectBackend for FsObjects {
                                 Item::Prefix(cp)
                             }
                             None => {
-                                let meta: StoredMeta =
-                                    serde_json::from_str(&meta).map_err(json_err)?;
-                                Item::Object(meta.into_meta(key))
+                                let meta: StoredMeta = serde_json::from_str(&meta).map_err(json_err)?;
+                                Item::Object(Box::new(meta.into_meta(key)))
                             }
                         };
                         if items.len() == limit {
@@ -442,16 +421,13 @@ impl ObjectBackend for FsObjects {
                         break;
                     }
                 }
-                let mut list = ObjectList {
-                    truncated,
-                    ..ObjectList::default()
-                };
+                let mut list = ObjectList { truncated, ..ObjectList::default() };
                 let mut last = None;
                 for item in items {
                     match item {
                         Item::Object(m) => {
                             last = Some(m.key.clone());
-                            list.objects.push(m);
+                            list.objects.push(*m);
                         }
                         Item::Prefix(p) => {
                             last = Some(p.clone());
@@ -474,9 +450,7 @@ impl ObjectBackend for FsObjects {
         part_number: u32,
         body: Vec<u8>,
     ) -> Result<(), BackendError> {
-        let path = self
-            .upload_dir(bucket, upload_id)
-            .join(part_number.to_string());
+        let path = self.upload_dir(bucket, upload_id).join(part_number.to_string());
         Self::blocking(move || write_atomic(&path, &body).map_err(io_err)).await
     }
 

@@ -4,6 +4,14 @@
 //! backend only stores and fetches. Every backend error that is not the guest's fault becomes
 //! [`BackendError::Unavailable`]: the guest sees `unavailable` with a retry-after, the details
 //! go to the log.
+//!
+//! Layout: the traits and their value types are here, one module per infrastructure:
+//! [`sqlite`] (embedded D1, KV and Durable Object storage on SQLite files), [`fs`] (embedded R2
+//! on a directory), [`postgres`] (D1 and Durable Object storage), [`redis`] (KV) and [`s3`]
+//! (R2). `tests/contract.rs` holds one contract per trait, run against every backend;
+//! `scripts/services.sh` starts the real services it needs. Shard epochs are kept per
+//! `(namespace, shard)` in the Durable Object store's database, and a [`Fence`] is checked in
+//! the same transaction as the writes it guards.
 
 pub mod fs;
 pub mod postgres;
@@ -33,10 +41,7 @@ impl BackendError {
         backend: &'static str,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
-        Self::Unavailable {
-            backend,
-            source: source.into(),
-        }
+        Self::Unavailable { backend, source: source.into() }
     }
 }
 
@@ -207,8 +212,7 @@ pub trait ObjectBackend: Send + Sync {
         range: Option<ByteRange>,
     ) -> Result<Option<(ObjectMeta, Vec<u8>)>, BackendError>;
     /// Stores the body and its metadata (already checked and completed by the binding layer).
-    async fn put(&self, bucket: &str, meta: &ObjectMeta, body: Vec<u8>)
-    -> Result<(), BackendError>;
+    async fn put(&self, bucket: &str, meta: &ObjectMeta, body: Vec<u8>) -> Result<(), BackendError>;
     async fn delete(&self, bucket: &str, keys: &[String]) -> Result<(), BackendError>;
     async fn list(
         &self,
@@ -275,11 +279,7 @@ pub trait ObjectStorageBackend: Send + Sync {
     /// Takes ownership of a shard: bumps and returns its epoch. Writes carrying an older epoch
     /// are refused from then on.
     async fn acquire_shard(&self, namespace: &str, shard: u32) -> Result<u64, BackendError>;
-    async fn get(
-        &self,
-        addr: &ObjectAddr,
-        keys: &[String],
-    ) -> Result<Vec<(String, Vec<u8>)>, BackendError>;
+    async fn get(&self, addr: &ObjectAddr, keys: &[String]) -> Result<Vec<(String, Vec<u8>)>, BackendError>;
     async fn list(
         &self,
         addr: &ObjectAddr,
@@ -287,12 +287,7 @@ pub trait ObjectStorageBackend: Send + Sync {
     ) -> Result<Vec<(String, Vec<u8>)>, BackendError>;
     async fn get_alarm(&self, addr: &ObjectAddr) -> Result<Option<u64>, BackendError>;
     /// Applies every write in one transaction, if `epoch` is still the shard's epoch.
-    async fn commit(
-        &self,
-        addr: &ObjectAddr,
-        epoch: u64,
-        writes: &ObjectWrite,
-    ) -> Result<(), BackendError>;
+    async fn commit(&self, addr: &ObjectAddr, epoch: u64, writes: &ObjectWrite) -> Result<(), BackendError>;
     /// Objects of `namespace` in `shards` whose alarm is due at `now_ms`.
     async fn due_alarms(
         &self,

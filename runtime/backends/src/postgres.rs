@@ -21,12 +21,12 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use sqlx::postgres::{
-    PgArgumentBuffer, PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow, PgTypeInfo,
-    PgValueRef, Postgres,
+    PgArgumentBuffer, PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow, PgTypeInfo, PgValueRef,
+    Postgres,
 };
 use sqlx::{
-    Arguments, AssertSqlSafe, Column, ConnectOptions, Connection, Either, Executor, Row,
-    SqlSafeStr, Statement, TypeInfo, ValueRef,
+    Arguments, AssertSqlSafe, Column, ConnectOptions, Connection, Either, Executor, Row, SqlSafeStr,
+    Statement, TypeInfo, ValueRef,
 };
 use tokio::sync::OnceCell;
 
@@ -90,9 +90,7 @@ fn pool(url: &str) -> Result<PgPool, BackendError> {
         .connect_lazy_with(options))
 }
 
-async fn bounded<T, E: From<BackendError>>(
-    fut: impl Future<Output = Result<T, E>>,
-) -> Result<T, E> {
+async fn bounded<T, E: From<BackendError>>(fut: impl Future<Output = Result<T, E>>) -> Result<T, E> {
     match tokio::time::timeout(OPERATION_TIMEOUT, fut).await {
         Ok(r) => r,
         Err(elapsed) => Err(E::from(unavailable(elapsed))),
@@ -100,17 +98,9 @@ async fn bounded<T, E: From<BackendError>>(
 }
 
 /// Creates the tables once per process (again after a failure).
-async fn ensure_schema(
-    cell: &OnceCell<()>,
-    pool: &PgPool,
-    schema: &'static str,
-) -> Result<(), BackendError> {
+async fn ensure_schema(cell: &OnceCell<()>, pool: &PgPool, schema: &'static str) -> Result<(), BackendError> {
     cell.get_or_try_init(|| async {
-        sqlx::raw_sql(schema)
-            .execute(pool)
-            .await
-            .map(drop)
-            .map_err(unavailable)
+        sqlx::raw_sql(schema).execute(pool).await.map(drop).map_err(unavailable)
     })
     .await
     .map(drop)
@@ -218,9 +208,7 @@ pub fn translate(sql: &str) -> Result<Translated, String> {
             }
             c if c.is_alphabetic() || c == '_' => {
                 let mut j = i;
-                while j < chars.len()
-                    && (chars[j].is_alphanumeric() || chars[j] == '_' || chars[j] == '$')
-                {
+                while j < chars.len() && (chars[j].is_alphanumeric() || chars[j] == '_' || chars[j] == '$') {
                     j += 1;
                 }
                 let word: String = chars[i..j].iter().collect();
@@ -255,11 +243,7 @@ pub fn translate(sql: &str) -> Result<Translated, String> {
             }
         }
     }
-    Ok(Translated {
-        sql: out,
-        first_word,
-        writes,
-    })
+    Ok(Translated { sql: out, first_word, writes })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -356,15 +340,12 @@ fn decode_value(v: PgValueRef<'_>, column: &str) -> Result<SqlValue, String> {
         "INT4" => SqlValue::Integer(i32::decode(v).map_err(err)?.into()),
         "INT8" => SqlValue::Integer(i64::decode(v).map_err(err)?),
         "OID" => SqlValue::Integer(i64::from(
-            <sqlx::postgres::types::Oid as Decode<Postgres>>::decode(v)
-                .map_err(err)?
-                .0,
+            <sqlx::postgres::types::Oid as Decode<Postgres>>::decode(v).map_err(err)?.0,
         )),
         "FLOAT4" => SqlValue::Real(f32::decode(v).map_err(err)?.into()),
         "FLOAT8" => SqlValue::Real(f64::decode(v).map_err(err)?),
         "NUMERIC" => SqlValue::Real(
-            numeric_to_f64(v.as_bytes().map_err(err)?)
-                .map_err(|e| format!("column {column:?}: {e}"))?,
+            numeric_to_f64(v.as_bytes().map_err(err)?).map_err(|e| format!("column {column:?}: {e}"))?,
         ),
         "BOOL" => SqlValue::Integer(i64::from(bool::decode(v).map_err(err)?)),
         "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" | "CHAR" | "UNKNOWN" | "JSON" | "CITEXT" => {
@@ -381,14 +362,7 @@ fn decode_value(v: PgValueRef<'_>, column: &str) -> Result<SqlValue, String> {
             if h.len() != 32 {
                 return Err(format!("column {column:?}: bad UUID"));
             }
-            SqlValue::Text(format!(
-                "{}-{}-{}-{}-{}",
-                &h[0..8],
-                &h[8..12],
-                &h[12..16],
-                &h[16..20],
-                &h[20..32]
-            ))
+            SqlValue::Text(format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]))
         }
         "BYTEA" => SqlValue::Blob(v.as_bytes().map_err(err)?.to_vec()),
         "VOID" => SqlValue::Null,
@@ -427,10 +401,7 @@ impl PostgresSql {
     /// A backend for `url` (`postgres://user@host:port/db`). Connects lazily: a database that is
     /// down makes calls fail with `Unavailable`, not this constructor.
     pub fn new(url: &str) -> Result<Self, BackendError> {
-        Ok(Self {
-            pool: pool(url)?,
-            schema: Default::default(),
-        })
+        Ok(Self { pool: pool(url)?, schema: Default::default() })
     }
 }
 
@@ -453,9 +424,7 @@ fn is_infrastructure(e: &sqlx::Error) -> bool {
             let code = db.code().unwrap_or_default();
             // 08 connection, 40 serialisation/deadlock, 53 resources, 57 shutdown/cancel,
             // 58 system, XX internal.
-            ["08", "40", "53", "57", "58", "XX"]
-                .iter()
-                .any(|class| code.starts_with(class))
+            ["08", "40", "53", "57", "58", "XX"].iter().any(|class| code.starts_with(class))
         }
         sqlx::Error::ColumnDecode { .. }
         | sqlx::Error::ColumnNotFound(_)
@@ -492,15 +461,10 @@ async fn run_statement(
     st: &SqlStatement,
 ) -> Result<QueryOutput, BatchError> {
     let start = Instant::now();
-    let t = translate(&st.sql)
-        .map_err(|message| BatchError::Sql(SqlError::Statement { index, message }))?;
+    let t = translate(&st.sql).map_err(|message| BatchError::Sql(SqlError::Statement { index, message }))?;
     let sql = format!("{}{}", t.sql, signature_comment(&st.params));
-    let args = bind_params(&st.params).map_err(|e| {
-        BatchError::Sql(SqlError::Statement {
-            index,
-            message: e.to_string(),
-        })
-    })?;
+    let args = bind_params(&st.params)
+        .map_err(|e| BatchError::Sql(SqlError::Statement { index, message: e.to_string() }))?;
 
     let mut rows_affected = 0u64;
     let mut rows: Vec<PgRow> = Vec::new();
@@ -519,15 +483,10 @@ async fn run_statement(
         Some(row) => row.columns().iter().map(|c| c.name().to_owned()).collect(),
         // No row to read the names from: the statement sqlx just ran is in its cache, so this
         // is answered without a round trip.
-        None => {
-            match (&mut *conn)
-                .prepare(AssertSqlSafe(sql).into_sql_str())
-                .await
-            {
-                Ok(stmt) => stmt.columns().iter().map(|c| c.name().to_owned()).collect(),
-                Err(e) => return Err(sql_error(index, e)),
-            }
-        }
+        None => match (&mut *conn).prepare(AssertSqlSafe(sql).into_sql_str()).await {
+            Ok(stmt) => stmt.columns().iter().map(|c| c.name().to_owned()).collect(),
+            Err(e) => return Err(sql_error(index, e)),
+        },
     };
     let mut out_rows = Vec::with_capacity(rows.len());
     for row in &rows {
@@ -568,10 +527,9 @@ async fn check_fence(conn: &mut sqlx::PgConnection, fence: &Fence) -> Result<(),
     .await
     .map_err(unavailable)?;
     match current {
-        Some(e) if u64::try_from(e).ok() != Some(fence.epoch) => Err(BackendError::Fenced {
-            shard: fence.shard,
-            epoch: fence.epoch,
-        }),
+        Some(e) if u64::try_from(e).ok() != Some(fence.epoch) => {
+            Err(BackendError::Fenced { shard: fence.shard, epoch: fence.epoch })
+        }
         _ => Ok(()),
     }
 }
@@ -633,14 +591,8 @@ impl SqlBackend for PostgresSql {
     }
 
     async fn ping(&self) -> Result<(), BackendError> {
-        bounded(async {
-            sqlx::query("SELECT 1")
-                .execute(&self.pool)
-                .await
-                .map(drop)
-                .map_err(unavailable)
-        })
-        .await
+        bounded(async { sqlx::query("SELECT 1").execute(&self.pool).await.map(drop).map_err(unavailable) })
+            .await
     }
 }
 
@@ -660,21 +612,14 @@ pub struct PostgresObjectStorage {
 impl PostgresObjectStorage {
     /// Connects lazily, like [`PostgresSql::new`].
     pub fn new(url: &str) -> Result<Self, BackendError> {
-        Ok(Self {
-            pool: pool(url)?,
-            schema: Default::default(),
-        })
+        Ok(Self { pool: pool(url)?, schema: Default::default() })
     }
 
     async fn ready(&self) -> Result<(), BackendError> {
         self.schema
             .get_or_try_init(|| async {
                 let schema = format!("{SHARDS_SCHEMA}{DO_SCHEMA}");
-                sqlx::raw_sql(AssertSqlSafe(schema))
-                    .execute(&self.pool)
-                    .await
-                    .map(drop)
-                    .map_err(unavailable)
+                sqlx::raw_sql(AssertSqlSafe(schema)).execute(&self.pool).await.map(drop).map_err(unavailable)
             })
             .await
             .map(drop)
@@ -710,11 +655,7 @@ impl ObjectStorageBackend for PostgresObjectStorage {
         .await
     }
 
-    async fn get(
-        &self,
-        addr: &ObjectAddr,
-        keys: &[String],
-    ) -> Result<Vec<(String, Vec<u8>)>, BackendError> {
+    async fn get(&self, addr: &ObjectAddr, keys: &[String]) -> Result<Vec<(String, Vec<u8>)>, BackendError> {
         bounded(async {
             self.ready().await?;
             let wanted: Vec<Vec<u8>> = keys.iter().map(|k| k.as_bytes().to_vec()).collect();
@@ -730,10 +671,7 @@ impl ObjectStorageBackend for PostgresObjectStorage {
             .map_err(unavailable)?;
             let mut found: BTreeMap<Vec<u8>, Vec<u8>> = rows.into_iter().collect();
             // In the order asked for, like the SQLite store.
-            Ok(keys
-                .iter()
-                .filter_map(|k| found.remove(k.as_bytes()).map(|v| (k.clone(), v)))
-                .collect())
+            Ok(keys.iter().filter_map(|k| found.remove(k.as_bytes()).map(|v| (k.clone(), v))).collect())
         })
         .await
     }
@@ -778,12 +716,7 @@ impl ObjectStorageBackend for PostgresObjectStorage {
         .await
     }
 
-    async fn commit(
-        &self,
-        addr: &ObjectAddr,
-        epoch: u64,
-        writes: &ObjectWrite,
-    ) -> Result<(), BackendError> {
+    async fn commit(&self, addr: &ObjectAddr, epoch: u64, writes: &ObjectWrite) -> Result<(), BackendError> {
         bounded(async {
             self.ready().await?;
             let mut tx = self.pool.begin().await.map_err(unavailable)?;
@@ -811,12 +744,9 @@ impl ObjectStorageBackend for PostgresObjectStorage {
             for (k, v) in &writes.entries {
                 last.insert(k.as_bytes(), v.as_ref());
             }
-            let deletes: Vec<&[u8]> =
-                last.iter().filter(|(_, v)| v.is_none()).map(|(k, _)| *k).collect();
-            let (put_keys, put_values): (Vec<&[u8]>, Vec<&[u8]>) = last
-                .iter()
-                .filter_map(|(k, v)| v.map(|v| (*k, v.as_slice())))
-                .unzip();
+            let deletes: Vec<&[u8]> = last.iter().filter(|(_, v)| v.is_none()).map(|(k, _)| *k).collect();
+            let (put_keys, put_values): (Vec<&[u8]>, Vec<&[u8]>) =
+                last.iter().filter_map(|(k, v)| v.map(|v| (*k, v.as_slice()))).unzip();
             if !deletes.is_empty() {
                 sqlx::query(
                     "DELETE FROM lattice_do_entries
@@ -860,14 +790,12 @@ impl ObjectStorageBackend for PostgresObjectStorage {
                     .map_err(unavailable)?;
                 }
                 Some(None) => {
-                    sqlx::query(
-                        "DELETE FROM lattice_do_alarms WHERE namespace = $1 AND object_id = $2",
-                    )
-                    .bind(&addr.namespace)
-                    .bind(&addr.id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(unavailable)?;
+                    sqlx::query("DELETE FROM lattice_do_alarms WHERE namespace = $1 AND object_id = $2")
+                        .bind(&addr.namespace)
+                        .bind(&addr.id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
                 }
                 None => {}
             }
@@ -914,14 +842,8 @@ impl ObjectStorageBackend for PostgresObjectStorage {
     }
 
     async fn ping(&self) -> Result<(), BackendError> {
-        bounded(async {
-            sqlx::query("SELECT 1")
-                .execute(&self.pool)
-                .await
-                .map(drop)
-                .map_err(unavailable)
-        })
-        .await
+        bounded(async { sqlx::query("SELECT 1").execute(&self.pool).await.map(drop).map_err(unavailable) })
+            .await
     }
 }
 
@@ -942,10 +864,7 @@ mod tests {
         check("SELECT ?, ?", "SELECT $1, $2");
         check("SELECT ?2, ?1", "SELECT $2, $1");
         check("SELECT ?2, ?", "SELECT $2, $3");
-        check(
-            "SELECT '?', \"a?\", ? -- ?\n",
-            "SELECT '?', \"a?\", $1 -- ?\n",
-        );
+        check("SELECT '?', \"a?\", ? -- ?\n", "SELECT '?', \"a?\", $1 -- ?\n");
         check("SELECT /* ? */ ?", "SELECT /* ? */ $1");
         check("SELECT 'it''s ?', ?", "SELECT 'it''s ?', $1");
         assert!(translate("SELECT ?0").is_err());
@@ -958,18 +877,15 @@ mod tests {
             "CREATE TABLE t (a INTEGER, b REAL, c BLOB, d TEXT)",
             "CREATE TABLE t (a BIGINT, b DOUBLE PRECISION, c BYTEA, d TEXT)",
         );
-        check(
-            "SELECT 'BLOB', \"blob\", blobby",
-            "SELECT 'BLOB', \"blob\", blobby",
-        );
+        check("SELECT 'BLOB', \"blob\", blobby", "SELECT 'BLOB', \"blob\", blobby");
         check("SELECT `a\"b`", "SELECT \"a\"\"b\"");
         check("SELECT 1e5, x1", "SELECT 1e5, x1");
     }
 
     #[test]
     fn statement_kind() {
-        let t = translate("WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x")
-            .unwrap_or_else(|e| panic!("{e}"));
+        let t =
+            translate("WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(t.first_word, "WITH");
         assert!(t.writes);
         let t = translate("  -- c\n select 'insert'").unwrap_or_else(|e| panic!("{e}"));

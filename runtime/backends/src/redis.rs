@@ -69,10 +69,7 @@ async fn bounded<T>(fut: impl Future<Output = redis::RedisResult<T>>) -> Result<
 
 fn ns_tag(ns: &str) -> Vec<u8> {
     // `{` and `}` would change the hash tag; escape them so distinct namespaces stay distinct.
-    let escaped = ns
-        .replace('%', "%25")
-        .replace('{', "%7B")
-        .replace('}', "%7D");
+    let escaped = ns.replace('%', "%25").replace('{', "%7B").replace('}', "%7D");
     format!("lattice:kv:{{{escaped}}}").into_bytes()
 }
 
@@ -94,9 +91,7 @@ fn parse_u64(v: Option<Vec<u8>>) -> Option<u64> {
 }
 
 fn parse_string(v: Option<Vec<u8>>) -> Option<String> {
-    v.map(|b| {
-        String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-    })
+    v.map(|b| String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
 }
 
 impl RedisKv {
@@ -111,10 +106,7 @@ impl RedisKv {
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(200));
         let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)?;
-        Ok(Self {
-            conn,
-            prune: redis::Script::new(PRUNE_SCRIPT),
-        })
+        Ok(Self { conn, prune: redis::Script::new(PRUNE_SCRIPT) })
     }
 }
 
@@ -127,12 +119,7 @@ impl KvBackend for RedisKv {
     async fn get(&self, ns: &str, key: &str, now: u64) -> Result<Option<KvEntry>, BackendError> {
         let mut conn = self.conn.clone();
         let (v, m, x): (Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>) = bounded(
-            redis::cmd("HMGET")
-                .arg(entry_key(ns, key))
-                .arg("v")
-                .arg("m")
-                .arg("x")
-                .query_async(&mut conn),
+            redis::cmd("HMGET").arg(entry_key(ns, key)).arg("v").arg("m").arg("x").query_async(&mut conn),
         )
         .await?;
         let Some(value) = v else {
@@ -143,11 +130,7 @@ impl KvBackend for RedisKv {
             // Expired by the caller's clock; Redis removes it by its own.
             return Ok(None);
         }
-        Ok(Some(KvEntry {
-            value,
-            metadata: parse_string(m),
-            expiration,
-        }))
+        Ok(Some(KvEntry { value, metadata: parse_string(m), expiration }))
     }
 
     async fn put(&self, ns: &str, key: &str, entry: KvEntry) -> Result<(), BackendError> {
@@ -161,11 +144,7 @@ impl KvBackend for RedisKv {
             fields.push(("x", x.to_string().into_bytes()));
         }
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .del(&hash)
-            .ignore()
-            .hset_multiple(&hash, &fields)
-            .ignore();
+        pipe.atomic().del(&hash).ignore().hset_multiple(&hash, &fields).ignore();
         if let Some(x) = entry.expiration {
             let ms = i64::try_from(x.saturating_mul(1000)).unwrap_or(i64::MAX);
             pipe.pexpire_at(&hash, ms).ignore();
@@ -177,11 +156,7 @@ impl KvBackend for RedisKv {
     async fn delete(&self, ns: &str, key: &str) -> Result<(), BackendError> {
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .del(entry_key(ns, key))
-            .ignore()
-            .zrem(index_key(ns), key.as_bytes())
-            .ignore();
+        pipe.atomic().del(entry_key(ns, key)).ignore().zrem(index_key(ns), key.as_bytes()).ignore();
         bounded(pipe.query_async::<()>(&mut conn)).await
     }
 
@@ -222,11 +197,7 @@ impl KvBackend for RedisKv {
                 let mut pipe = redis::pipe();
                 for m in &members {
                     let key = String::from_utf8_lossy(m);
-                    pipe.cmd("HMGET")
-                        .arg(entry_key(ns, &key))
-                        .arg("v")
-                        .arg("x")
-                        .arg("m");
+                    pipe.cmd("HMGET").arg(entry_key(ns, &key)).arg("v").arg("x").arg("m");
                 }
                 // `v` is read only to tell a live hash from a vanished one; HEXISTS would need
                 // a second reply per member, and values are small next to a round trip.

@@ -77,9 +77,7 @@ pub struct S3Objects {
 
 impl std::fmt::Debug for S3Objects {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("S3Objects")
-            .field("bucket", &self.bucket.name())
-            .finish_non_exhaustive()
+        f.debug_struct("S3Objects").field("bucket", &self.bucket.name()).finish_non_exhaustive()
     }
 }
 
@@ -150,10 +148,11 @@ fn http_field_mut(http: &mut HttpMetadata, i: usize) -> &mut Option<String> {
     }
 }
 
+/// Header names and values.
+type Headers = Vec<(String, String)>;
+
 /// Headers for a put: (signed `x-amz-meta-*` headers, unsigned standard headers).
-fn meta_headers(
-    meta: &ObjectMeta,
-) -> Result<(Vec<(String, String)>, Vec<(String, String)>), BackendError> {
+fn meta_headers(meta: &ObjectMeta) -> Result<(Headers, Headers), BackendError> {
     let mut amz = vec![
         (format!("{META}version"), pct_encode(&meta.version)),
         (format!("{META}etag"), pct_encode(&meta.etag)),
@@ -194,9 +193,7 @@ fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// (without our headers) get what S3 tells: its ETag as etag and version, its length.
 fn meta_from_headers(key: &str, h: &HeaderMap) -> ObjectMeta {
     let ours = |name: &str| header_str(h, &format!("{META}{name}"));
-    let s3_etag = header_str(h, "etag")
-        .map(|e| e.trim_matches('"').to_owned())
-        .unwrap_or_default();
+    let s3_etag = header_str(h, "etag").map(|e| e.trim_matches('"').to_owned()).unwrap_or_default();
     let total_size = header_str(h, "content-range")
         .and_then(|r| r.rsplit('/').next())
         .and_then(|n| n.parse().ok())
@@ -216,12 +213,8 @@ fn meta_from_headers(key: &str, h: &HeaderMap) -> ObjectMeta {
         .unwrap_or_default();
     ObjectMeta {
         key: key.to_owned(),
-        version: ours("version")
-            .and_then(pct_decode)
-            .unwrap_or_else(|| s3_etag.clone()),
-        size: ours("size")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(total_size),
+        version: ours("version").and_then(pct_decode).unwrap_or_else(|| s3_etag.clone()),
+        size: ours("size").and_then(|v| v.parse().ok()).unwrap_or(total_size),
         etag: ours("etag").and_then(pct_decode).unwrap_or(s3_etag),
         uploaded: ours("uploaded").and_then(|v| v.parse().ok()).unwrap_or(0),
         http,
@@ -246,35 +239,18 @@ impl S3Objects {
     pub fn new(config: &S3Config) -> Result<Self, BackendError> {
         let endpoint: Url = config.endpoint.parse().map_err(unavailable)?;
         if endpoint.scheme() != "http" {
-            return Err(unavailable(format!(
-                "S3 endpoint {endpoint}: only http:// is supported for now"
-            )));
+            return Err(unavailable(format!("S3 endpoint {endpoint}: only http:// is supported for now")));
         }
-        let style = if config.path_style {
-            UrlStyle::Path
-        } else {
-            UrlStyle::VirtualHost
-        };
-        let bucket = Bucket::new(
-            endpoint,
-            style,
-            config.bucket.clone(),
-            config.region.clone(),
-        )
-        .map_err(|e| unavailable(format!("S3 bucket: {e:?}")))?;
+        let style = if config.path_style { UrlStyle::Path } else { UrlStyle::VirtualHost };
+        let bucket = Bucket::new(endpoint, style, config.bucket.clone(), config.region.clone())
+            .map_err(|e| unavailable(format!("S3 bucket: {e:?}")))?;
         let credentials = Credentials::new(config.access_key.clone(), config.secret_key.clone());
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
-        Ok(Self {
-            bucket,
-            credentials,
-            client,
-            request_timeout: REQUEST_TIMEOUT,
-        })
+        let client =
+            Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
+        Ok(Self { bucket, credentials, client, request_timeout: REQUEST_TIMEOUT })
     }
 
     /// Overrides [`REQUEST_TIMEOUT`].
@@ -286,18 +262,13 @@ impl S3Objects {
 
     fn object_key(bucket: &str, key: &str) -> Result<String, BackendError> {
         if bucket.is_empty() || bucket.contains('/') || bucket.starts_with('.') {
-            return Err(unavailable(format!(
-                "invalid R2 bucket name {bucket:?} for S3"
-            )));
+            return Err(unavailable(format!("invalid R2 bucket name {bucket:?} for S3")));
         }
         Ok(format!("{bucket}/{key}"))
     }
 
     fn upload_prefix(bucket: &str, upload_id: &str) -> String {
-        format!(
-            "{MULTIPART_PREFIX}{bucket}/{}/",
-            hex::encode(upload_id.as_bytes())
-        )
+        format!("{MULTIPART_PREFIX}{bucket}/{}/", hex::encode(upload_id.as_bytes()))
     }
 
     async fn send(
@@ -307,9 +278,7 @@ impl S3Objects {
         headers: &[(String, String)],
         body: Bytes,
     ) -> Result<Response, BackendError> {
-        let mut req = http::Request::builder()
-            .method(method.clone())
-            .uri(url.as_str());
+        let mut req = http::Request::builder().method(method.clone()).uri(url.as_str());
         for (k, v) in headers {
             let name = HeaderName::from_bytes(k.as_bytes()).map_err(unavailable)?;
             let value = HeaderValue::from_str(v).map_err(unavailable)?;
@@ -323,11 +292,7 @@ impl S3Objects {
             let resp = self.client.request(req).await.map_err(unavailable)?;
             let (parts, body) = resp.into_parts();
             let body = body.collect().await.map_err(unavailable)?.to_bytes();
-            Ok(Response {
-                status: parts.status,
-                headers: parts.headers,
-                body,
-            })
+            Ok(Response { status: parts.status, headers: parts.headers, body })
         };
         match tokio::time::timeout(self.request_timeout, work).await {
             Ok(r) => r,
@@ -336,10 +301,7 @@ impl S3Objects {
     }
 
     async fn head_raw(&self, object: &str) -> Result<Option<HeaderMap>, BackendError> {
-        let url = self
-            .bucket
-            .head_object(Some(&self.credentials), object)
-            .sign(PRESIGN_FOR);
+        let url = self.bucket.head_object(Some(&self.credentials), object).sign(PRESIGN_FOR);
         let r = self.send(Method::HEAD, url, &[], Bytes::new()).await?;
         match r.status {
             s if s.is_success() => Ok(Some(r.headers)),
@@ -353,10 +315,7 @@ impl S3Objects {
         object: &str,
         range: Option<ByteRange>,
     ) -> Result<Option<(HeaderMap, Bytes)>, BackendError> {
-        let url = self
-            .bucket
-            .get_object(Some(&self.credentials), object)
-            .sign(PRESIGN_FOR);
+        let url = self.bucket.get_object(Some(&self.credentials), object).sign(PRESIGN_FOR);
         let mut headers = Vec::new();
         if let Some(r) = range {
             let last = r.offset + r.length - 1;
@@ -384,21 +343,12 @@ impl S3Objects {
         let url = action.sign(PRESIGN_FOR);
         let mut headers: Vec<(String, String)> = amz.to_vec();
         headers.extend_from_slice(standard);
-        let r = self
-            .send(Method::PUT, url, &headers, Bytes::from(body))
-            .await?;
-        if r.status.is_success() {
-            Ok(())
-        } else {
-            Err(failure("PUT", &r))
-        }
+        let r = self.send(Method::PUT, url, &headers, Bytes::from(body)).await?;
+        if r.status.is_success() { Ok(()) } else { Err(failure("PUT", &r)) }
     }
 
     async fn delete_raw(&self, object: &str) -> Result<(), BackendError> {
-        let url = self
-            .bucket
-            .delete_object(Some(&self.credentials), object)
-            .sign(PRESIGN_FOR);
+        let url = self.bucket.delete_object(Some(&self.credentials), object).sign(PRESIGN_FOR);
         let r = self.send(Method::DELETE, url, &[], Bytes::new()).await?;
         if r.status.is_success() || r.status == StatusCode::NOT_FOUND {
             Ok(())
@@ -444,11 +394,7 @@ impl S3Objects {
             .map_err(|e| unavailable(format!("ListObjectsV2 response: {e}")))?;
         Ok((
             parsed.contents.into_iter().map(|c| c.key).collect(),
-            parsed
-                .common_prefixes
-                .into_iter()
-                .map(|p| p.prefix)
-                .collect(),
+            parsed.common_prefixes.into_iter().map(|p| p.prefix).collect(),
             parsed.next_continuation_token,
         ))
     }
@@ -458,9 +404,7 @@ impl S3Objects {
         let mut keys = Vec::new();
         let mut token = None;
         loop {
-            let (objects, _, next) = self
-                .list_page(prefix, None, None, token.as_deref(), 1000)
-                .await?;
+            let (objects, _, next) = self.list_page(prefix, None, None, token.as_deref(), 1000).await?;
             keys.extend(objects);
             match next {
                 Some(t) => token = Some(t),
@@ -471,10 +415,7 @@ impl S3Objects {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[async_trait]
@@ -485,10 +426,7 @@ impl ObjectBackend for S3Objects {
 
     async fn head(&self, bucket: &str, key: &str) -> Result<Option<ObjectMeta>, BackendError> {
         let object = Self::object_key(bucket, key)?;
-        Ok(self
-            .head_raw(&object)
-            .await?
-            .map(|h| meta_from_headers(key, &h)))
+        Ok(self.head_raw(&object).await?.map(|h| meta_from_headers(key, &h)))
     }
 
     async fn get(
@@ -500,23 +438,12 @@ impl ObjectBackend for S3Objects {
         let object = Self::object_key(bucket, key)?;
         if range.is_some_and(|r| r.length == 0) {
             // An empty range has no `Range` header form.
-            return Ok(self
-                .head_raw(&object)
-                .await?
-                .map(|h| (meta_from_headers(key, &h), Vec::new())));
+            return Ok(self.head_raw(&object).await?.map(|h| (meta_from_headers(key, &h), Vec::new())));
         }
-        Ok(self
-            .get_raw(&object, range)
-            .await?
-            .map(|(h, body)| (meta_from_headers(key, &h), body.to_vec())))
+        Ok(self.get_raw(&object, range).await?.map(|(h, body)| (meta_from_headers(key, &h), body.to_vec())))
     }
 
-    async fn put(
-        &self,
-        bucket: &str,
-        meta: &ObjectMeta,
-        body: Vec<u8>,
-    ) -> Result<(), BackendError> {
+    async fn put(&self, bucket: &str, meta: &ObjectMeta, body: Vec<u8>) -> Result<(), BackendError> {
         let object = Self::object_key(bucket, &meta.key)?;
         let (amz, standard) = meta_headers(meta)?;
         self.put_raw(&object, &amz, &standard, body).await
@@ -553,13 +480,7 @@ impl ObjectBackend for S3Objects {
         loop {
             let want = (limit + 1 - items.len()).clamp(1, 1000);
             let (objects, prefixes, next) = self
-                .list_page(
-                    &full_prefix,
-                    delimiter,
-                    full_start.as_deref(),
-                    token.as_deref(),
-                    want,
-                )
+                .list_page(&full_prefix, delimiter, full_start.as_deref(), token.as_deref(), want)
                 .await?;
             let strip = |k: String| k.strip_prefix(&base).map(str::to_owned);
             let mut objects = objects.into_iter().filter_map(strip).peekable();
@@ -591,10 +512,7 @@ impl ObjectBackend for S3Objects {
         let truncated = items.len() > limit;
         items.truncate(limit);
 
-        let mut list = ObjectList {
-            truncated,
-            ..ObjectList::default()
-        };
+        let mut list = ObjectList { truncated, ..ObjectList::default() };
         let mut object_keys = Vec::new();
         let mut last = None;
         for item in items {
@@ -614,9 +532,7 @@ impl ObjectBackend for S3Objects {
         for chunk in object_keys.chunks(HEAD_CONCURRENCY) {
             let heads = futures::future::join_all(chunk.iter().map(|k| async move {
                 let object = format!("{base}{k}");
-                self.head_raw(&object)
-                    .await
-                    .map(|h| h.map(|h| meta_from_headers(k, &h)))
+                self.head_raw(&object).await.map(|h| h.map(|h| meta_from_headers(k, &h)))
             }))
             .await;
             for head in heads {
@@ -668,26 +584,16 @@ impl ObjectBackend for S3Objects {
 
     async fn abort_parts(&self, bucket: &str, upload_id: &str) -> Result<(), BackendError> {
         Self::object_key(bucket, "")?;
-        for key in self
-            .keys_under(&Self::upload_prefix(bucket, upload_id))
-            .await?
-        {
+        for key in self.keys_under(&Self::upload_prefix(bucket, upload_id)).await? {
             self.delete_raw(&key).await?;
         }
         Ok(())
     }
 
     async fn ping(&self) -> Result<(), BackendError> {
-        let url = self
-            .bucket
-            .head_bucket(Some(&self.credentials))
-            .sign(PRESIGN_FOR);
+        let url = self.bucket.head_bucket(Some(&self.credentials)).sign(PRESIGN_FOR);
         let r = self.send(Method::HEAD, url, &[], Bytes::new()).await?;
-        if r.status.is_success() {
-            Ok(())
-        } else {
-            Err(failure("HEAD bucket", &r))
-        }
+        if r.status.is_success() { Ok(()) } else { Err(failure("HEAD bucket", &r)) }
     }
 }
 

@@ -18,9 +18,8 @@ use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 
 use crate::{
-    BackendError, Fence, KvBackend, KvEntry, KvKey, ObjectAddr, ObjectListRange,
-    ObjectStorageBackend, ObjectWrite, QueryMeta, QueryOutput, SqlBackend, SqlError, SqlStatement,
-    SqlValue,
+    BackendError, Fence, KvBackend, KvEntry, KvKey, ObjectAddr, ObjectListRange, ObjectStorageBackend,
+    ObjectWrite, QueryMeta, QueryOutput, SqlBackend, SqlError, SqlStatement, SqlValue,
 };
 
 /// How long a statement waits for a lock held by another connection to the same file.
@@ -43,10 +42,7 @@ pub(crate) struct SqliteDb {
 
 impl std::fmt::Debug for SqliteDb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteDb")
-            .field("backend", &self.backend)
-            .field("path", &self.path)
-            .finish()
+        f.debug_struct("SqliteDb").field("backend", &self.backend).field("path", &self.path).finish()
     }
 }
 
@@ -71,11 +67,7 @@ impl SqliteDb {
         .await
         .map_err(|e| BackendError::unavailable(backend, e))?
         .map_err(|e| BackendError::unavailable(backend, e))?;
-        Ok(Self {
-            backend,
-            path: Arc::new(path),
-            conn: Arc::new(Mutex::new(conn)),
-        })
+        Ok(Self { backend, path: Arc::new(path), conn: Arc::new(Mutex::new(conn)) })
     }
 
     /// Runs `f` with the connection on the blocking pool.
@@ -92,9 +84,7 @@ impl SqliteDb {
         tokio::task::spawn_blocking(move || {
             // A panic while the lock was held leaves no open transaction behind (rusqlite rolls
             // back on drop), so a poisoned lock is still a usable connection.
-            let mut guard = conn
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut guard = conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             f(&mut guard)
         })
         .await
@@ -150,9 +140,7 @@ pub struct SqliteSql {
 
 impl SqliteSql {
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, BackendError> {
-        Ok(Self {
-            db: SqliteDb::open("sqlite", path, "").await?,
-        })
+        Ok(Self { db: SqliteDb::open("sqlite", path, "").await? })
     }
 }
 
@@ -240,8 +228,7 @@ fn run_statement(
         });
     }
     for (i, p) in st.params.iter().enumerate() {
-        stmt.raw_bind_parameter(i + 1, to_sql_value(p))
-            .map_err(err)?;
+        stmt.raw_bind_parameter(i + 1, to_sql_value(p)).map_err(err)?;
     }
     let columns: Vec<String> = stmt.column_names().into_iter().map(str::to_owned).collect();
     let width = columns.len();
@@ -270,11 +257,7 @@ fn run_statement(
         rows_written: changes,
         size_after,
     };
-    Ok(QueryOutput {
-        columns,
-        rows: out_rows,
-        meta,
-    })
+    Ok(QueryOutput { columns, rows: out_rows, meta })
 }
 
 fn check_sql_fence(
@@ -301,10 +284,9 @@ fn check_sql_fence(
         .optional()
         .map_err(unavailable(backend))?;
     match current {
-        Some(e) if u64::try_from(e).ok() != Some(fence.epoch) => Err(BackendError::Fenced {
-            shard: fence.shard,
-            epoch: fence.epoch,
-        }),
+        Some(e) if u64::try_from(e).ok() != Some(fence.epoch) => {
+            Err(BackendError::Fenced { shard: fence.shard, epoch: fence.epoch })
+        }
         _ => Ok(()),
     }
 }
@@ -343,10 +325,7 @@ impl SqlBackend for SqliteSql {
     async fn ping(&self) -> Result<(), BackendError> {
         let backend = self.db.backend();
         self.db
-            .call(move |conn| {
-                conn.query_row("SELECT 1", [], |_| Ok(()))
-                    .map_err(unavailable(backend))
-            })
+            .call(move |conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(unavailable(backend)))
             .await
     }
 }
@@ -377,9 +356,7 @@ pub struct SqliteKv {
 
 impl SqliteKv {
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, BackendError> {
-        Ok(Self {
-            db: SqliteDb::open("sqlite-kv", path, KV_SCHEMA).await?,
-        })
+        Ok(Self { db: SqliteDb::open("sqlite-kv", path, KV_SCHEMA).await? })
     }
 }
 
@@ -441,13 +418,7 @@ impl KvBackend for SqliteKv {
                 conn.execute(
                     "INSERT OR REPLACE INTO _lattice_kv (namespace, key, value, expiration, metadata)
                      VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![
-                        ns,
-                        key.as_bytes(),
-                        entry.value,
-                        entry.expiration.map(to_i64),
-                        entry.metadata
-                    ],
+                    params![ns, key.as_bytes(), entry.value, entry.expiration.map(to_i64), entry.metadata],
                 )
                 .map(drop)
                 .map_err(unavailable(backend))
@@ -496,17 +467,14 @@ impl KvBackend for SqliteKv {
                 );
                 let mut stmt = conn.prepare_cached(&sql).map_err(unavailable(backend))?;
                 let keys = stmt
-                    .query_map(
-                        params![ns, lower.0, upper, to_i64(now), to_i64(limit as u64)],
-                        |r| {
-                            let name: Vec<u8> = r.get(0)?;
-                            Ok(KvKey {
-                                name: String::from_utf8_lossy(&name).into_owned(),
-                                expiration: opt_u64(r.get(1)?),
-                                metadata: r.get(2)?,
-                            })
-                        },
-                    )
+                    .query_map(params![ns, lower.0, upper, to_i64(now), to_i64(limit as u64)], |r| {
+                        let name: Vec<u8> = r.get(0)?;
+                        Ok(KvKey {
+                            name: String::from_utf8_lossy(&name).into_owned(),
+                            expiration: opt_u64(r.get(1)?),
+                            metadata: r.get(2)?,
+                        })
+                    })
                     .map_err(unavailable(backend))?
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(unavailable(backend))?;
@@ -526,10 +494,7 @@ impl KvBackend for SqliteKv {
     async fn ping(&self) -> Result<(), BackendError> {
         let backend = self.db.backend();
         self.db
-            .call(move |conn| {
-                conn.query_row("SELECT 1", [], |_| Ok(()))
-                    .map_err(unavailable(backend))
-            })
+            .call(move |conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(unavailable(backend)))
             .await
     }
 }
@@ -573,9 +538,7 @@ pub struct SqliteObjectStorage {
 
 impl SqliteObjectStorage {
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, BackendError> {
-        Ok(Self {
-            db: SqliteDb::open("sqlite-do", path, DO_SCHEMA).await?,
-        })
+        Ok(Self { db: SqliteDb::open("sqlite-do", path, DO_SCHEMA).await? })
     }
 }
 
@@ -590,10 +553,7 @@ pub(crate) fn list_range_sql(
     let mut values: Vec<Vec<u8>> = Vec::new();
     let mut push = |op: &str, v: Vec<u8>, values: &mut Vec<Vec<u8>>| {
         values.push(v);
-        conds.push_str(&format!(
-            " AND key {op} {}",
-            placeholder(first_param + values.len() - 1)
-        ));
+        conds.push_str(&format!(" AND key {op} {}", placeholder(first_param + values.len() - 1)));
     };
     if let Some(start) = &range.start {
         push(">=", start.as_bytes().to_vec(), &mut values);
@@ -647,11 +607,7 @@ impl ObjectStorageBackend for SqliteObjectStorage {
             .await
     }
 
-    async fn get(
-        &self,
-        addr: &ObjectAddr,
-        keys: &[String],
-    ) -> Result<Vec<(String, Vec<u8>)>, BackendError> {
+    async fn get(&self, addr: &ObjectAddr, keys: &[String]) -> Result<Vec<(String, Vec<u8>)>, BackendError> {
         let backend = self.db.backend();
         let addr = addr.clone();
         let keys = keys.to_vec();
@@ -666,9 +622,7 @@ impl ObjectStorageBackend for SqliteObjectStorage {
                 let mut out = Vec::new();
                 for key in keys {
                     let value: Option<Vec<u8>> = stmt
-                        .query_row(params![addr.namespace, addr.id, key.as_bytes()], |r| {
-                            r.get(0)
-                        })
+                        .query_row(params![addr.namespace, addr.id, key.as_bytes()], |r| r.get(0))
                         .optional()
                         .map_err(unavailable(backend))?;
                     if let Some(value) = value {
@@ -695,13 +649,10 @@ impl ObjectStorageBackend for SqliteObjectStorage {
                      WHERE namespace=?1 AND object_id=?2{tail}"
                 );
                 let mut stmt = conn.prepare(&sql).map_err(unavailable(backend))?;
-                stmt.raw_bind_parameter(1, &addr.namespace)
-                    .map_err(unavailable(backend))?;
-                stmt.raw_bind_parameter(2, &addr.id)
-                    .map_err(unavailable(backend))?;
+                stmt.raw_bind_parameter(1, &addr.namespace).map_err(unavailable(backend))?;
+                stmt.raw_bind_parameter(2, &addr.id).map_err(unavailable(backend))?;
                 for (i, v) in values.iter().enumerate() {
-                    stmt.raw_bind_parameter(i + 3, v)
-                        .map_err(unavailable(backend))?;
+                    stmt.raw_bind_parameter(i + 3, v).map_err(unavailable(backend))?;
                 }
                 let mut rows = stmt.raw_query();
                 let mut out = Vec::new();
@@ -731,21 +682,14 @@ impl ObjectStorageBackend for SqliteObjectStorage {
             .await
     }
 
-    async fn commit(
-        &self,
-        addr: &ObjectAddr,
-        epoch: u64,
-        writes: &ObjectWrite,
-    ) -> Result<(), BackendError> {
+    async fn commit(&self, addr: &ObjectAddr, epoch: u64, writes: &ObjectWrite) -> Result<(), BackendError> {
         let backend = self.db.backend();
         let addr = addr.clone();
         let writes = writes.clone();
         self.db
             .call(move |conn| {
                 let err = unavailable(backend);
-                let tx = conn
-                    .transaction_with_behavior(TransactionBehavior::Immediate)
-                    .map_err(&err)?;
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(&err)?;
                 let current: Option<i64> = tx
                     .query_row(
                         "SELECT epoch FROM _lattice_do_shards WHERE namespace=?1 AND shard=?2",
@@ -755,10 +699,7 @@ impl ObjectStorageBackend for SqliteObjectStorage {
                     .optional()
                     .map_err(&err)?;
                 if current.and_then(|e| u64::try_from(e).ok()) != Some(epoch) {
-                    return Err(BackendError::Fenced {
-                        shard: addr.shard,
-                        epoch,
-                    });
+                    return Err(BackendError::Fenced { shard: addr.shard, epoch });
                 }
                 if writes.delete_all {
                     tx.execute(
@@ -785,9 +726,9 @@ impl ObjectStorageBackend for SqliteObjectStorage {
                             Some(v) => put
                                 .execute(params![addr.namespace, addr.id, key.as_bytes(), v])
                                 .map_err(&err)?,
-                            None => del
-                                .execute(params![addr.namespace, addr.id, key.as_bytes()])
-                                .map_err(&err)?,
+                            None => {
+                                del.execute(params![addr.namespace, addr.id, key.as_bytes()]).map_err(&err)?
+                            }
                         };
                     }
                 }
@@ -842,11 +783,7 @@ impl ObjectStorageBackend for SqliteObjectStorage {
                     for row in rows {
                         let (id, ms) = row.map_err(unavailable(backend))?;
                         out.push((
-                            ObjectAddr {
-                                namespace: namespace.clone(),
-                                id,
-                                shard,
-                            },
+                            ObjectAddr { namespace: namespace.clone(), id, shard },
                             u64::try_from(ms).unwrap_or(0),
                         ));
                     }
@@ -860,10 +797,7 @@ impl ObjectStorageBackend for SqliteObjectStorage {
     async fn ping(&self) -> Result<(), BackendError> {
         let backend = self.db.backend();
         self.db
-            .call(move |conn| {
-                conn.query_row("SELECT 1", [], |_| Ok(()))
-                    .map_err(unavailable(backend))
-            })
+            .call(move |conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(unavailable(backend)))
             .await
     }
 }
@@ -875,11 +809,7 @@ mod tests {
     #[test]
     fn prefix_end_cases() {
         let check = |input: &[u8], expected: Option<&[u8]>| {
-            assert_eq!(
-                prefix_end(input).as_deref(),
-                expected,
-                "prefix_end({input:?})"
-            );
+            assert_eq!(prefix_end(input).as_deref(), expected, "prefix_end({input:?})");
         };
         check(b"", None);
         check(b"a", Some(b"b"));

@@ -17,8 +17,8 @@ use lattice_backends::s3::{S3Config, S3Objects};
 use lattice_backends::sqlite::{SqliteKv, SqliteObjectStorage, SqliteSql};
 use lattice_backends::{
     BackendError, ByteRange, Fence, HttpMetadata, KvBackend, KvEntry, ObjectAddr, ObjectBackend,
-    ObjectListRange, ObjectMeta, ObjectStorageBackend, ObjectWrite, SqlBackend, SqlError,
-    SqlStatement, SqlValue,
+    ObjectListRange, ObjectMeta, ObjectStorageBackend, ObjectWrite, SqlBackend, SqlError, SqlStatement,
+    SqlValue,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -27,19 +27,12 @@ use lattice_backends::{
 /// The values of `vars`, or `None` (skip) when one is unset; fails instead under
 /// `LATTICE_REQUIRE_SERVICES=1`.
 fn service_env(vars: &[&str]) -> Option<Vec<String>> {
-    let values: Vec<Option<String>> = vars
-        .iter()
-        .map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
-        .collect();
+    let values: Vec<Option<String>> =
+        vars.iter().map(|v| std::env::var(v).ok().filter(|s| !s.is_empty())).collect();
     if values.iter().all(Option::is_some) {
         return Some(values.into_iter().flatten().collect());
     }
-    let missing: Vec<&str> = vars
-        .iter()
-        .zip(&values)
-        .filter(|(_, v)| v.is_none())
-        .map(|(n, _)| *n)
-        .collect();
+    let missing: Vec<&str> = vars.iter().zip(&values).filter(|(_, v)| v.is_none()).map(|(n, _)| *n).collect();
     if std::env::var("LATTICE_REQUIRE_SERVICES").as_deref() == Ok("1") {
         panic!(
             "LATTICE_REQUIRE_SERVICES=1 but {missing:?} unset (source the env file of scripts/services.sh)"
@@ -54,17 +47,11 @@ fn unique(prefix: &str) -> String {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
 fn st(sql: &str, params: Vec<SqlValue>) -> SqlStatement {
-    SqlStatement {
-        sql: sql.to_owned(),
-        params,
-    }
+    SqlStatement { sql: sql.to_owned(), params }
 }
 
 fn text(s: &str) -> SqlValue {
@@ -86,15 +73,8 @@ fn silent_listener() -> (TcpListener, u16) {
     (l, port)
 }
 
-fn assert_unavailable<T: std::fmt::Debug>(
-    r: Result<T, BackendError>,
-    started: Instant,
-    within: Duration,
-) {
-    assert!(
-        matches!(r, Err(BackendError::Unavailable { .. })),
-        "expected Unavailable, got {r:?}"
-    );
+fn assert_unavailable<T: std::fmt::Debug>(r: Result<T, BackendError>, started: Instant, within: Duration) {
+    assert!(matches!(r, Err(BackendError::Unavailable { .. })), "expected Unavailable, got {r:?}");
     assert!(started.elapsed() < within, "took {:?}", started.elapsed());
 }
 
@@ -108,9 +88,7 @@ async fn sql_contract(b: &dyn SqlBackend, fence_store: Option<&dyn ObjectStorage
     let out = b
         .batch(
             vec![st(
-                &format!(
-                    "CREATE TABLE {t} (id INTEGER PRIMARY KEY, name TEXT, score REAL, data BLOB)"
-                ),
+                &format!("CREATE TABLE {t} (id INTEGER PRIMARY KEY, name TEXT, score REAL, data BLOB)"),
                 vec![],
             )],
             None,
@@ -134,12 +112,7 @@ async fn sql_contract(b: &dyn SqlBackend, fence_store: Option<&dyn ObjectStorage
                 ),
                 st(
                     &format!("INSERT INTO {t} (id, name, score, data) VALUES (?, ?, ?, ?)"),
-                    vec![
-                        SqlValue::Integer(5_000_000_000),
-                        text("big"),
-                        SqlValue::Null,
-                        SqlValue::Null,
-                    ],
+                    vec![SqlValue::Integer(5_000_000_000), text("big"), SqlValue::Null, SqlValue::Null],
                 ),
             ],
             None,
@@ -166,18 +139,8 @@ async fn sql_contract(b: &dyn SqlBackend, fence_store: Option<&dyn ObjectStorage
     assert_eq!(
         out[0].rows,
         vec![
-            vec![
-                SqlValue::Integer(1),
-                text("one"),
-                SqlValue::Real(1.5),
-                SqlValue::Blob(vec![0, 1, 255])
-            ],
-            vec![
-                SqlValue::Integer(5_000_000_000),
-                text("big"),
-                SqlValue::Null,
-                SqlValue::Null
-            ],
+            vec![SqlValue::Integer(1), text("one"), SqlValue::Real(1.5), SqlValue::Blob(vec![0, 1, 255])],
+            vec![SqlValue::Integer(5_000_000_000), text("big"), SqlValue::Null, SqlValue::Null],
         ]
     );
     assert_eq!(out[0].meta.rows_read, 2);
@@ -187,15 +150,9 @@ async fn sql_contract(b: &dyn SqlBackend, fence_store: Option<&dyn ObjectStorage
     let out = b
         .batch(
             vec![
-                st(
-                    &format!("SELECT name AS n FROM {t} WHERE id = ?"),
-                    vec![SqlValue::Integer(42)],
-                ),
+                st(&format!("SELECT name AS n FROM {t} WHERE id = ?"), vec![SqlValue::Integer(42)]),
                 st(&format!("SELECT count(*) AS c FROM {t}"), vec![]),
-                st(
-                    "SELECT ? AS a, ? AS b",
-                    vec![SqlValue::Integer(7), text("x")],
-                ),
+                st("SELECT ? AS a, ? AS b", vec![SqlValue::Integer(7), text("x")]),
             ],
             None,
         )
@@ -209,10 +166,7 @@ async fn sql_contract(b: &dyn SqlBackend, fence_store: Option<&dyn ObjectStorage
     // UPDATE reports the rows it changed; string literals with `?` are left alone.
     let out = b
         .batch(
-            vec![st(
-                &format!("UPDATE {t} SET name = 'why?' WHERE id > ?"),
-                vec![SqlValue::Integer(0)],
-            )],
+            vec![st(&format!("UPDATE {t} SET name = 'why?' WHERE id > ?"), vec![SqlValue::Integer(0)])],
             None,
         )
         .await
@@ -236,28 +190,11 @@ async fn sql_contract(b: &dyn SqlBackend, fence_store: Option<&dyn ObjectStorage
         )
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, SqlError::Statement { index: 1, .. }),
-        "{err:?}"
-    );
-    let err = b
-        .batch(vec![st("SELEC nonsense", vec![])], None)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, SqlError::Statement { index: 0, .. }),
-        "{err:?}"
-    );
-    let out = b
-        .batch(
-            vec![st(
-                &format!("SELECT count(*) FROM {t} WHERE id = 2"),
-                vec![],
-            )],
-            None,
-        )
-        .await
-        .unwrap();
+    assert!(matches!(err, SqlError::Statement { index: 1, .. }), "{err:?}");
+    let err = b.batch(vec![st("SELEC nonsense", vec![])], None).await.unwrap_err();
+    assert!(matches!(err, SqlError::Statement { index: 0, .. }), "{err:?}");
+    let out =
+        b.batch(vec![st(&format!("SELECT count(*) FROM {t} WHERE id = 2"), vec![])], None).await.unwrap();
     assert_eq!(out[0].rows, vec![vec![SqlValue::Integer(0)]]);
 
     if let Some(store) = fence_store {
@@ -266,67 +203,31 @@ async fn sql_contract(b: &dyn SqlBackend, fence_store: Option<&dyn ObjectStorage
         let e2 = store.acquire_shard(&ns, 3).await.unwrap();
         assert!(e2 > e1);
         let insert = |id: i64| {
-            vec![st(
-                &format!("INSERT INTO {t} (id, name) VALUES (?, 'fenced')"),
-                vec![SqlValue::Integer(id)],
-            )]
+            vec![st(&format!("INSERT INTO {t} (id, name) VALUES (?, 'fenced')"), vec![SqlValue::Integer(id)])]
         };
-        let stale = Fence {
-            namespace: ns.clone(),
-            shard: 3,
-            epoch: e1,
-        };
+        let stale = Fence { namespace: ns.clone(), shard: 3, epoch: e1 };
         let err = b.batch(insert(10), Some(stale)).await.unwrap_err();
-        assert!(
-            matches!(
-                err,
-                SqlError::Backend(BackendError::Fenced { shard: 3, .. })
-            ),
-            "{err:?}"
-        );
-        let current = Fence {
-            namespace: ns.clone(),
-            shard: 3,
-            epoch: e2,
-        };
+        assert!(matches!(err, SqlError::Backend(BackendError::Fenced { shard: 3, .. })), "{err:?}");
+        let current = Fence { namespace: ns.clone(), shard: 3, epoch: e2 };
         b.batch(insert(11), Some(current)).await.unwrap();
         // A shard never acquired in this database is not fenced here.
-        let other = Fence {
-            namespace: unique("other"),
-            shard: 0,
-            epoch: 99,
-        };
+        let other = Fence { namespace: unique("other"), shard: 0, epoch: 99 };
         b.batch(insert(12), Some(other)).await.unwrap();
         let out = b
-            .batch(
-                vec![st(
-                    &format!("SELECT id FROM {t} WHERE name = 'fenced' ORDER BY id"),
-                    vec![],
-                )],
-                None,
-            )
+            .batch(vec![st(&format!("SELECT id FROM {t} WHERE name = 'fenced' ORDER BY id"), vec![])], None)
             .await
             .unwrap();
-        assert_eq!(
-            out[0].rows,
-            vec![vec![SqlValue::Integer(11)], vec![SqlValue::Integer(12)]]
-        );
+        assert_eq!(out[0].rows, vec![vec![SqlValue::Integer(11)], vec![SqlValue::Integer(12)]]);
     }
 
-    b.batch(vec![st(&format!("DROP TABLE {t}"), vec![])], None)
-        .await
-        .unwrap();
+    b.batch(vec![st(&format!("DROP TABLE {t}"), vec![])], None).await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
 // KV
 
 fn kv(value: &str, metadata: Option<&str>, expiration: Option<u64>) -> KvEntry {
-    KvEntry {
-        value: value.as_bytes().to_vec(),
-        metadata: metadata.map(str::to_owned),
-        expiration,
-    }
+    KvEntry { value: value.as_bytes().to_vec(), metadata: metadata.map(str::to_owned), expiration }
 }
 
 async fn kv_contract(b: &dyn KvBackend) {
@@ -335,105 +236,52 @@ async fn kv_contract(b: &dyn KvBackend) {
     let other = unique("other");
     let now = now_secs();
     for key in ["a", "Z", "é", "pre/1", "pre/3", "pre/2", "b"] {
-        b.put(
-            &ns,
-            key,
-            kv(
-                &format!("v-{key}"),
-                Some(&format!("{{\"k\":\"{key}\"}}")),
-                None,
-            ),
-        )
-        .await
-        .unwrap();
+        b.put(&ns, key, kv(&format!("v-{key}"), Some(&format!("{{\"k\":\"{key}\"}}")), None)).await.unwrap();
     }
     b.put(&other, "a", kv("other", None, None)).await.unwrap();
 
     let got = b.get(&ns, "a", now).await.unwrap().unwrap();
     assert_eq!(got, kv("v-a", Some("{\"k\":\"a\"}"), None));
     assert_eq!(b.get(&ns, "missing", now).await.unwrap(), None);
-    assert_eq!(
-        b.get(&other, "a", now).await.unwrap().unwrap().value,
-        b"other"
-    );
+    assert_eq!(b.get(&other, "a", now).await.unwrap().unwrap().value, b"other");
 
-    let names =
-        |keys: Vec<lattice_backends::KvKey>| keys.into_iter().map(|k| k.name).collect::<Vec<_>>();
+    let names = |keys: Vec<lattice_backends::KvKey>| keys.into_iter().map(|k| k.name).collect::<Vec<_>>();
     // Byte order: "Z" < "a" < "é".
     assert_eq!(
         names(b.list(&ns, "", None, 100, now).await.unwrap()),
         ["Z", "a", "b", "pre/1", "pre/2", "pre/3", "é"]
     );
-    assert_eq!(
-        names(b.list(&ns, "pre/", None, 100, now).await.unwrap()),
-        ["pre/1", "pre/2", "pre/3"]
-    );
-    assert_eq!(
-        names(b.list(&ns, "pre/", None, 2, now).await.unwrap()),
-        ["pre/1", "pre/2"]
-    );
-    assert_eq!(
-        names(b.list(&ns, "pre/", Some("pre/2"), 2, now).await.unwrap()),
-        ["pre/3"]
-    );
-    assert_eq!(
-        names(b.list(&ns, "", Some("b"), 2, now).await.unwrap()),
-        ["pre/1", "pre/2"]
-    );
-    assert_eq!(
-        names(b.list(&ns, "pre/", Some("a"), 1, now).await.unwrap()),
-        ["pre/1"]
-    );
+    assert_eq!(names(b.list(&ns, "pre/", None, 100, now).await.unwrap()), ["pre/1", "pre/2", "pre/3"]);
+    assert_eq!(names(b.list(&ns, "pre/", None, 2, now).await.unwrap()), ["pre/1", "pre/2"]);
+    assert_eq!(names(b.list(&ns, "pre/", Some("pre/2"), 2, now).await.unwrap()), ["pre/3"]);
+    assert_eq!(names(b.list(&ns, "", Some("b"), 2, now).await.unwrap()), ["pre/1", "pre/2"]);
+    assert_eq!(names(b.list(&ns, "pre/", Some("a"), 1, now).await.unwrap()), ["pre/1"]);
     let listed = b.list(&ns, "pre/1", None, 10, now).await.unwrap();
     assert_eq!(listed[0].metadata.as_deref(), Some("{\"k\":\"pre/1\"}"));
 
     // Expiry, judged by the caller's clock.
     let exp = now + 3600;
-    b.put(&ns, "pre/0", kv("soon", None, Some(exp)))
-        .await
-        .unwrap();
-    assert_eq!(
-        b.get(&ns, "pre/0", now).await.unwrap(),
-        Some(kv("soon", None, Some(exp)))
-    );
+    b.put(&ns, "pre/0", kv("soon", None, Some(exp))).await.unwrap();
+    assert_eq!(b.get(&ns, "pre/0", now).await.unwrap(), Some(kv("soon", None, Some(exp))));
     let listed = b.list(&ns, "pre/", None, 1, now).await.unwrap();
     assert_eq!(listed[0].name, "pre/0");
     assert_eq!(listed[0].expiration, Some(exp));
     assert_eq!(b.get(&ns, "pre/0", exp).await.unwrap(), None);
     // Limit counts live keys only.
-    assert_eq!(
-        names(b.list(&ns, "pre/", None, 2, exp + 1).await.unwrap()),
-        ["pre/1", "pre/2"]
-    );
+    assert_eq!(names(b.list(&ns, "pre/", None, 2, exp + 1).await.unwrap()), ["pre/1", "pre/2"]);
 
     // Overwrite replaces value, metadata and expiration.
     b.put(&ns, "pre/0", kv("again", None, None)).await.unwrap();
-    assert_eq!(
-        b.get(&ns, "pre/0", exp + 10).await.unwrap(),
-        Some(kv("again", None, None))
-    );
+    assert_eq!(b.get(&ns, "pre/0", exp + 10).await.unwrap(), Some(kv("again", None, None)));
 
     b.delete(&ns, "pre/2").await.unwrap();
     b.delete(&ns, "never-there").await.unwrap();
     assert_eq!(b.get(&ns, "pre/2", now).await.unwrap(), None);
-    assert_eq!(
-        names(b.list(&ns, "pre/", None, 10, now).await.unwrap()),
-        ["pre/0", "pre/1", "pre/3"]
-    );
+    assert_eq!(names(b.list(&ns, "pre/", None, 10, now).await.unwrap()), ["pre/0", "pre/1", "pre/3"]);
 
     // Binary values survive.
     let bytes: Vec<u8> = (0..=255).collect();
-    b.put(
-        &ns,
-        "bin",
-        KvEntry {
-            value: bytes.clone(),
-            metadata: None,
-            expiration: None,
-        },
-    )
-    .await
-    .unwrap();
+    b.put(&ns, "bin", KvEntry { value: bytes.clone(), metadata: None, expiration: None }).await.unwrap();
     assert_eq!(b.get(&ns, "bin", now).await.unwrap().unwrap().value, bytes);
 }
 
@@ -450,18 +298,15 @@ fn object(key: &str, body: &[u8], n: u32) -> ObjectMeta {
         uploaded: 1_700_000_000_000 + u64::from(n),
         http: HttpMetadata {
             content_type: Some("text/plain; charset=utf-8".into()),
-            content_language: (n % 2 == 0).then(|| "en".into()),
+            content_language: n.is_multiple_of(2).then(|| "en".into()),
             content_disposition: Some("attachment; filename=\"ünï.txt\"".into()),
             content_encoding: None,
             cache_control: Some("max-age=60".into()),
-            cache_expiry: (n % 2 == 1).then_some(1_800_000_000_000),
+            cache_expiry: (!n.is_multiple_of(2)).then_some(1_800_000_000_000),
         },
-        custom: vec![
-            ("Owner".into(), "@alice:example.org".into()),
-            ("ünï".into(), "v ✓".into()),
-        ],
+        custom: vec![("Owner".into(), "@alice:example.org".into()), ("ünï".into(), "v ✓".into())],
         md5: Some(md5::Md5::digest(body).to_vec()),
-        sha256: (n % 2 == 0).then(|| vec![7; 32]),
+        sha256: n.is_multiple_of(2).then(|| vec![7; 32]),
     }
 }
 
@@ -483,149 +328,64 @@ async fn objects_contract(b: &dyn ObjectBackend) {
     let (meta, body) = b.get(&bucket, "a/2", None).await.unwrap().unwrap();
     assert_eq!(meta, metas[1]);
     assert_eq!(body, b"body of a/2: 0123456789");
-    let (meta, body) = b
-        .get(
-            &bucket,
-            "a/2",
-            Some(ByteRange {
-                offset: 13,
-                length: 4,
-            }),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let (meta, body) =
+        b.get(&bucket, "a/2", Some(ByteRange { offset: 13, length: 4 })).await.unwrap().unwrap();
     assert_eq!(meta.size, 23);
     assert_eq!(body, b"0123");
-    let (_, body) = b
-        .get(
-            &bucket,
-            "a/2",
-            Some(ByteRange {
-                offset: 5,
-                length: 0,
-            }),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let (_, body) = b.get(&bucket, "a/2", Some(ByteRange { offset: 5, length: 0 })).await.unwrap().unwrap();
     assert!(body.is_empty());
 
     let all = b.list(&bucket, "", None, None, 100).await.unwrap();
-    assert_eq!(
-        all.objects
-            .iter()
-            .map(|o| o.key.as_str())
-            .collect::<Vec<_>>(),
-        keys
-    );
+    assert_eq!(all.objects.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(), keys);
     assert_eq!(all.objects[3], metas[3]);
     assert!(all.delimited_prefixes.is_empty());
     assert!(!all.truncated);
 
     let page = b.list(&bucket, "", None, None, 2).await.unwrap();
-    assert_eq!(
-        page.objects
-            .iter()
-            .map(|o| o.key.as_str())
-            .collect::<Vec<_>>(),
-        ["a/1", "a/2"]
-    );
+    assert_eq!(page.objects.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(), ["a/1", "a/2"]);
     assert!(page.truncated);
     assert_eq!(page.cursor.as_deref(), Some("a/2"));
     let page = b.list(&bucket, "", None, Some("a/2"), 2).await.unwrap();
-    assert_eq!(
-        page.objects
-            .iter()
-            .map(|o| o.key.as_str())
-            .collect::<Vec<_>>(),
-        ["b", "c/x/1"]
-    );
+    assert_eq!(page.objects.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(), ["b", "c/x/1"]);
 
     let delimited = b.list(&bucket, "", Some("/"), None, 100).await.unwrap();
-    assert_eq!(
-        delimited
-            .objects
-            .iter()
-            .map(|o| o.key.as_str())
-            .collect::<Vec<_>>(),
-        ["b", "d"]
-    );
+    assert_eq!(delimited.objects.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(), ["b", "d"]);
     assert_eq!(delimited.delimited_prefixes, ["a/", "c/"]);
     assert!(!delimited.truncated);
 
     let page = b.list(&bucket, "", Some("/"), None, 2).await.unwrap();
     assert_eq!(page.delimited_prefixes, ["a/"]);
-    assert_eq!(
-        page.objects
-            .iter()
-            .map(|o| o.key.as_str())
-            .collect::<Vec<_>>(),
-        ["b"]
-    );
+    assert_eq!(page.objects.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(), ["b"]);
     assert!(page.truncated);
     assert_eq!(page.cursor.as_deref(), Some("b"));
-    let page = b
-        .list(&bucket, "", Some("/"), Some("a/"), 100)
-        .await
-        .unwrap();
-    assert_eq!(
-        page.objects
-            .iter()
-            .map(|o| o.key.as_str())
-            .collect::<Vec<_>>(),
-        ["b", "d"]
-    );
+    let page = b.list(&bucket, "", Some("/"), Some("a/"), 100).await.unwrap();
+    assert_eq!(page.objects.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(), ["b", "d"]);
     assert_eq!(page.delimited_prefixes, ["c/"]);
 
     let sub = b.list(&bucket, "c/", Some("/"), None, 100).await.unwrap();
     assert_eq!(sub.delimited_prefixes, ["c/x/"]);
     assert!(sub.objects.is_empty());
     let sub = b.list(&bucket, "a/", None, None, 100).await.unwrap();
-    assert_eq!(
-        sub.objects
-            .iter()
-            .map(|o| o.key.as_str())
-            .collect::<Vec<_>>(),
-        ["a/1", "a/2"]
-    );
+    assert_eq!(sub.objects.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(), ["a/1", "a/2"]);
 
     // Overwrite and delete.
     let new_meta = object("b", b"new", 9);
     b.put(&bucket, &new_meta, b"new".to_vec()).await.unwrap();
-    assert_eq!(
-        b.get(&bucket, "b", None).await.unwrap(),
-        Some((new_meta, b"new".to_vec()))
-    );
-    b.delete(&bucket, &["a/1".to_owned(), "missing".to_owned()])
-        .await
-        .unwrap();
+    assert_eq!(b.get(&bucket, "b", None).await.unwrap(), Some((new_meta, b"new".to_vec())));
+    b.delete(&bucket, &["a/1".to_owned(), "missing".to_owned()]).await.unwrap();
     assert_eq!(b.head(&bucket, "a/1").await.unwrap(), None);
     let empty = object("empty", b"", 4);
     b.put(&bucket, &empty, Vec::new()).await.unwrap();
-    assert_eq!(
-        b.get(&bucket, "empty", None).await.unwrap(),
-        Some((empty, Vec::new()))
-    );
+    assert_eq!(b.get(&bucket, "empty", None).await.unwrap(), Some((empty, Vec::new())));
 
     // Multipart parts, invisible to listings.
     let upload = unique("upload-");
-    b.put_part(&bucket, &upload, 1, b"first-old".to_vec())
-        .await
-        .unwrap();
-    b.put_part(&bucket, &upload, 2, b"second".to_vec())
-        .await
-        .unwrap();
-    b.put_part(&bucket, &upload, 1, b"first".to_vec())
-        .await
-        .unwrap();
+    b.put_part(&bucket, &upload, 1, b"first-old".to_vec()).await.unwrap();
+    b.put_part(&bucket, &upload, 2, b"second".to_vec()).await.unwrap();
+    b.put_part(&bucket, &upload, 1, b"first".to_vec()).await.unwrap();
     let listed = b.list(&bucket, "", None, None, 100).await.unwrap();
     assert_eq!(
-        listed
-            .objects
-            .iter()
-            .map(|o| o.key.as_str())
-            .collect::<Vec<_>>(),
+        listed.objects.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(),
         ["a/2", "b", "c/x/1", "d", "empty"]
     );
     assert_eq!(b.take_parts(&bucket, &upload, &[1, 3]).await.unwrap(), None);
@@ -635,9 +395,7 @@ async fn objects_contract(b: &dyn ObjectBackend) {
     );
     assert_eq!(b.take_parts(&bucket, &upload, &[1]).await.unwrap(), None);
     let aborted = unique("upload-");
-    b.put_part(&bucket, &aborted, 1, b"x".to_vec())
-        .await
-        .unwrap();
+    b.put_part(&bucket, &aborted, 1, b"x".to_vec()).await.unwrap();
     b.abort_parts(&bucket, &aborted).await.unwrap();
     assert_eq!(b.take_parts(&bucket, &aborted, &[1]).await.unwrap(), None);
     b.abort_parts(&bucket, &aborted).await.unwrap();
@@ -652,16 +410,8 @@ async fn object_storage_contract(b: &dyn ObjectStorageBackend) {
     let e1 = b.acquire_shard(&ns, 0).await.unwrap();
     let e2 = b.acquire_shard(&ns, 0).await.unwrap();
     assert!(e2 > e1, "{e1} then {e2}");
-    let addr = ObjectAddr {
-        namespace: ns.clone(),
-        id: "aa".repeat(32),
-        shard: 0,
-    };
-    let other = ObjectAddr {
-        namespace: ns.clone(),
-        id: "bb".repeat(32),
-        shard: 0,
-    };
+    let addr = ObjectAddr { namespace: ns.clone(), id: "aa".repeat(32), shard: 0 };
+    let other = ObjectAddr { namespace: ns.clone(), id: "bb".repeat(32), shard: 0 };
 
     let put = |k: &str, v: &str| (k.to_owned(), Some(v.as_bytes().to_vec()));
     let writes = ObjectWrite {
@@ -677,74 +427,34 @@ async fn object_storage_contract(b: &dyn ObjectStorageBackend) {
         alarm: Some(Some(1000)),
     };
     b.commit(&addr, e2, &writes).await.unwrap();
-    b.commit(
-        &other,
-        e2,
-        &ObjectWrite {
-            entries: vec![put("a", "other")],
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-
-    let got = b
-        .get(&addr, &["c".into(), "missing".into(), "a".into()])
+    b.commit(&other, e2, &ObjectWrite { entries: vec![put("a", "other")], ..Default::default() })
         .await
         .unwrap();
-    assert_eq!(
-        got,
-        vec![("c".into(), b"3".to_vec()), ("a".into(), b"1".to_vec())]
-    );
+
+    let got = b.get(&addr, &["c".into(), "missing".into(), "a".into()]).await.unwrap();
+    assert_eq!(got, vec![("c".into(), b"3".to_vec()), ("a".into(), b"1".to_vec())]);
 
     let keys = |r: Vec<(String, Vec<u8>)>| r.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
     let list = |range: ObjectListRange| {
         let addr = addr.clone();
         async move { keys(b.list(&addr, &range).await.unwrap()) }
     };
+    assert_eq!(list(ObjectListRange::default()).await, ["a", "b", "c", "pre/x", "pre/y", "é"]);
     assert_eq!(
-        list(ObjectListRange::default()).await,
-        ["a", "b", "c", "pre/x", "pre/y", "é"]
-    );
-    assert_eq!(
-        list(ObjectListRange {
-            start: Some("b".into()),
-            ..Default::default()
-        })
-        .await,
+        list(ObjectListRange { start: Some("b".into()), ..Default::default() }).await,
         ["b", "c", "pre/x", "pre/y", "é"]
     );
     assert_eq!(
-        list(ObjectListRange {
-            start_after: Some("b".into()),
-            ..Default::default()
-        })
-        .await,
+        list(ObjectListRange { start_after: Some("b".into()), ..Default::default() }).await,
         ["c", "pre/x", "pre/y", "é"]
     );
+    assert_eq!(list(ObjectListRange { end: Some("c".into()), ..Default::default() }).await, ["a", "b"]);
     assert_eq!(
-        list(ObjectListRange {
-            end: Some("c".into()),
-            ..Default::default()
-        })
-        .await,
-        ["a", "b"]
-    );
-    assert_eq!(
-        list(ObjectListRange {
-            prefix: Some("pre/".into()),
-            ..Default::default()
-        })
-        .await,
+        list(ObjectListRange { prefix: Some("pre/".into()), ..Default::default() }).await,
         ["pre/x", "pre/y"]
     );
     assert_eq!(
-        list(ObjectListRange {
-            reverse: true,
-            limit: Some(2),
-            ..Default::default()
-        })
-        .await,
+        list(ObjectListRange { reverse: true, limit: Some(2), ..Default::default() }).await,
         ["é", "pre/y"]
     );
     assert_eq!(
@@ -758,12 +468,7 @@ async fn object_storage_contract(b: &dyn ObjectStorageBackend) {
         ["b", "c"]
     );
     assert_eq!(
-        list(ObjectListRange {
-            prefix: Some("pre/".into()),
-            reverse: true,
-            ..Default::default()
-        })
-        .await,
+        list(ObjectListRange { prefix: Some("pre/".into()), reverse: true, ..Default::default() }).await,
         ["pre/y", "pre/x"]
     );
 
@@ -771,88 +476,40 @@ async fn object_storage_contract(b: &dyn ObjectStorageBackend) {
     assert_eq!(b.get_alarm(&addr).await.unwrap(), Some(1000));
     assert_eq!(b.get_alarm(&other).await.unwrap(), None);
     assert!(b.due_alarms(&ns, &[0], 999).await.unwrap().is_empty());
-    assert_eq!(
-        b.due_alarms(&ns, &[0, 1], 1000).await.unwrap(),
-        vec![(addr.clone(), 1000)]
-    );
+    assert_eq!(b.due_alarms(&ns, &[0, 1], 1000).await.unwrap(), vec![(addr.clone(), 1000)]);
     assert!(b.due_alarms(&ns, &[1], 5000).await.unwrap().is_empty());
 
     // Fencing: the superseded epoch writes nothing.
-    let stale = ObjectWrite {
-        entries: vec![put("z", "stale")],
-        alarm: Some(None),
-        delete_all: true,
-    };
+    let stale = ObjectWrite { entries: vec![put("z", "stale")], alarm: Some(None), delete_all: true };
     let err = b.commit(&addr, e1, &stale).await.unwrap_err();
-    assert!(
-        matches!(err, BackendError::Fenced { shard: 0, .. }),
-        "{err:?}"
-    );
-    assert_eq!(
-        b.get(&addr, &["z".into(), "a".into()]).await.unwrap(),
-        vec![("a".into(), b"1".to_vec())]
-    );
+    assert!(matches!(err, BackendError::Fenced { shard: 0, .. }), "{err:?}");
+    assert_eq!(b.get(&addr, &["z".into(), "a".into()]).await.unwrap(), vec![("a".into(), b"1".to_vec())]);
     assert_eq!(b.get_alarm(&addr).await.unwrap(), Some(1000));
     // A shard never acquired is fenced too.
-    let unowned = ObjectAddr {
-        shard: 7,
-        ..addr.clone()
-    };
-    assert!(matches!(
-        b.commit(&unowned, 1, &ObjectWrite::default()).await,
-        Err(BackendError::Fenced { .. })
-    ));
+    let unowned = ObjectAddr { shard: 7, ..addr.clone() };
+    assert!(matches!(b.commit(&unowned, 1, &ObjectWrite::default()).await, Err(BackendError::Fenced { .. })));
 
     // Deletes, last write wins, delete_all, clearing the alarm.
     let writes = ObjectWrite {
         delete_all: false,
-        entries: vec![
-            (String::from("a"), None),
-            put("b", "first"),
-            put("b", "second"),
-            put("n", "new"),
-        ],
+        entries: vec![(String::from("a"), None), put("b", "first"), put("b", "second"), put("n", "new")],
         alarm: Some(None),
     };
     b.commit(&addr, e2, &writes).await.unwrap();
     assert_eq!(
-        b.get(&addr, &["a".into(), "b".into(), "n".into()])
-            .await
-            .unwrap(),
-        vec![
-            ("b".into(), b"second".to_vec()),
-            ("n".into(), b"new".to_vec())
-        ]
+        b.get(&addr, &["a".into(), "b".into(), "n".into()]).await.unwrap(),
+        vec![("b".into(), b"second".to_vec()), ("n".into(), b"new".to_vec())]
     );
     assert_eq!(b.get_alarm(&addr).await.unwrap(), None);
-    let writes = ObjectWrite {
-        delete_all: true,
-        entries: vec![put("only", "1")],
-        alarm: None,
-    };
+    let writes = ObjectWrite { delete_all: true, entries: vec![put("only", "1")], alarm: None };
     b.commit(&addr, e2, &writes).await.unwrap();
     assert_eq!(list(ObjectListRange::default()).await, ["only"]);
-    assert_eq!(
-        keys(b.list(&other, &ObjectListRange::default()).await.unwrap()),
-        ["a"]
-    );
+    assert_eq!(keys(b.list(&other, &ObjectListRange::default()).await.unwrap()), ["a"]);
 
     // A later epoch takes over.
     let e3 = b.acquire_shard(&ns, 0).await.unwrap();
-    assert!(matches!(
-        b.commit(&addr, e2, &ObjectWrite::default()).await,
-        Err(BackendError::Fenced { .. })
-    ));
-    b.commit(
-        &addr,
-        e3,
-        &ObjectWrite {
-            alarm: Some(Some(5)),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    assert!(matches!(b.commit(&addr, e2, &ObjectWrite::default()).await, Err(BackendError::Fenced { .. })));
+    b.commit(&addr, e3, &ObjectWrite { alarm: Some(Some(5)), ..Default::default() }).await.unwrap();
     assert_eq!(b.get_alarm(&addr).await.unwrap(), Some(5));
 }
 
@@ -884,19 +541,9 @@ async fn sqlite_object_storage() {
     let b = SqliteObjectStorage::open(&path).await.unwrap();
     let ea = a.acquire_shard("shared", 1).await.unwrap();
     let eb = b.acquire_shard("shared", 1).await.unwrap();
-    let addr = ObjectAddr {
-        namespace: "shared".into(),
-        id: "cc".repeat(32),
-        shard: 1,
-    };
-    let w = ObjectWrite {
-        entries: vec![("k".into(), Some(b"v".to_vec()))],
-        ..Default::default()
-    };
-    assert!(matches!(
-        a.commit(&addr, ea, &w).await,
-        Err(BackendError::Fenced { .. })
-    ));
+    let addr = ObjectAddr { namespace: "shared".into(), id: "cc".repeat(32), shard: 1 };
+    let w = ObjectWrite { entries: vec![("k".into(), Some(b"v".to_vec()))], ..Default::default() };
+    assert!(matches!(a.commit(&addr, ea, &w).await, Err(BackendError::Fenced { .. })));
     b.commit(&addr, eb, &w).await.unwrap();
 }
 
@@ -908,15 +555,7 @@ async fn fs_objects() {
     let store = FsObjects::open(dir.path()).await.unwrap();
     let meta = object("../../etc/passwd", b"x", 1);
     store.put("b", &meta, b"x".to_vec()).await.unwrap();
-    assert_eq!(
-        store
-            .get("b", "../../etc/passwd", None)
-            .await
-            .unwrap()
-            .unwrap()
-            .1,
-        b"x"
-    );
+    assert_eq!(store.get("b", "../../etc/passwd", None).await.unwrap().unwrap().1, b"x");
     fn names(dir: &std::path::Path, out: &mut Vec<String>) {
         for e in std::fs::read_dir(dir).unwrap() {
             let e = e.unwrap();
@@ -928,11 +567,7 @@ async fn fs_objects() {
     }
     let mut all = Vec::new();
     names(dir.path(), &mut all);
-    assert!(
-        all.iter()
-            .all(|n| !n.contains("passwd") && !n.contains("..")),
-        "{all:?}"
-    );
+    assert!(all.iter().all(|n| !n.contains("passwd") && !n.contains("..")), "{all:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1001,47 +636,19 @@ async fn postgres_sql_types() {
         ]
     );
     // A type D1 cannot carry is a statement error that says what to do.
-    let err = sql
-        .batch(vec![st("SELECT now() AS t", vec![])], None)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, SqlError::Statement { message, .. } if message.contains("CAST")),
-        "{err:?}"
-    );
+    let err = sql.batch(vec![st("SELECT now() AS t", vec![])], None).await.unwrap_err();
+    assert!(matches!(&err, SqlError::Statement { message, .. } if message.contains("CAST")), "{err:?}");
     // The same statement text with different parameter types reuses nothing it should not.
-    for v in [
-        SqlValue::Integer(12345678),
-        text("abcdefgh"),
-        SqlValue::Null,
-        SqlValue::Blob(vec![1; 8]),
-    ] {
-        let out = sql
-            .batch(vec![st("SELECT ? AS v", vec![v.clone()])], None)
-            .await
-            .unwrap();
+    for v in [SqlValue::Integer(12345678), text("abcdefgh"), SqlValue::Null, SqlValue::Blob(vec![1; 8])] {
+        let out = sql.batch(vec![st("SELECT ? AS v", vec![v.clone()])], None).await.unwrap();
         assert_eq!(out[0].rows[0][0], v);
-        let out = sql
-            .batch(
-                vec![st("SELECT CAST(? AS TEXT) IS NULL AS n", vec![v.clone()])],
-                None,
-            )
-            .await
-            .unwrap();
-        assert_eq!(
-            out[0].rows[0][0],
-            SqlValue::Integer(i64::from(v == SqlValue::Null))
-        );
+        let out =
+            sql.batch(vec![st("SELECT CAST(? AS TEXT) IS NULL AS n", vec![v.clone()])], None).await.unwrap();
+        assert_eq!(out[0].rows[0][0], SqlValue::Integer(i64::from(v == SqlValue::Null)));
     }
     // Known limit: a NULL whose type nothing in the statement constrains.
-    let err = sql
-        .batch(vec![st("SELECT ? IS NULL", vec![SqlValue::Null])], None)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, SqlError::Statement { message, .. } if message.contains("data type")),
-        "{err:?}"
-    );
+    let err = sql.batch(vec![st("SELECT ? IS NULL", vec![SqlValue::Null])], None).await.unwrap_err();
+    assert!(matches!(&err, SqlError::Statement { message, .. } if message.contains("data type")), "{err:?}");
 }
 
 #[tokio::test]
@@ -1068,28 +675,14 @@ async fn s3_objects() {
 #[tokio::test]
 async fn postgres_unreachable() {
     let started = Instant::now();
-    let sql = PostgresSql::new(&format!(
-        "postgres://postgres@127.0.0.1:{}/x",
-        closed_port()
-    ))
-    .unwrap();
+    let sql = PostgresSql::new(&format!("postgres://postgres@127.0.0.1:{}/x", closed_port())).unwrap();
     assert_unavailable(sql.ping().await, started, Duration::from_secs(5));
     let r = sql.batch(vec![st("SELECT 1", vec![])], None).await;
-    assert!(
-        matches!(r, Err(SqlError::Backend(BackendError::Unavailable { .. }))),
-        "{r:?}"
-    );
-    let store = PostgresObjectStorage::new(&format!(
-        "postgres://postgres@127.0.0.1:{}/x",
-        closed_port()
-    ))
-    .unwrap();
+    assert!(matches!(r, Err(SqlError::Backend(BackendError::Unavailable { .. }))), "{r:?}");
+    let store =
+        PostgresObjectStorage::new(&format!("postgres://postgres@127.0.0.1:{}/x", closed_port())).unwrap();
     let started = Instant::now();
-    assert_unavailable(
-        store.acquire_shard("ns", 0).await,
-        started,
-        Duration::from_secs(5),
-    );
+    assert_unavailable(store.acquire_shard("ns", 0).await, started, Duration::from_secs(5));
 
     // A server that accepts and never answers.
     let (_listener, port) = silent_listener();
@@ -1104,20 +697,12 @@ async fn redis_unreachable() {
     let started = Instant::now();
     assert_unavailable(kv.get("ns", "k", 0).await, started, Duration::from_secs(3));
     let started = Instant::now();
-    assert_unavailable(
-        kv.put("ns", "k", kv_entry()).await,
-        started,
-        Duration::from_secs(3),
-    );
+    assert_unavailable(kv.put("ns", "k", kv_entry()).await, started, Duration::from_secs(3));
 
     let (_listener, port) = silent_listener();
     let kv = RedisKv::new(&format!("redis://127.0.0.1:{port}/")).unwrap();
     let started = Instant::now();
-    assert_unavailable(
-        kv.list("ns", "", None, 10, 0).await,
-        started,
-        Duration::from_secs(5),
-    );
+    assert_unavailable(kv.list("ns", "", None, 10, 0).await, started, Duration::from_secs(5));
 }
 
 fn kv_entry() -> KvEntry {
@@ -1139,13 +724,7 @@ async fn s3_unreachable() {
     assert_unavailable(s3.head("b", "k").await, started, Duration::from_secs(3));
 
     let (_listener, port) = silent_listener();
-    let s3 = S3Objects::new(&config(port))
-        .unwrap()
-        .with_request_timeout(Duration::from_secs(1));
+    let s3 = S3Objects::new(&config(port)).unwrap().with_request_timeout(Duration::from_secs(1));
     let started = Instant::now();
-    assert_unavailable(
-        s3.get("b", "k", None).await,
-        started,
-        Duration::from_secs(3),
-    );
+    assert_unavailable(s3.get("b", "k", None).await, started, Duration::from_secs(3));
 }

@@ -15,9 +15,7 @@ use std::time::{Duration, Instant};
 use lattice_backends::postgres::PostgresSql;
 use lattice_backends::redis::RedisKv;
 use lattice_backends::s3::{S3Config, S3Objects};
-use lattice_backends::{
-    BackendError, KvBackend, ObjectBackend, SqlBackend, SqlError, SqlStatement,
-};
+use lattice_backends::{BackendError, KvBackend, ObjectBackend, SqlBackend, SqlError, SqlStatement};
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
@@ -38,11 +36,7 @@ fn state_dir() -> Option<String> {
 
 fn services(action: &str, service: &str, state: &str) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/services.sh");
-    let status = Command::new("bash")
-        .arg(script)
-        .args([action, service, state])
-        .status()
-        .unwrap();
+    let status = Command::new("bash").arg(script).args([action, service, state]).status().unwrap();
     assert!(status.success(), "services.sh {action} {service} failed");
 }
 
@@ -74,35 +68,19 @@ async fn services_stop_and_come_back() {
     let started = Instant::now();
     let r = kv.get("ns", "k", 0).await;
     assert!(matches!(r, Err(BackendError::Unavailable { .. })), "{r:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
     services("start-one", "redis", &state);
     eventually(Duration::from_secs(10), || kv.ping()).await;
 
     // PostgreSQL.
     let sql = PostgresSql::new(&env("LATTICE_TEST_POSTGRES_URL").unwrap()).unwrap();
-    let select = || {
-        vec![SqlStatement {
-            sql: "SELECT 1".into(),
-            params: vec![],
-        }]
-    };
+    let select = || vec![SqlStatement { sql: "SELECT 1".into(), params: vec![] }];
     sql.batch(select(), None).await.unwrap();
     services("stop-one", "postgres", &state);
     let started = Instant::now();
     let r = sql.batch(select(), None).await;
-    assert!(
-        matches!(r, Err(SqlError::Backend(BackendError::Unavailable { .. }))),
-        "{r:?}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(matches!(r, Err(SqlError::Backend(BackendError::Unavailable { .. }))), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     services("start-one", "postgres", &state);
     eventually(Duration::from_secs(10), || sql.batch(select(), None)).await;
 
@@ -121,11 +99,7 @@ async fn services_stop_and_come_back() {
     let started = Instant::now();
     let r = s3.head("b", "k").await;
     assert!(matches!(r, Err(BackendError::Unavailable { .. })), "{r:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
     services("start-one", "s3", &state);
     eventually(Duration::from_secs(10), || s3.ping()).await;
 }

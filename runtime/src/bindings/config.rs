@@ -14,7 +14,9 @@ impl Host for WorkerState {
         let out = self.waiting(Gate::Open, async move { secrets.get(&name) }).await?;
         Ok(out.map_err(|e| {
             tracing::error!(error = %e, "secret store failed");
-            GuestError::Unavailable(super::Unavailable { retry_after_secs: super::UNAVAILABLE_RETRY_AFTER_SECS })
+            GuestError::Unavailable(super::Unavailable {
+                retry_after_secs: super::UNAVAILABLE_RETRY_AFTER_SECS,
+            })
         }))
     }
 }

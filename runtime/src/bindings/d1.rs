@@ -51,7 +51,10 @@ fn check_statement(s: &Statement) -> Result<(), String> {
         return Err("D1_ERROR: No SQL statements detected.".into());
     }
     if s.sql.len() > MAX_STATEMENT_BYTES {
-        return Err(format!("D1_ERROR: statement too long: {} bytes (max {MAX_STATEMENT_BYTES})", s.sql.len()));
+        return Err(format!(
+            "D1_ERROR: statement too long: {} bytes (max {MAX_STATEMENT_BYTES})",
+            s.sql.len()
+        ));
     }
     if s.params.len() > MAX_BOUND_PARAMETERS {
         return Err(format!(
@@ -113,10 +116,15 @@ impl HostDatabase for WorkerState {
         if let Err(m) = check_statement(&statement) {
             return Ok(Err(D1Error::Sql(m)));
         }
-        let stmt = SqlStatement { sql: statement.sql, params: statement.params.into_iter().map(to_backend).collect() };
+        let stmt = SqlStatement {
+            sql: statement.sql,
+            params: statement.params.into_iter().map(to_backend).collect(),
+        };
         Ok(match self.run_batch(&db, vec![stmt]).await? {
             Ok(mut outs) => Ok(result(outs.pop().unwrap_or_default())),
-            Err((_, SqlError::Statement { message, .. })) => Err(D1Error::Sql(format!("D1_ERROR: {message}"))),
+            Err((_, SqlError::Statement { message, .. })) => {
+                Err(D1Error::Sql(format!("D1_ERROR: {message}")))
+            }
             Err((name, SqlError::Backend(e))) => Err(D1Error::Binding(guest_error(&name, e))),
         })
     }
@@ -145,14 +153,19 @@ impl HostDatabase for WorkerState {
             .collect();
         Ok(match self.run_batch(&db, stmts).await? {
             Ok(outs) => Ok(outs.into_iter().map(result).collect()),
-            Err((_, SqlError::Statement { index, message })) => {
-                Err(D1Error::Batch((u32::try_from(index).unwrap_or(u32::MAX), format!("D1_ERROR: {message}"))))
-            }
+            Err((_, SqlError::Statement { index, message })) => Err(D1Error::Batch((
+                u32::try_from(index).unwrap_or(u32::MAX),
+                format!("D1_ERROR: {message}"),
+            ))),
             Err((name, SqlError::Backend(e))) => Err(D1Error::Binding(guest_error(&name, e))),
         })
     }
 
-    async fn exec(&mut self, db: Resource<Database>, sql: String) -> wasmtime::Result<Result<ExecResult, D1Error>> {
+    async fn exec(
+        &mut self,
+        db: Resource<Database>,
+        sql: String,
+    ) -> wasmtime::Result<Result<ExecResult, D1Error>> {
         // workerd splits on newlines and sends each line as its own statement.
         let lines: Vec<(u32, String)> = sql
             .split('\n')
@@ -165,7 +178,10 @@ impl HostDatabase for WorkerState {
         }
         for (n, l) in &lines {
             if l.len() > MAX_STATEMENT_BYTES {
-                return Ok(Err(D1Error::Exec((*n, format!("D1_EXEC_ERROR: Error in line {n}: statement too long")))));
+                return Ok(Err(D1Error::Exec((
+                    *n,
+                    format!("D1_EXEC_ERROR: Error in line {n}: statement too long"),
+                ))));
             }
         }
         let stmts = lines.iter().map(|(_, l)| SqlStatement { sql: l.clone(), params: vec![] }).collect();

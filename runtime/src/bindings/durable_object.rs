@@ -46,7 +46,11 @@ impl HostNamespace for WorkerState {
         Ok(self.table.get(&ns)?.ns.new_unique_id())
     }
 
-    async fn id_from_string(&mut self, ns: Resource<Namespace>, id: String) -> wasmtime::Result<Result<String, GuestError>> {
+    async fn id_from_string(
+        &mut self,
+        ns: Resource<Namespace>,
+        id: String,
+    ) -> wasmtime::Result<Result<String, GuestError>> {
         Ok(self.table.get(&ns)?.ns.id_from_string(&id).map_err(object_error))
     }
 

@@ -152,7 +152,11 @@ impl HostNamespace for WorkerState {
         Ok(out.map_err(|e| guest_error(&name, e)))
     }
 
-    async fn delete(&mut self, ns: Resource<Namespace>, key: String) -> wasmtime::Result<Result<(), GuestError>> {
+    async fn delete(
+        &mut self,
+        ns: Resource<Namespace>,
+        key: String,
+    ) -> wasmtime::Result<Result<(), GuestError>> {
         if let Err(e) = validate_key(&key) {
             return Ok(Err(e));
         }

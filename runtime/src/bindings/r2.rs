@@ -14,8 +14,8 @@ use sha2::{Digest as _, Sha256};
 use wasmtime::component::Resource;
 
 use super::generated::lattice::bindings::r2::{
-    Checksums, Conditional, GetOptions, GetResult, Host, HostBucket, HttpMetadata, ListOptions,
-    ListResult, Object, PutOptions, Range, UploadedPart,
+    Checksums, Conditional, GetOptions, GetResult, Host, HostBucket, HttpMetadata, ListOptions, ListResult,
+    Object, PutOptions, Range, UploadedPart,
 };
 use super::{Fail, GuestError, finish, guest_error};
 use crate::state::{Gate, WorkerState};
@@ -95,19 +95,17 @@ pub fn condition_holds(c: &Conditional, meta: &ObjectMeta) -> bool {
     if etag_matches == Some(false) || etag_none == Some(false) {
         return false;
     }
-    if etag_matches != Some(true) {
-        if let Some(before) = c.uploaded_before {
-            if meta.uploaded >= before {
-                return false;
-            }
-        }
+    if etag_matches != Some(true)
+        && let Some(before) = c.uploaded_before
+        && meta.uploaded >= before
+    {
+        return false;
     }
-    if etag_none != Some(true) {
-        if let Some(after) = c.uploaded_after {
-            if meta.uploaded <= after {
-                return false;
-            }
-        }
+    if etag_none != Some(true)
+        && let Some(after) = c.uploaded_after
+        && meta.uploaded <= after
+    {
+        return false;
     }
     true
 }
@@ -179,7 +177,6 @@ impl WorkerState {
 }
 
 impl WorkerState {
-
     async fn r2_head(&mut self, b: Resource<Bucket>, key: String) -> Result<Option<Object>, Fail> {
         validate_key(&key)?;
         let (name, backend) = self.r2(&b)?;
@@ -187,18 +184,21 @@ impl WorkerState {
         Ok(meta.map(|m| object(m, None)))
     }
 
-    async fn r2_get(&mut self, b: Resource<Bucket>,
+    async fn r2_get(
+        &mut self,
+        b: Resource<Bucket>,
         key: String,
-        options: GetOptions) -> Result<GetResult, Fail> {
+        options: GetOptions,
+    ) -> Result<GetResult, Fail> {
         validate_key(&key)?;
         let (name, backend) = self.r2(&b)?;
         let Some(meta) = self.r2_call(&name, &backend, backend.head(&name, &key)).await? else {
             return Ok(GetResult::NotFound);
         };
-        if let Some(c) = &options.only_if {
-            if !condition_holds(c, &meta) {
-                return Ok(GetResult::PreconditionFailed(object(meta, None)));
-            }
+        if let Some(c) = &options.only_if
+            && !condition_holds(c, &meta)
+        {
+            return Ok(GetResult::PreconditionFailed(object(meta, None)));
         }
         let range = match &options.range {
             Some(r) => Some(resolve_range(r, meta.size)?),
@@ -212,10 +212,13 @@ impl WorkerState {
         })
     }
 
-    async fn r2_put(&mut self, b: Resource<Bucket>,
+    async fn r2_put(
+        &mut self,
+        b: Resource<Bucket>,
         key: String,
         body: Vec<u8>,
-        options: PutOptions) -> Result<Option<Object>, Fail> {
+        options: PutOptions,
+    ) -> Result<Option<Object>, Fail> {
         validate_key(&key)?;
         let max = self.shared.config.limits.r2_max_object_bytes;
         if body.len() as u64 > max {
@@ -224,10 +227,16 @@ impl WorkerState {
         let md5 = Md5::digest(&body).to_vec();
         let sha256 = Sha256::digest(&body).to_vec();
         if options.md5.as_ref().is_some_and(|want| *want != md5) {
-            return Err(GuestError::Invalid("The MD5 checksum you specified did not match what we received.".into()).into());
+            return Err(GuestError::Invalid(
+                "The MD5 checksum you specified did not match what we received.".into(),
+            )
+            .into());
         }
         if options.sha256.as_ref().is_some_and(|want| *want != sha256) {
-            return Err(GuestError::Invalid("The SHA-256 checksum you specified did not match what we received.".into()).into());
+            return Err(GuestError::Invalid(
+                "The SHA-256 checksum you specified did not match what we received.".into(),
+            )
+            .into());
         }
         let (name, backend) = self.r2(&b)?;
         if let Some(c) = &options.only_if {
@@ -282,10 +291,17 @@ impl WorkerState {
         };
         let (name, backend) = self.r2(&b)?;
         let prefix = options.prefix.unwrap_or_default();
-        let list = self.r2_call(
+        let list = self
+            .r2_call(
                 &name,
                 &backend,
-                backend.list(&name, &prefix, options.delimiter.as_deref(), start_after.as_deref(), limit as usize)
+                backend.list(
+                    &name,
+                    &prefix,
+                    options.delimiter.as_deref(),
+                    start_after.as_deref(),
+                    limit as usize,
+                ),
             )
             .await?;
         let cursor = if list.truncated { list.cursor.as_deref().map(encode_cursor) } else { None };
@@ -297,9 +313,12 @@ impl WorkerState {
         })
     }
 
-    async fn r2_create_multipart_upload(&mut self, b: Resource<Bucket>,
+    async fn r2_create_multipart_upload(
+        &mut self,
+        b: Resource<Bucket>,
         key: String,
-        options: PutOptions) -> Result<String, Fail> {
+        options: PutOptions,
+    ) -> Result<String, Fail> {
         validate_key(&key)?;
         let h = http_to_backend(options.http_metadata);
         let info = UploadInfo {
@@ -319,14 +338,19 @@ impl WorkerState {
         Ok(upload_id)
     }
 
-    async fn r2_upload_part(&mut self, b: Resource<Bucket>,
+    async fn r2_upload_part(
+        &mut self,
+        b: Resource<Bucket>,
         key: String,
         upload_id: String,
         part_number: u32,
-        body: Vec<u8>) -> Result<UploadedPart, Fail> {
+        body: Vec<u8>,
+    ) -> Result<UploadedPart, Fail> {
         validate_key(&key)?;
         if part_number == 0 || part_number > MAX_PART_NUMBER {
-            return Err(GuestError::Invalid(format!("part number must be between 1 and {MAX_PART_NUMBER}")).into());
+            return Err(
+                GuestError::Invalid(format!("part number must be between 1 and {MAX_PART_NUMBER}")).into()
+            );
         }
         let etag = hex::encode(Md5::digest(&body));
         let (name, backend) = self.r2(&b)?;
@@ -334,10 +358,13 @@ impl WorkerState {
         Ok(UploadedPart { part_number, etag })
     }
 
-    async fn r2_complete_multipart_upload(&mut self, b: Resource<Bucket>,
+    async fn r2_complete_multipart_upload(
+        &mut self,
+        b: Resource<Bucket>,
         key: String,
         upload_id: String,
-        parts: Vec<UploadedPart>) -> Result<Object, Fail> {
+        parts: Vec<UploadedPart>,
+    ) -> Result<Object, Fail> {
         validate_key(&key)?;
         if parts.is_empty() {
             return Err(GuestError::Invalid("no parts given".into()).into());
@@ -345,7 +372,8 @@ impl WorkerState {
         let mut numbers = vec![0];
         numbers.extend(parts.iter().map(|p| p.part_number));
         let (name, backend) = self.r2(&b)?;
-        let Some(mut bodies) = self.r2_call(&name, &backend, backend.take_parts(&name, &upload_id, &numbers)).await?
+        let Some(mut bodies) =
+            self.r2_call(&name, &backend, backend.take_parts(&name, &upload_id, &numbers)).await?
         else {
             return Err(GuestError::Invalid("unknown upload id or missing part".into()).into());
         };
@@ -391,14 +419,16 @@ impl WorkerState {
         Ok(object(meta, None))
     }
 
-    async fn r2_abort_multipart_upload(&mut self, b: Resource<Bucket>,
+    async fn r2_abort_multipart_upload(
+        &mut self,
+        b: Resource<Bucket>,
         key: String,
-        upload_id: String) -> Result<(), Fail> {
+        upload_id: String,
+    ) -> Result<(), Fail> {
         validate_key(&key)?;
         let (name, backend) = self.r2(&b)?;
         self.r2_call(&name, &backend, backend.abort_parts(&name, &upload_id)).await
     }
-
 }
 
 impl HostBucket for WorkerState {
@@ -409,55 +439,85 @@ impl HostBucket for WorkerState {
         Ok(Ok(self.table.push(Bucket { name: binding, backend })?))
     }
 
-    async fn head(&mut self, b: Resource<Bucket>, key: String) -> wasmtime::Result<Result<Option<Object>, GuestError>> {
+    async fn head(
+        &mut self,
+        b: Resource<Bucket>,
+        key: String,
+    ) -> wasmtime::Result<Result<Option<Object>, GuestError>> {
         finish(self.r2_head(b, key).await)
     }
 
-    async fn get(&mut self, b: Resource<Bucket>,
+    async fn get(
+        &mut self,
+        b: Resource<Bucket>,
         key: String,
-        options: GetOptions) -> wasmtime::Result<Result<GetResult, GuestError>> {
+        options: GetOptions,
+    ) -> wasmtime::Result<Result<GetResult, GuestError>> {
         finish(self.r2_get(b, key, options).await)
     }
 
-    async fn put(&mut self, b: Resource<Bucket>,
+    async fn put(
+        &mut self,
+        b: Resource<Bucket>,
         key: String,
         body: Vec<u8>,
-        options: PutOptions) -> wasmtime::Result<Result<Option<Object>, GuestError>> {
+        options: PutOptions,
+    ) -> wasmtime::Result<Result<Option<Object>, GuestError>> {
         finish(self.r2_put(b, key, body, options).await)
     }
 
-    async fn delete(&mut self, b: Resource<Bucket>, keys: Vec<String>) -> wasmtime::Result<Result<(), GuestError>> {
+    async fn delete(
+        &mut self,
+        b: Resource<Bucket>,
+        keys: Vec<String>,
+    ) -> wasmtime::Result<Result<(), GuestError>> {
         finish(self.r2_delete(b, keys).await)
     }
 
-    async fn list(&mut self, b: Resource<Bucket>, options: ListOptions) -> wasmtime::Result<Result<ListResult, GuestError>> {
+    async fn list(
+        &mut self,
+        b: Resource<Bucket>,
+        options: ListOptions,
+    ) -> wasmtime::Result<Result<ListResult, GuestError>> {
         finish(self.r2_list(b, options).await)
     }
 
-    async fn create_multipart_upload(&mut self, b: Resource<Bucket>,
+    async fn create_multipart_upload(
+        &mut self,
+        b: Resource<Bucket>,
         key: String,
-        options: PutOptions) -> wasmtime::Result<Result<String, GuestError>> {
+        options: PutOptions,
+    ) -> wasmtime::Result<Result<String, GuestError>> {
         finish(self.r2_create_multipart_upload(b, key, options).await)
     }
 
-    async fn upload_part(&mut self, b: Resource<Bucket>,
+    async fn upload_part(
+        &mut self,
+        b: Resource<Bucket>,
         key: String,
         upload_id: String,
         part_number: u32,
-        body: Vec<u8>) -> wasmtime::Result<Result<UploadedPart, GuestError>> {
+        body: Vec<u8>,
+    ) -> wasmtime::Result<Result<UploadedPart, GuestError>> {
         finish(self.r2_upload_part(b, key, upload_id, part_number, body).await)
     }
 
-    async fn complete_multipart_upload(&mut self, b: Resource<Bucket>,
+    async fn complete_multipart_upload(
+        &mut self,
+        b: Resource<Bucket>,
         key: String,
         upload_id: String,
-        parts: Vec<UploadedPart>) -> wasmtime::Result<Result<Object, GuestError>> {
+        parts: Vec<UploadedPart>,
+    ) -> wasmtime::Result<Result<Object, GuestError>> {
         finish(self.r2_complete_multipart_upload(b, key, upload_id, parts).await)
     }
 
-    async fn abort_multipart_upload(&mut self, b: Resource<Bucket>,
+    async fn abort_multipart_upload(
+        &mut self,
+        b: Resource<Bucket>,
         key: String,
-        upload_id: String) -> wasmtime::Result<Result<(), GuestError>> {
+        upload_id: String,
+    ) -> wasmtime::Result<Result<(), GuestError>> {
         finish(self.r2_abort_multipart_upload(b, key, upload_id).await)
     }
 

@@ -31,25 +31,34 @@ impl WorkerState {
     fn object(&self) -> Result<Arc<LiveObject>, Fail> {
         match &self.inv.object {
             Some(e) => Ok(e.obj.clone()),
-            None => Err(GuestError::Invalid("storage is only available in Durable Object events".into()).into()),
+            None => {
+                Err(GuestError::Invalid("storage is only available in Durable Object events".into()).into())
+            }
         }
     }
 }
 
 impl Host for WorkerState {
-    async fn get(&mut self, keys: Vec<String>) -> wasmtime::Result<Result<Vec<(String, Vec<u8>)>, GuestError>> {
-        finish(async {
-            check_keys(&keys)?;
-            let obj = self.object()?;
-            self.waiting(Gate::Closed, obj.get(&keys)).await?.map_err(storage_error)
-        }
-        .await)
+    async fn get(
+        &mut self,
+        keys: Vec<String>,
+    ) -> wasmtime::Result<Result<Vec<(String, Vec<u8>)>, GuestError>> {
+        finish(
+            async {
+                check_keys(&keys)?;
+                let obj = self.object()?;
+                self.waiting(Gate::Closed, obj.get(&keys)).await?.map_err(storage_error)
+            }
+            .await,
+        )
     }
 
     async fn put(&mut self, entries: Vec<(String, Vec<u8>)>) -> wasmtime::Result<Result<(), GuestError>> {
         finish((|| {
             if entries.len() > MAX_KEYS_PER_CALL {
-                return Err(GuestError::Invalid(format!("at most {MAX_KEYS_PER_CALL} entries per call")).into());
+                return Err(
+                    GuestError::Invalid(format!("at most {MAX_KEYS_PER_CALL} entries per call")).into()
+                );
             }
             for (k, v) in &entries {
                 if k.len() + v.len() > MAX_ENTRY_BYTES {
@@ -64,40 +73,49 @@ impl Host for WorkerState {
     }
 
     async fn delete(&mut self, keys: Vec<String>) -> wasmtime::Result<Result<u32, GuestError>> {
-        finish(async {
-            check_keys(&keys)?;
-            let obj = self.object()?;
-            self.waiting(Gate::Closed, obj.delete(&keys)).await?.map_err(storage_error)
-        }
-        .await)
+        finish(
+            async {
+                check_keys(&keys)?;
+                let obj = self.object()?;
+                self.waiting(Gate::Closed, obj.delete(&keys)).await?.map_err(storage_error)
+            }
+            .await,
+        )
     }
 
     async fn delete_all(&mut self) -> wasmtime::Result<Result<(), GuestError>> {
         finish(self.object().and_then(|o| o.delete_all().map_err(storage_error)))
     }
 
-    async fn list(&mut self, options: ListOptions) -> wasmtime::Result<Result<Vec<(String, Vec<u8>)>, GuestError>> {
-        finish(async {
-            let obj = self.object()?;
-            let range = ObjectListRange {
-                start: options.start,
-                start_after: options.start_after,
-                end: options.end,
-                prefix: options.prefix,
-                reverse: options.reverse,
-                limit: options.limit.map(|l| l as usize),
-            };
-            self.waiting(Gate::Closed, obj.list(&range)).await?.map_err(storage_error)
-        }
-        .await)
+    async fn list(
+        &mut self,
+        options: ListOptions,
+    ) -> wasmtime::Result<Result<Vec<(String, Vec<u8>)>, GuestError>> {
+        finish(
+            async {
+                let obj = self.object()?;
+                let range = ObjectListRange {
+                    start: options.start,
+                    start_after: options.start_after,
+                    end: options.end,
+                    prefix: options.prefix,
+                    reverse: options.reverse,
+                    limit: options.limit.map(|l| l as usize),
+                };
+                self.waiting(Gate::Closed, obj.list(&range)).await?.map_err(storage_error)
+            }
+            .await,
+        )
     }
 
     async fn get_alarm(&mut self) -> wasmtime::Result<Result<Option<u64>, GuestError>> {
-        finish(async {
-            let obj = self.object()?;
-            self.waiting(Gate::Closed, obj.get_alarm()).await?.map_err(storage_error)
-        }
-        .await)
+        finish(
+            async {
+                let obj = self.object()?;
+                self.waiting(Gate::Closed, obj.get_alarm()).await?.map_err(storage_error)
+            }
+            .await,
+        )
     }
 
     async fn set_alarm(&mut self, scheduled_ms: u64) -> wasmtime::Result<Result<(), GuestError>> {
@@ -109,10 +127,12 @@ impl Host for WorkerState {
     }
 
     async fn sync(&mut self) -> wasmtime::Result<Result<(), GuestError>> {
-        finish(async {
-            let obj = self.object()?;
-            self.waiting(Gate::Closed, obj.sync()).await?.map_err(storage_error)
-        }
-        .await)
+        finish(
+            async {
+                let obj = self.object()?;
+                self.waiting(Gate::Closed, obj.sync()).await?.map_err(storage_error)
+            }
+            .await,
+        )
     }
 }

@@ -39,8 +39,18 @@ pub fn guest(name: &str) -> PathBuf {
     target.join("wasm32-wasip2/guest").join(format!("{name}.wasm"))
 }
 
+/// A name part no earlier run used.
+pub fn unique() -> String {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{nanos:x}")
+}
+
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// A running `lattice serve`; killed on drop.
@@ -50,6 +60,8 @@ pub struct Server {
     pub admin: String,
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// Embedded backends (SQLite, files) rather than PostgreSQL, Redis and S3.
+    pub embedded: bool,
 }
 
 impl Drop for Server {
@@ -174,6 +186,7 @@ pub fn start_in(dir: tempfile::TempDir, setup: Setup) -> Server {
         admin: format!("http://127.0.0.1:{admin_port}"),
         dir,
         port,
+        embedded: setup.bindings.is_none(),
     };
     let start = Instant::now();
     loop {
