@@ -62,6 +62,7 @@ pub enum ObjectError {
 
 /// Which shards this process owns, and under which epoch.
 pub trait Placement: Send + Sync {
+    /// `namespace` is [`ObjectNamespace::storage_id`].
     fn epoch(&self, namespace: &str, shard: u32) -> Option<u64>;
     fn owned_shards(&self, namespace: &str) -> Vec<u32>;
 }
@@ -72,16 +73,14 @@ pub struct LocalPlacement {
 }
 
 impl LocalPlacement {
-    pub async fn acquire_all(
-        namespaces: &[(String, u32, Arc<dyn ObjectStorageBackend>)],
-    ) -> Result<Self, BackendError> {
+    pub async fn acquire_all(namespaces: &[Arc<ObjectNamespace>]) -> Result<Self, BackendError> {
         let mut epochs = HashMap::new();
-        for (ns, shards, storage) in namespaces {
-            let mut v = Vec::with_capacity(*shards as usize);
-            for shard in 0..*shards {
-                v.push(storage.acquire_shard(ns, shard).await?);
+        for ns in namespaces {
+            let mut v = Vec::with_capacity(ns.shards as usize);
+            for shard in 0..ns.shards {
+                v.push(ns.storage.acquire_shard(&ns.storage_id, shard).await?);
             }
-            epochs.insert(ns.clone(), v);
+            epochs.insert(ns.storage_id.clone(), v);
         }
         Ok(Self { epochs })
     }
@@ -101,6 +100,10 @@ pub struct ObjectNamespace {
     pub binding: String,
     pub class: String,
     key: [u8; 32],
+    /// The namespace's name in storage and leases, derived from its unique key (as workerd keeps
+    /// objects under the unique key): two deployments with different keys never share objects,
+    /// and renaming the binding keeps the data.
+    storage_id: String,
     shards: u32,
     storage: Arc<dyn ObjectStorageBackend>,
     live: Mutex<HashMap<String, Arc<LiveObject>>>,
@@ -115,15 +118,25 @@ impl ObjectNamespace {
         shards: u32,
         storage: Arc<dyn ObjectStorageBackend>,
     ) -> Self {
+        let key: [u8; 32] = Sha256::digest(unique_key).into();
+        let mut id = Sha256::new();
+        id.update(b"lattice durable object storage id\0");
+        id.update(key);
+        let storage_id = format!("do-{}", hex::encode(&id.finalize()[..12]));
         Self {
             binding,
             class,
-            key: Sha256::digest(unique_key).into(),
+            key,
+            storage_id,
             shards,
             storage,
             live: Mutex::new(HashMap::new()),
             alarm_retries: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub fn storage_id(&self) -> &str {
+        &self.storage_id
     }
 
     pub fn storage(&self) -> &Arc<dyn ObjectStorageBackend> {
@@ -181,7 +194,7 @@ impl ObjectNamespace {
 
     fn live_object(&self, placement: &dyn Placement, id: &str) -> Result<Arc<LiveObject>, ObjectError> {
         let shard = self.shard_of(id);
-        let epoch = placement.epoch(&self.binding, shard).ok_or(ObjectError::NotOwner(shard))?;
+        let epoch = placement.epoch(&self.storage_id, shard).ok_or(ObjectError::NotOwner(shard))?;
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(obj) = live.get(id)
             && obj.epoch == epoch
@@ -191,7 +204,7 @@ impl ObjectNamespace {
             return Ok(obj.clone());
         }
         let obj = Arc::new(LiveObject::new(
-            ObjectAddr { namespace: self.binding.clone(), id: id.to_owned(), shard },
+            ObjectAddr { namespace: self.storage_id.clone(), id: id.to_owned(), shard },
             epoch,
             self.storage.clone(),
         ));
@@ -642,8 +655,8 @@ impl Objects {
     pub async fn poll_alarms(shared: &Arc<Shared>) {
         let now = shared.clock.now_ms();
         for ns in shared.objects.namespaces.values() {
-            let shards = shared.objects.placement.owned_shards(&ns.binding);
-            let due = match ns.storage.due_alarms(&ns.binding, &shards, now).await {
+            let shards = shared.objects.placement.owned_shards(&ns.storage_id);
+            let due = match ns.storage.due_alarms(&ns.storage_id, &shards, now).await {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::warn!(namespace = %ns.binding, error = %e, "cannot read due alarms");

@@ -155,7 +155,6 @@ impl Shared {
         }
 
         let mut namespaces = HashMap::new();
-        let mut to_acquire = Vec::new();
         for (name, b) in &config.durable_objects {
             let storage: Arc<dyn ObjectStorageBackend> = match &b.storage {
                 ObjectStorage::Sqlite { path } => {
@@ -172,13 +171,13 @@ impl Shared {
             let key = secrets.get(&b.unique_key_secret)?.with_context(|| {
                 format!("durable_objects.{name}: secret {} is missing", b.unique_key_secret)
             })?;
-            to_acquire.push((name.clone(), b.shards, storage.clone()));
             namespaces.insert(
                 name.clone(),
                 Arc::new(ObjectNamespace::new(name.clone(), b.class.clone(), &key, b.shards, storage)),
             );
         }
-        let placement = Arc::new(LocalPlacement::acquire_all(&to_acquire).await?);
+        let all: Vec<Arc<ObjectNamespace>> = namespaces.values().cloned().collect();
+        let placement = Arc::new(LocalPlacement::acquire_all(&all).await?);
 
         let engine = engine::build_engine(&config.limits)?;
         let cache_dir =

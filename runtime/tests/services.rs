@@ -29,3 +29,28 @@ flow_test!(kv_on_redis, kv, "");
 flow_test!(r2_on_s3, r2, "");
 flow_test!(durable_objects_on_postgres, objects, "");
 flow_test!(alarms_on_postgres, alarms, "[limits]\nalarm_poll_ms = 50\n");
+
+/// Two runtimes that both claim every shard of one namespace on one PostgreSQL: the later
+/// acquisition bumps the epochs, so the earlier owner's writes are refused (fenced) instead of
+/// overwriting the newer owner's data, and the newer owner continues from the last durable value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_owner_is_fenced() {
+    let Some(first_setup) = production_setup("") else { return };
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let mut first_setup = first_setup;
+    first_setup.secrets_dir = Some(secrets.path().to_owned());
+    let first = start(first_setup);
+    let name = format!("fence{}", support::unique());
+    let inc = |s: &support::Server| {
+        let url = format!("{}/do/increment?name={name}", s.url);
+        async move { support::post(&url, "").await }
+    };
+    assert_eq!(inc(&first).await.json()["count"], 1);
+    let Some(mut second_setup) = production_setup("") else { return };
+    second_setup.secrets_dir = Some(secrets.path().to_owned());
+    let second = start(second_setup);
+    let r = inc(&first).await;
+    assert_eq!(r.status, 503, "the superseded owner wrote: {}", String::from_utf8_lossy(&r.body));
+    assert!(first.log().contains("write fenced"), "{}", first.log());
+    assert_eq!(inc(&second).await.json()["count"], 2);
+}

@@ -46,8 +46,13 @@ fn cache_dir() -> PathBuf {
     std::env::var_os("LATTICE_CACHE").map_or_else(|| PathBuf::from("/var/cache/lattice"), PathBuf::from)
 }
 
+/// Cargo's target directory, as cargo resolves it (`CARGO_TARGET_DIR`, then `.cargo/config.toml`).
 fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
+    let out = cargo().current_dir(root).args(["metadata", "--no-deps", "--format-version", "1"]).output();
+    out.ok()
+        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+        .and_then(|v| v["target_directory"].as_str().map(PathBuf::from))
+        .unwrap_or_else(|| root.join("target"))
 }
 
 fn cargo() -> Command {

@@ -141,7 +141,9 @@ pub struct KvKey {
 pub trait KvBackend: Send + Sync {
     fn name(&self) -> &'static str;
     async fn get(&self, ns: &str, key: &str, now: u64) -> Result<Option<KvEntry>, BackendError>;
-    async fn put(&self, ns: &str, key: &str, entry: KvEntry) -> Result<(), BackendError>;
+    /// Stores an entry; `now` (the runtime clock's seconds) lets a backend with native expiry
+    /// set it relative to the caller's clock.
+    async fn put(&self, ns: &str, key: &str, entry: KvEntry, now: u64) -> Result<(), BackendError>;
     async fn delete(&self, ns: &str, key: &str) -> Result<(), BackendError>;
     /// Up to `limit` live keys with `prefix`, strictly after `start_after`, in byte order.
     async fn list(

@@ -410,7 +410,7 @@ impl KvBackend for SqliteKv {
             .await
     }
 
-    async fn put(&self, ns: &str, key: &str, entry: KvEntry) -> Result<(), BackendError> {
+    async fn put(&self, ns: &str, key: &str, entry: KvEntry, _now: u64) -> Result<(), BackendError> {
         let backend = self.db.backend();
         let (ns, key) = (ns.to_owned(), key.to_owned());
         self.db

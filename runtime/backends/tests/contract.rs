@@ -236,9 +236,11 @@ async fn kv_contract(b: &dyn KvBackend) {
     let other = unique("other");
     let now = now_secs();
     for key in ["a", "Z", "é", "pre/1", "pre/3", "pre/2", "b"] {
-        b.put(&ns, key, kv(&format!("v-{key}"), Some(&format!("{{\"k\":\"{key}\"}}")), None)).await.unwrap();
+        b.put(&ns, key, kv(&format!("v-{key}"), Some(&format!("{{\"k\":\"{key}\"}}")), None), now)
+            .await
+            .unwrap();
     }
-    b.put(&other, "a", kv("other", None, None)).await.unwrap();
+    b.put(&other, "a", kv("other", None, None), now).await.unwrap();
 
     let got = b.get(&ns, "a", now).await.unwrap().unwrap();
     assert_eq!(got, kv("v-a", Some("{\"k\":\"a\"}"), None));
@@ -261,7 +263,7 @@ async fn kv_contract(b: &dyn KvBackend) {
 
     // Expiry, judged by the caller's clock.
     let exp = now + 3600;
-    b.put(&ns, "pre/0", kv("soon", None, Some(exp))).await.unwrap();
+    b.put(&ns, "pre/0", kv("soon", None, Some(exp)), now).await.unwrap();
     assert_eq!(b.get(&ns, "pre/0", now).await.unwrap(), Some(kv("soon", None, Some(exp))));
     let listed = b.list(&ns, "pre/", None, 1, now).await.unwrap();
     assert_eq!(listed[0].name, "pre/0");
@@ -271,7 +273,7 @@ async fn kv_contract(b: &dyn KvBackend) {
     assert_eq!(names(b.list(&ns, "pre/", None, 2, exp + 1).await.unwrap()), ["pre/1", "pre/2"]);
 
     // Overwrite replaces value, metadata and expiration.
-    b.put(&ns, "pre/0", kv("again", None, None)).await.unwrap();
+    b.put(&ns, "pre/0", kv("again", None, None), now).await.unwrap();
     assert_eq!(b.get(&ns, "pre/0", exp + 10).await.unwrap(), Some(kv("again", None, None)));
 
     b.delete(&ns, "pre/2").await.unwrap();
@@ -281,7 +283,7 @@ async fn kv_contract(b: &dyn KvBackend) {
 
     // Binary values survive.
     let bytes: Vec<u8> = (0..=255).collect();
-    b.put(&ns, "bin", KvEntry { value: bytes.clone(), metadata: None, expiration: None }).await.unwrap();
+    b.put(&ns, "bin", KvEntry { value: bytes.clone(), metadata: None, expiration: None }, now).await.unwrap();
     assert_eq!(b.get(&ns, "bin", now).await.unwrap().unwrap().value, bytes);
 }
 
@@ -697,7 +699,7 @@ async fn redis_unreachable() {
     let started = Instant::now();
     assert_unavailable(kv.get("ns", "k", 0).await, started, Duration::from_secs(3));
     let started = Instant::now();
-    assert_unavailable(kv.put("ns", "k", kv_entry()).await, started, Duration::from_secs(3));
+    assert_unavailable(kv.put("ns", "k", kv_entry(), 0).await, started, Duration::from_secs(3));
 
     let (_listener, port) = silent_listener();
     let kv = RedisKv::new(&format!("redis://127.0.0.1:{port}/")).unwrap();

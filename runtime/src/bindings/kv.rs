@@ -147,7 +147,7 @@ impl HostNamespace for WorkerState {
         let (name, backend) = self.kv(&ns)?;
         let entry = KvEntry { value, metadata: options.metadata, expiration };
         let started = std::time::Instant::now();
-        let out = self.waiting(Gate::Open, backend.put(&name, &key, entry)).await?;
+        let out = self.waiting(Gate::Open, backend.put(&name, &key, entry, now)).await?;
         self.shared.metrics.binding_call("kv", backend.name(), started.elapsed(), out.is_err());
         Ok(out.map_err(|e| guest_error(&name, e)))
     }

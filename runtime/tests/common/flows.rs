@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{Server, get, post, send, unique};
+use crate::support::{Server, eventually, get, post, send, unique};
 
 pub async fn d1(s: &Server) {
     // A table of its own, so runs against a long-lived database do not collide.
@@ -258,24 +258,22 @@ pub async fn alarms(s: &Server) {
     // Not due yet.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(state().await["entries"].get("alarm_runs").is_none());
-    // Due: first run fails, then retries after 2 s and 4 s (of the manual clock).
+    // Due: the first run fails, then retries after 2 s and 4 s of the manual clock. Each step
+    // waits until the retry is scheduled before moving the clock, so the schedule is exact.
     post(&format!("{}/testing/clock/advance?ms=10000", s.admin), "").await;
-    for _ in 0..100 {
-        if state().await["entries"].get("alarm_runs").is_some() {
-            break;
+    for (runs, fired) in [("1", false), ("2", false), ("3", true)] {
+        let st = eventually("the alarm to run", async || {
+            let st = state().await;
+            let scheduled_again = !st["alarm"].is_null();
+            (st["entries"]["alarm_runs"] == runs && scheduled_again != fired).then_some(st)
+        })
+        .await;
+        if fired {
+            assert_eq!(st["entries"]["alarm_fired"], "yes");
+            assert_eq!(st["alarm"], serde_json::Value::Null, "a fired alarm is cleared: {st}");
+        } else {
+            post(&format!("{}/testing/clock/advance?ms=6000", s.admin), "").await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(state().await["entries"]["alarm_runs"], "1");
-    for expected in ["2", "3"] {
-        post(&format!("{}/testing/clock/advance?ms=6000", s.admin), "").await;
-        for _ in 0..100 {
-            if state().await["entries"]["alarm_runs"] == expected {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(state().await["entries"]["alarm_runs"], expected);
     }
     let st = state().await;
     assert_eq!(st["entries"]["alarm_fired"], "yes");

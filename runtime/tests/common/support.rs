@@ -66,6 +66,9 @@ pub struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- lattice log ---\n{}", self.log());
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -81,11 +84,13 @@ pub struct Setup {
     /// Replaces the default embedded bindings section.
     pub bindings: Option<String>,
     pub envs: Vec<(String, String)>,
+    /// Shares a secrets directory (and so the Durable Object namespace keys) with another server.
+    pub secrets_dir: Option<PathBuf>,
 }
 
 impl Setup {
     pub fn new(component: PathBuf) -> Self {
-        Self { component, extra: String::new(), tls: None, bindings: None, envs: vec![] }
+        Self { component, extra: String::new(), tls: None, bindings: None, envs: vec![], secrets_dir: None }
     }
 }
 
@@ -132,7 +137,7 @@ path = "{component}"
 cache_dir = "{cache}"
 
 [secrets]
-dir = "{data}/secrets"
+dir = "{secrets}"
 generate = ["counters_key"]
 
 [vars]
@@ -149,6 +154,7 @@ manual_clock_start_ms = 1700000000000
         component = setup.component.display(),
         cache = std::env::temp_dir().join("lattice-test-aot-cache").display(),
         extra = setup.extra,
+        secrets = setup.secrets_dir.clone().unwrap_or_else(|| data.join("secrets")).display(),
     );
     let path = dir.join("lattice.toml");
     std::fs::write(&path, config).expect("write config");
@@ -215,6 +221,19 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool, context: impl
     while !cond() {
         assert!(start.elapsed() < limit, "condition not met within {limit:?}\n{}", context());
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls `probe` until it yields a value; panics after 30 s (machines under load are slow, a
+/// correct runtime gets there long before).
+pub async fn eventually<T>(what: &str, probe: impl AsyncFn() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
