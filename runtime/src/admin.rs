@@ -43,8 +43,13 @@ async fn route(state: Arc<AdminState>, req: Request<Incoming>) -> Response<Body>
                     u8::from(b.up)
                 ));
             }
+            text.push_str("# TYPE lattice_live_objects gauge\n# TYPE lattice_object_commits_total counter\n");
             for (name, ns) in &state.shared.objects.namespaces {
                 text.push_str(&format!("lattice_live_objects{{namespace=\"{name}\"}} {}\n", ns.live_count()));
+                text.push_str(&format!(
+                    "lattice_object_commits_total{{namespace=\"{name}\"}} {}\n",
+                    ns.commit_count()
+                ));
             }
             let mut r = full(StatusCode::OK, text);
             r.headers_mut().insert(

@@ -74,6 +74,8 @@ pub struct Config {
     pub r2: BTreeMap<String, R2Binding>,
     #[serde(default)]
     pub durable_objects: BTreeMap<String, DurableObjectBinding>,
+    /// Where `signals.signal` travels besides this process; none: in-process only.
+    pub signals: Option<SignalsBinding>,
     #[serde(default)]
     pub testing: Testing,
 }
@@ -273,6 +275,12 @@ pub enum ObjectStorage {
     Postgres { url: Option<String>, url_env: Option<String> },
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "backend", rename_all = "lowercase")]
+pub enum SignalsBinding {
+    Redis { url: Option<String>, url_env: Option<String> },
+}
+
 /// Settings for tests only.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -362,6 +370,11 @@ impl Config {
                     &format!("{section}.{key}"),
                     "set exactly one of `url` or `url_env` (the name of an environment variable holding the URL with its password)",
                 ));
+            }
+        }
+        if let Some(SignalsBinding::Redis { url, url_env }) = &self.signals {
+            if url.is_some() == url_env.is_some() {
+                return Err(invalid("signals", "set exactly one of `url` or `url_env`"));
             }
         }
         Ok(())

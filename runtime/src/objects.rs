@@ -108,6 +108,8 @@ pub struct ObjectNamespace {
     storage: Arc<dyn ObjectStorageBackend>,
     live: Mutex<HashMap<String, Arc<LiveObject>>>,
     alarm_retries: Mutex<HashMap<String, u32>>,
+    /// Storage commits made; fewer than events when writes were grouped.
+    commits: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ObjectNamespace {
@@ -132,6 +134,7 @@ impl ObjectNamespace {
             storage,
             live: Mutex::new(HashMap::new()),
             alarm_retries: Mutex::new(HashMap::new()),
+            commits: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
 
@@ -207,6 +210,7 @@ impl ObjectNamespace {
             ObjectAddr { namespace: self.storage_id.clone(), id: id.to_owned(), shard },
             epoch,
             self.storage.clone(),
+            self.commits.clone(),
         ));
         live.insert(id.to_owned(), obj.clone());
         Ok(obj)
@@ -216,6 +220,10 @@ impl ObjectNamespace {
     pub fn evict_idle(&self, idle: Duration) {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         live.retain(|_, o| !(o.is_broken() || (o.idle_for() >= idle && o.is_quiet())));
+    }
+
+    pub fn commit_count(&self) -> u64 {
+        self.commits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn live_count(&self) -> usize {
@@ -292,10 +300,16 @@ pub struct LiveObject {
     inner: Mutex<Inner>,
     durable: watch::Sender<Durability>,
     last_used: Mutex<Instant>,
+    commits: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl LiveObject {
-    fn new(addr: ObjectAddr, epoch: u64, storage: Arc<dyn ObjectStorageBackend>) -> Self {
+    fn new(
+        addr: ObjectAddr,
+        epoch: u64,
+        storage: Arc<dyn ObjectStorageBackend>,
+        commits: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
         Self {
             addr,
             epoch,
@@ -315,6 +329,7 @@ impl LiveObject {
             }),
             durable: watch::channel(Durability::UpTo(0)).0,
             last_used: Mutex::new(Instant::now()),
+            commits,
         }
     }
 
@@ -497,6 +512,7 @@ impl LiveObject {
             };
             match self.storage.commit(&self.addr, self.epoch, &batch.into_write()).await {
                 Ok(()) => {
+                    self.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.durable.send_replace(Durability::UpTo(upto));
                 }
                 Err(e) => {

@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use lattice_backends::{KvBackend, ObjectBackend, ObjectStorageBackend, SqlBackend};
+use lattice_backends::{KvBackend, ObjectBackend, ObjectStorageBackend, SignalBus, SqlBackend};
 use wasmtime::Engine;
 
 use crate::clock::Clock;
-use crate::config::{self, Config, D1Binding, KvBinding, ObjectStorage, R2Binding};
+use crate::config::{self, Config, D1Binding, KvBinding, ObjectStorage, R2Binding, SignalsBinding};
 use crate::engine::{self, Prepared};
 use crate::metrics::Metrics;
 use crate::objects::{LocalPlacement, ObjectNamespace, Objects};
@@ -83,6 +83,10 @@ pub struct Shared {
     pub clock: Clock,
     pub metrics: Arc<Metrics>,
     pub signals: Arc<Signals>,
+    /// Carries signals to the other runtime processes; `None` in embedded mode.
+    pub signal_bus: Option<Arc<dyn SignalBus>>,
+    /// Tags this process's own messages on the bus, so it does not wake its waiters twice.
+    pub process_id: String,
     pub outbound: Arc<OutboundPolicy>,
     pub secrets: Arc<Secrets>,
     pub d1: HashMap<String, Arc<dyn SqlBackend>>,
@@ -190,10 +194,31 @@ impl Shared {
             );
         }
         let outbound = Arc::new(OutboundPolicy::new(&config.outbound)?);
+        let signals = Arc::new(Signals::new());
+        let process_id = hex::encode(rand::random::<[u8; 8]>());
+        let signal_bus: Option<Arc<dyn SignalBus>> = match &config.signals {
+            None => None,
+            Some(SignalsBinding::Redis { url: u, url_env }) => {
+                let bus = Arc::new(lattice_backends::redis::RedisSignals::new(&url(u, url_env, "signals")?)?);
+                let local = signals.clone();
+                let me = process_id.clone();
+                bus.subscribe(Arc::new(move |message: &str| {
+                    // "<process id> <key>"; our own were signalled locally already.
+                    if let Some((from, key)) = message.split_once(' ') {
+                        if from != me {
+                            local.signal(key);
+                        }
+                    }
+                }));
+                Some(bus)
+            }
+        };
         Ok(Arc::new(Self {
             clock,
             metrics: Arc::new(Metrics::default()),
-            signals: Arc::new(Signals::new()),
+            signals,
+            signal_bus,
+            process_id,
             outbound,
             secrets,
             d1,

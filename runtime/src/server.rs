@@ -197,9 +197,20 @@ async fn handle_inner(shared: &Arc<Shared>, scheme: Scheme, req: Request<Incomin
             Ok(Err(_)) => return error_response(StatusCode::BAD_REQUEST, "request body broken", None),
             Ok(Ok(c)) => c.to_bytes(),
         };
+    respond(shared, scheme, &parts, body).await
+}
+
+/// Serves a request whose body is already read: instantiate, call, park as often as asked.
+pub async fn respond(
+    shared: &Arc<Shared>,
+    scheme: Scheme,
+    parts: &http::request::Parts,
+    body: Bytes,
+) -> Response<Body> {
+    let limits = &shared.config.limits;
     let mut wake = None;
     loop {
-        match invoke(shared, &parts, &body, &scheme, wake).await {
+        match invoke(shared, parts, &body, &scheme, wake).await {
             Invocation::Respond(r) => return r,
             Invocation::Park(p, since) => {
                 if wake == Some(Wake::Shutdown) {

@@ -250,3 +250,35 @@ async fn sigterm_answers_parked_requests_and_exits() {
     let exit = s.child.wait().expect("wait");
     assert!(exit.success(), "runtime exited with {exit:?}\n{}", s.log());
 }
+
+/// Reads until the server closes the connection; returns what it sent and how long it took.
+fn read_until_closed(mut tcp: std::net::TcpStream) -> (Vec<u8>, Duration) {
+    use std::io::Read as _;
+    let started = std::time::Instant::now();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tcp.read(&mut buf) {
+            Ok(0) | Err(_) => return (got, started.elapsed()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_connections_are_closed() {
+    use std::io::Write as _;
+    let s = conformance("[limits]\nheader_timeout_ms = 300\n");
+    // Half a request line, then nothing: closed after the header timeout.
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+    tcp.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n").expect("write");
+    let (_, took) = read_until_closed(tcp);
+    assert!(took < Duration::from_secs(5), "slow headers kept the connection for {took:?}");
+    // A whole request, then an idle keep-alive connection: closed too.
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+    tcp.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    let (got, took) = read_until_closed(tcp);
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+    assert!(took < Duration::from_secs(5), "an idle connection was kept for {took:?}");
+}

@@ -54,3 +54,25 @@ async fn a_superseded_owner_is_fenced() {
     assert!(first.log().contains("write fenced"), "{}", first.log());
     assert_eq!(inc(&second).await.json()["count"], 2);
 }
+
+/// A request parked on one runtime process wakes when another process signals its key
+/// (signals over Redis pub/sub).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_cross_processes_over_redis() {
+    let signals = "[signals]\nbackend = \"redis\"\nurl_env = \"LATTICE_TEST_REDIS_URL\"\n";
+    let (Some(a), Some(b)) = (production_setup(signals), production_setup(signals)) else { return };
+    let (a, b) = (start(a), start(b));
+    let key = format!("room-{}", support::unique());
+    let url = format!("{}/wait?key={key}&timeout=60000", a.url);
+    let waiter = tokio::spawn(async move { support::get(&url).await });
+    support::eventually("the request to park on the first process", async || {
+        let m = support::get(&format!("{}/metrics", a.admin)).await;
+        String::from_utf8_lossy(&m.body).contains("lattice_parked_requests 1").then_some(())
+    })
+    .await;
+    let started = std::time::Instant::now();
+    assert_eq!(support::post(&format!("{}/signal?key={key}", b.url), "").await.status, 200);
+    let r = waiter.await.expect("task");
+    assert_eq!(r.json()["woke"], "signal");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "wake-up took {:?}", started.elapsed());
+}

@@ -257,11 +257,93 @@ fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Benchmarks: in-process instantiate-and-call and TLS handshakes, backend call latency on
+/// every backend (the services are started for it), and HTTP(S) throughput with wrk, the
+/// server pinned to core 0 and wrk to core 1.
 fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
     let guests = build_guests(root)?;
-    run(cargo()
-        .current_dir(root)
-        .args(["bench", "-p", "lattice-runtime"])
-        .args(args)
-        .env("LATTICE_GUEST_DIR", &guests))
+    let state = cache_dir().join("bench-services");
+    let services = root.join("scripts/services.sh");
+    run(Command::new("bash").arg(&services).arg("start").arg(&state))?;
+    let result = (|| {
+        let env = read_env(&state.join("env"))?;
+        run(cargo()
+            .current_dir(root)
+            .args(["bench", "-p", "lattice-runtime", "-p", "lattice-backends"])
+            .args(args)
+            .envs(env)
+            .env("LATTICE_GUEST_DIR", &guests))?;
+        http_throughput(root, &guests)
+    })();
+    let _ = Command::new("bash").arg(&services).arg("stop").arg(&state).status();
+    result
+}
+
+fn http_throughput(root: &Path, guests: &Path) -> anyhow::Result<()> {
+    if Command::new("wrk").arg("--version").output().is_err() {
+        run(Command::new("apt-get").args(["install", "-y", "-qq", "wrk"]))?;
+    }
+    run(cargo().current_dir(root).args(["build", "--release", "-p", "lattice-runtime", "--bin", "lattice"]))?;
+    let bin = target_dir(root).join("release/lattice");
+    let dir = std::env::temp_dir().join(format!("lattice-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()])?;
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    let k = rcgen::KeyPair::generate()?;
+    let c = params.self_signed(&k)?;
+    std::fs::write(dir.join("cert.pem"), c.pem())?;
+    std::fs::write(dir.join("key.pem"), k.serialize_pem())?;
+    for (label, tls) in [
+        ("http", "[tls]\nplain_http = true\n".to_owned()),
+        (
+            "https",
+            format!(
+                "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+                dir.join("cert.pem").display(),
+                dir.join("key.pem").display()
+            ),
+        ),
+    ] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{d}\"\n{tls}\n[component]\npath = \"{c}\"\n",
+            d = dir.join("data").display(),
+            c = guests.join("hello.wasm").display()
+        );
+        let path = dir.join(format!("{label}.toml"));
+        std::fs::write(&path, config)?;
+        let mut server = Command::new("taskset")
+            .args(["-c", "0"])
+            .arg(&bin)
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("LATTICE_LOG", "warn")
+            .spawn()?;
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if started.elapsed().as_secs() > 60 {
+                let _ = server.kill();
+                bail!("the benchmark server did not start");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let url = format!("{label}://127.0.0.1:{port}/");
+        // Warm-up, then three measured runs.
+        let _ = Command::new("taskset").args(["-c", "1", "wrk", "-t1", "-c32", "-d3s", &url]).output();
+        for run_no in 1..=3 {
+            let out = Command::new("taskset")
+                .args(["-c", "1", "wrk", "-t1", "-c64", "-d10s", "--latency", &url])
+                .output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let rps = text.lines().find(|l| l.starts_with("Requests/sec")).unwrap_or("Requests/sec: ?");
+            let p50 =
+                text.lines().find(|l| l.trim_start().starts_with("50%")).unwrap_or("50% ?").trim().to_owned();
+            let errors = text.lines().find(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
+            println!("wrk {label} run {run_no}: {rps} | p50 {p50} | errors: {}", errors.unwrap_or("none"));
+        }
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }

@@ -299,3 +299,19 @@ pub trait ObjectStorageBackend: Send + Sync {
     ) -> Result<Vec<(ObjectAddr, u64)>, BackendError>;
     async fn ping(&self) -> Result<(), BackendError>;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Signals across processes
+
+/// Carries `signal(key)` to every runtime process. Each process keeps its own parked requests;
+/// a bus only fans keys out, so a signal published after a commit reaches every pod after it.
+#[async_trait]
+pub trait SignalBus: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Publishes `key` to every subscribed process (this one included).
+    async fn publish(&self, key: &str) -> Result<(), BackendError>;
+    /// Calls `deliver` for every key published anywhere, until the process ends; reconnects on
+    /// its own after an outage (signals published during it are lost: parked requests still
+    /// wake at their timeout).
+    fn subscribe(&self, deliver: std::sync::Arc<dyn Fn(&str) + Send + Sync>);
+}

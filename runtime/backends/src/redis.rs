@@ -3,7 +3,8 @@
 //! Layout, per namespace `ns` (the `{ns}` hash tag keeps a namespace in one cluster slot):
 //! - `lattice:kv:{<ns>}:e:<key>`: a hash with fields `v` (value), `m` (metadata, absent when
 //!   none) and `x` (expiration in seconds, absent when none); with an expiration, the hash also
-//!   carries Redis's own expiry (`PEXPIREAT`), so Redis frees it by itself.
+//!   carries Redis's own expiry (`PEXPIRE`, relative to the caller's clock), so Redis frees it
+//!   by itself.
 //! - `lattice:kv:{<ns>}:idx`: a sorted set of every key, all scores 0, so `ZRANGEBYLEX` walks
 //!   keys in byte order (`SCAN` has no order).
 //!
@@ -11,6 +12,8 @@
 //! index and reads the hashes; an index member whose hash has expired or vanished is skipped and
 //! removed (by a script that re-checks, so a concurrent `put` is never undone). Expiry is also
 //! judged against the caller's `now`, so an injected clock is honoured.
+//!
+//! Signals across pods: [`RedisSignals`] publishes keys on one pub/sub channel.
 //!
 //! Every call is bounded by [`OPERATION_TIMEOUT`]; a Redis that is down answers `Unavailable`
 //! within about [`CONNECT_TIMEOUT`], and the connection manager reconnects once it is back.
@@ -21,7 +24,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Value};
 
-use crate::{BackendError, KvBackend, KvEntry, KvKey};
+use crate::{BackendError, KvBackend, KvEntry, KvKey, SignalBus};
 
 const BACKEND: &str = "redis";
 
@@ -243,5 +246,77 @@ impl KvBackend for RedisKv {
     async fn ping(&self) -> Result<(), BackendError> {
         let mut conn = self.conn.clone();
         bounded(async move { conn.ping::<String>().await.map(drop) }).await
+    }
+}
+
+/// The pub/sub channel signals travel on.
+pub const SIGNAL_CHANNEL: &str = "lattice:signals";
+/// Wait before resubscribing after the subscription broke.
+const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
+
+/// Signals across pods over Redis pub/sub.
+#[derive(Clone)]
+pub struct RedisSignals {
+    client: redis::Client,
+    conn: ConnectionManager,
+}
+
+impl std::fmt::Debug for RedisSignals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSignals").finish_non_exhaustive()
+    }
+}
+
+impl RedisSignals {
+    pub fn new(url: &str) -> Result<Self, BackendError> {
+        let client = redis::Client::open(url).map_err(unavailable)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(unavailable)?;
+        Ok(Self { client, conn })
+    }
+}
+
+#[async_trait]
+impl SignalBus for RedisSignals {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn publish(&self, key: &str) -> Result<(), BackendError> {
+        let mut conn = self.conn.clone();
+        bounded(async move { conn.publish::<_, _, ()>(SIGNAL_CHANNEL, key).await }).await
+    }
+
+    fn subscribe(&self, deliver: std::sync::Arc<dyn Fn(&str) + Send + Sync>) {
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt as _;
+            loop {
+                let subscribed = async {
+                    let mut pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
+                        .await
+                        .map_err(|_| "timed out".to_string())?
+                        .map_err(|e| e.to_string())?;
+                    pubsub.subscribe(SIGNAL_CHANNEL).await.map_err(|e| e.to_string())?;
+                    Ok::<_, String>(pubsub)
+                }
+                .await;
+                match subscribed {
+                    Ok(pubsub) => {
+                        let mut messages = pubsub.into_on_message();
+                        while let Some(msg) = messages.next().await {
+                            if let Ok(key) = msg.get_payload::<String>() {
+                                deliver(&key);
+                            }
+                        }
+                        tracing::warn!("redis signal subscription ended; resubscribing");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot subscribe to redis signals; retrying"),
+                }
+                tokio::time::sleep(RESUBSCRIBE_DELAY).await;
+            }
+        });
     }
 }

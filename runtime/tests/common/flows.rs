@@ -219,6 +219,10 @@ pub async fn objects(s: &Server) {
         assert!(seen.insert(r.json()["count"].as_u64().unwrap_or(0)), "a counter value was handed out twice");
     }
     assert_eq!(seen, (1..=50).collect::<BTreeSet<u64>>());
+    // Group commit: the 50 events' writes went to storage in fewer commits.
+    let commits = metric(s, "lattice_object_commits_total{namespace=\"COUNTERS\"}").await;
+    eprintln!("50 increments, {commits} commits");
+    assert!(commits < 50.0, "every event committed on its own ({commits} commits)");
 
     // 20 items, 50 concurrent claims: exactly 20 distinct items go out.
     assert_eq!(post(&format!("{}/do/fill?name={p}pool&n=20", s.url), "").await.status, 200);
@@ -278,4 +282,13 @@ pub async fn alarms(s: &Server) {
     let st = state().await;
     assert_eq!(st["entries"]["alarm_fired"], "yes");
     assert_eq!(st["alarm"], serde_json::Value::Null, "a fired alarm is cleared: {st}");
+}
+
+/// One sample from the admin listener's /metrics.
+pub async fn metric(s: &Server, series: &str) -> f64 {
+    let m = get(&format!("{}/metrics", s.admin)).await;
+    String::from_utf8_lossy(&m.body)
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {series} in /metrics"))
 }
