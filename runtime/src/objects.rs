@@ -147,7 +147,11 @@ impl ObjectNamespace {
     }
 
     fn mac16(&self, data: &[u8]) -> [u8; 16] {
-        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable_hmac());
+        // HMAC pads keys shorter than the hash's block to the block with zeros (RFC 2104), so
+        // padding here gives the same MAC through the infallible constructor.
+        let mut block = [0u8; 64];
+        block[..32].copy_from_slice(&self.key);
+        let mut mac = <HmacSha256 as hmac::digest::KeyInit>::new(&block.into());
         mac.update(data);
         let full = mac.finalize().into_bytes();
         let mut out = [0u8; 16];
@@ -195,7 +199,9 @@ impl ObjectNamespace {
         u32::try_from(u64::from_be_bytes(b) % u64::from(self.shards)).unwrap_or(0)
     }
 
-    fn live_object(&self, placement: &dyn Placement, id: &str) -> Result<Arc<LiveObject>, ObjectError> {
+    /// The live object for `id`, created when absent. The returned [`Hold`] keeps it from being
+    /// evicted until dropped, so two live copies of one object never exist in this process.
+    fn live_object(&self, placement: &dyn Placement, id: &str) -> Result<Hold, ObjectError> {
         let shard = self.shard_of(id);
         let epoch = placement.epoch(&self.storage_id, shard).ok_or(ObjectError::NotOwner(shard))?;
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
@@ -204,7 +210,7 @@ impl ObjectNamespace {
             && !obj.is_broken()
         {
             obj.touch();
-            return Ok(obj.clone());
+            return Ok(Hold::new(obj.clone()));
         }
         let obj = Arc::new(LiveObject::new(
             ObjectAddr { namespace: self.storage_id.clone(), id: id.to_owned(), shard },
@@ -213,13 +219,16 @@ impl ObjectNamespace {
             self.commits.clone(),
         ));
         live.insert(id.to_owned(), obj.clone());
-        Ok(obj)
+        Ok(Hold::new(obj))
     }
 
     /// Drops idle objects that have nothing left to flush.
     pub fn evict_idle(&self, idle: Duration) {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        live.retain(|_, o| !(o.is_broken() || (o.idle_for() >= idle && o.is_quiet())));
+        live.retain(|_, o| {
+            let held = o.holds.load(std::sync::atomic::Ordering::SeqCst) > 0;
+            held || !(o.is_broken() || (o.idle_for() >= idle && o.is_quiet()))
+        });
     }
 
     pub fn commit_count(&self) -> u64 {
@@ -229,11 +238,6 @@ impl ObjectNamespace {
     pub fn live_count(&self) -> usize {
         self.live.lock().map(|l| l.len()).unwrap_or(0)
     }
-}
-
-fn unreachable_hmac() -> HmacSha256 {
-    // HMAC accepts keys of any length; this is never reached.
-    panic!("HMAC-SHA256 rejected a 32-byte key")
 }
 
 /// The object's view of its storage, with what is not durable yet.
@@ -301,6 +305,31 @@ pub struct LiveObject {
     durable: watch::Sender<Durability>,
     last_used: Mutex<Instant>,
     commits: Arc<std::sync::atomic::AtomicU64>,
+    /// Events and alarms that hold this object (see [`Hold`]).
+    holds: std::sync::atomic::AtomicUsize,
+}
+
+/// A use of a live object; while any exists the object is not evicted.
+pub struct Hold(Arc<LiveObject>);
+
+impl Hold {
+    fn new(obj: Arc<LiveObject>) -> Self {
+        obj.holds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(obj)
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.0.holds.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl std::ops::Deref for Hold {
+    type Target = Arc<LiveObject>;
+    fn deref(&self) -> &Arc<LiveObject> {
+        &self.0
+    }
 }
 
 impl LiveObject {
@@ -330,6 +359,7 @@ impl LiveObject {
             durable: watch::channel(Durability::UpTo(0)).0,
             last_used: Mutex::new(Instant::now()),
             commits,
+            holds: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -821,6 +851,15 @@ mod tests {
         // Another namespace key does not accept it.
         let other = ObjectNamespace::new("X".into(), "Room".into(), b"other", 16, n.storage.clone());
         assert!(other.id_from_string(&a).is_err());
+    }
+
+    #[test]
+    fn id_mac_matches_plain_hmac() {
+        // The padded-key construction equals HMAC-SHA256 with the 32-byte key.
+        let n = ns();
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(&n.key).expect("any key length");
+        mac.update(b"name");
+        assert_eq!(n.mac16(b"name")[..], mac.finalize().into_bytes()[..16]);
     }
 
     #[test]
