@@ -56,6 +56,8 @@ pub struct Metrics {
     pub guest_deadline: AtomicU64,
     /// (binding, backend) -> (calls, errors, latency)
     bindings: Mutex<BTreeMap<(&'static str, &'static str), Series>>,
+    /// Inbound TLS handshakes by negotiated key-exchange group.
+    tls_groups: Mutex<BTreeMap<String, u64>>,
     /// namespace -> (events, errors, latency)
     objects: Mutex<BTreeMap<String, Series>>,
 }
@@ -73,6 +75,12 @@ impl Metrics {
     pub fn instantiated(&self, d: Duration) {
         if let Ok(mut h) = self.instantiate.lock() {
             h.observe(d);
+        }
+    }
+
+    pub fn tls_handshake(&self, group: &str) {
+        if let Ok(mut m) = self.tls_groups.lock() {
+            *m.entry(group.to_owned()).or_default() += 1;
         }
     }
 
@@ -139,6 +147,12 @@ impl Metrics {
             "# TYPE lattice_guest_deadline_total counter\nlattice_guest_deadline_total {}",
             self.guest_deadline.load(Ordering::Relaxed)
         );
+        out.push_str("# TYPE lattice_tls_handshakes_total counter\n");
+        if let Ok(m) = self.tls_groups.lock() {
+            for (group, n) in m.iter() {
+                let _ = writeln!(out, "lattice_tls_handshakes_total{{group=\"{group}\"}} {n}");
+            }
+        }
         out.push_str("# TYPE lattice_binding_calls_total counter\n# TYPE lattice_binding_errors_total counter\n# TYPE lattice_binding_call_duration_seconds histogram\n");
         if let Ok(m) = self.bindings.lock() {
             for ((binding, backend), (calls, errors, h)) in m.iter() {

@@ -277,6 +277,7 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let handshake_timeout = Duration::from_millis(limits.header_timeout_ms);
         tokio::spawn(async move {
+            let metrics = shared.metrics.clone();
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 let scheme = scheme.clone();
@@ -288,10 +289,13 @@ pub async fn serve(
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            metrics.tls_handshake("failed");
                             return;
                         }
                         Err(_) => return,
                     };
+                    let group = stream.get_ref().1.negotiated_key_exchange_group().map(|g| g.name());
+                    metrics.tls_handshake(&group.map_or_else(|| "none".to_owned(), |g| format!("{g:?}")));
                     let conn = builder.serve_connection(TokioIo::new(stream), service);
                     if let Err(e) = watcher.watch(conn.into_owned()).await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");

@@ -158,3 +158,24 @@ async fn certificates_are_reloaded_when_files_change() {
     }
     assert_eq!(served, Some(second), "the new certificate was never served");
 }
+
+/// Outbound requests use the same PQ-preferring TLS, trust `outbound.extra_ca`, and follow
+/// `outbound.overrides`: a worker calls another runtime over HTTPS, which counts the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_https_is_post_quantum_and_trusts_extra_ca() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    write_cert(certs.path());
+    let target = start(tls_setup(certs.path(), "preferred"));
+    let mut caller = Setup::new(guest("conformance"));
+    caller.extra = format!(
+        "[outbound]\nextra_ca = [\"{}\"]\noverrides = {{ \"localhost\" = \"127.0.0.1:{}\" }}\n",
+        certs.path().join("cert.pem").display(),
+        target.port
+    );
+    let caller = start(caller);
+    let r = support::get(&format!("{}/outbound?url=https://localhost/", caller.url)).await;
+    assert_eq!(r.json()["status"], 200, "{}", String::from_utf8_lossy(&r.body));
+    let m = support::get(&format!("{}/metrics", target.admin)).await;
+    let text = String::from_utf8_lossy(&m.body);
+    assert!(text.contains("lattice_tls_handshakes_total{group=\"X25519MLKEM768\"} 1"), "{text}");
+}
