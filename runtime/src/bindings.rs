@@ -41,6 +41,21 @@ pub(crate) use generated::lattice::bindings::types::{Error as GuestError, Unavai
 /// Seconds a guest is told to wait after a backend outage.
 pub const UNAVAILABLE_RETRY_AFTER_SECS: u32 = 2;
 
+/// A list cursor: the last key returned, opaque to the guest (KV and R2).
+pub(crate) fn encode_cursor(key: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.as_bytes())
+}
+
+pub(crate) fn decode_cursor(cursor: &str) -> Result<String, GuestError> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| GuestError::Invalid("Invalid cursor".into()))
+}
+
 /// Maps a backend failure to what the guest may see; details go to the log.
 pub(crate) fn guest_error(binding: &str, e: BackendError) -> GuestError {
     match e {

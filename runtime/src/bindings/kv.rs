@@ -2,14 +2,13 @@
 
 use std::sync::Arc;
 
-use base64::Engine as _;
 use lattice_backends::{KvBackend, KvEntry};
 use wasmtime::component::Resource;
 
 use super::generated::lattice::bindings::kv::{
     Host, HostNamespace, KeyInfo, ListOptions, ListResult, PutOptions, ValueWithMetadata,
 };
-use super::{GuestError, guest_error};
+use super::{GuestError, decode_cursor, encode_cursor, guest_error};
 use crate::state::{Gate, WorkerState};
 
 /// workerd/miniflare: shortest allowed expiration TTL, and distance of an absolute expiration.
@@ -63,18 +62,6 @@ pub fn expiration(options: &PutOptions, now_secs: u64) -> Result<Option<u64>, Gu
         }
         (None, None) => Ok(None),
     }
-}
-
-fn encode_cursor(key: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.as_bytes())
-}
-
-fn decode_cursor(cursor: &str) -> Result<String, GuestError> {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(cursor)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .ok_or_else(|| GuestError::Invalid("Invalid cursor".into()))
 }
 
 impl WorkerState {

@@ -7,7 +7,6 @@
 
 use std::sync::Arc;
 
-use base64::Engine as _;
 use lattice_backends::{ByteRange, HttpMetadata as BHttp, ObjectBackend, ObjectMeta};
 use md5::Md5;
 use sha2::{Digest as _, Sha256};
@@ -17,7 +16,7 @@ use super::generated::lattice::bindings::r2::{
     Checksums, Conditional, GetOptions, GetResult, Host, HostBucket, HttpMetadata, ListOptions, ListResult,
     Object, PutOptions, Range, UploadedPart,
 };
-use super::{Fail, GuestError, finish, guest_error};
+use super::{Fail, GuestError, decode_cursor, encode_cursor, finish, guest_error};
 use crate::state::{Gate, WorkerState};
 
 /// R2: longest key in bytes.
@@ -130,18 +129,6 @@ pub fn resolve_range(r: &Range, size: u64) -> Result<ByteRange, GuestError> {
 
 fn new_version() -> String {
     hex::encode(rand::random::<[u8; 16]>())
-}
-
-fn encode_cursor(key: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.as_bytes())
-}
-
-fn decode_cursor(cursor: &str) -> Result<String, GuestError> {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(cursor)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .ok_or_else(|| GuestError::Invalid("Invalid cursor".into()))
 }
 
 /// Options of a multipart upload, kept as its part 0.
