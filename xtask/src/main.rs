@@ -139,6 +139,14 @@ dir = "{d}/data/secrets"
     run(Command::new(bin).args(["serve", "--config"]).arg(&config_path))
 }
 
+/// Removes a stopped services state directory, and the PostgreSQL cluster if it lives elsewhere.
+fn remove_services_state(state: &Path) {
+    if let Ok(home) = std::fs::read_to_string(state.join("postgres/home")) {
+        let _ = std::fs::remove_dir_all(home.trim());
+    }
+    let _ = std::fs::remove_dir_all(state);
+}
+
 /// Reads `export K=V` lines written by scripts/services.sh.
 fn read_env(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -183,7 +191,8 @@ fn ci(root: &Path) -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    let state = cache_dir().join("ci-services");
+    // A state directory of this run's own: ports are picked afresh, nothing stale is reused.
+    let state = cache_dir().join("services").join(format!("ci-{}", std::process::id()));
     let services = root.join("scripts/services.sh");
     let start = Command::new("bash").arg(&services).arg("start").arg(&state).status();
     let result = (|| {
@@ -210,7 +219,9 @@ fn ci(root: &Path) -> anyhow::Result<()> {
             .env("LATTICE_REQUIRE_SERVICES", "1"))
     })();
     let stop = Command::new("bash").arg(&services).arg("stop").arg(&state).status();
-    if !stop.as_ref().is_ok_and(|s| s.success()) {
+    if stop.as_ref().is_ok_and(|s| s.success()) {
+        remove_services_state(&state);
+    } else {
         eprintln!("xtask: stopping the services failed: {stop:?}");
     }
     result?;
@@ -262,7 +273,7 @@ fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) -> anyhow::Result<()> {
 /// server pinned to core 0 and wrk to core 1.
 fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
     let guests = build_guests(root)?;
-    let state = cache_dir().join("bench-services");
+    let state = cache_dir().join("services").join(format!("bench-{}", std::process::id()));
     let services = root.join("scripts/services.sh");
     run(Command::new("bash").arg(&services).arg("start").arg(&state))?;
     let result = (|| {
@@ -275,7 +286,9 @@ fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
             .env("LATTICE_GUEST_DIR", &guests))?;
         http_throughput(root, &guests)
     })();
-    let _ = Command::new("bash").arg(&services).arg("stop").arg(&state).status();
+    if Command::new("bash").arg(&services).arg("stop").arg(&state).status().is_ok_and(|s| s.success()) {
+        remove_services_state(&state);
+    }
     result
 }
 
