@@ -43,7 +43,7 @@ fn config(dir: &std::path::Path, component: &std::path::Path, tls: &str) -> Conf
     Config::parse(std::path::Path::new("bench.toml"), &text).expect("config")
 }
 
-async fn instantiate_and_call(component: &std::path::Path) {
+async fn instantiate_and_call(component: &std::path::Path, label: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let shared =
         Shared::build(config(dir.path(), component, "[tls]\nplain_http = true\n")).await.expect("build");
@@ -65,7 +65,7 @@ async fn instantiate_and_call(component: &std::path::Path) {
             samples.push(took);
         }
     }
-    report("instantiate+call hello (in process, no network)", samples);
+    report(&format!("instantiate+call hello (in process, no network, {label})"), samples);
 }
 
 async fn handshakes(component: &std::path::Path) {
@@ -134,9 +134,13 @@ fn main() {
         return;
     };
     let hello = PathBuf::from(dir).join("hello.wasm");
+    // One thread: what a pod pinned to one core does per request. Then the default
+    // multi-threaded runtime, where the guest task and the caller may sit on different threads.
+    let one = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    one.block_on(instantiate_and_call(&hello, "current-thread runtime"));
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
-        instantiate_and_call(&hello).await;
+        instantiate_and_call(&hello, "multi-thread runtime").await;
         handshakes(&hello).await;
     });
 }

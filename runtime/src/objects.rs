@@ -58,6 +58,8 @@ pub enum ObjectError {
     Guest(String),
     #[error("the event ran past its execution limit")]
     Deadline,
+    #[error("transaction: {0}")]
+    Transaction(&'static str),
 }
 
 /// Which shards this process owns, and under which epoch.
@@ -241,7 +243,7 @@ impl ObjectNamespace {
 }
 
 /// The object's view of its storage, with what is not durable yet.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Pending {
     delete_all: bool,
     entries: BTreeMap<String, Option<Vec<u8>>>,
@@ -294,6 +296,55 @@ struct Inner {
     write_seq: u64,
     flushing: bool,
     broken: bool,
+    txn: Option<Txn>,
+}
+
+/// An open transaction: what rollback restores.
+struct Txn {
+    /// Each key's cache entry before its first write in the transaction (`None`: not cached).
+    undo: BTreeMap<String, Option<Option<Vec<u8>>>>,
+    /// After a delete-all inside the transaction: the whole view just before it.
+    before_delete_all: Option<(BTreeMap<String, Option<Vec<u8>>>, bool)>,
+    open: Pending,
+    open_seq: u64,
+    /// Rolled-back writes never reach a flush, so nothing may wait for their sequence numbers.
+    write_seq: u64,
+    alarm: Option<Option<u64>>,
+}
+
+impl Inner {
+    /// Records `key`'s entry before its first write inside a transaction.
+    fn remember(&mut self, key: &str) {
+        let prior = self.cache.get(key).cloned();
+        if let Some(t) = self.txn.as_mut()
+            && t.before_delete_all.is_none()
+        {
+            t.undo.entry(key.to_owned()).or_insert(prior);
+        }
+    }
+
+    fn rollback(&mut self) -> bool {
+        let Some(t) = self.txn.take() else { return false };
+        if let Some((cache, complete)) = t.before_delete_all {
+            self.cache = cache;
+            self.complete = complete;
+        }
+        for (k, prior) in t.undo {
+            match prior {
+                None => {
+                    self.cache.remove(&k);
+                }
+                Some(v) => {
+                    self.cache.insert(k, v);
+                }
+            }
+        }
+        self.open = t.open;
+        self.open_seq = t.open_seq;
+        self.write_seq = t.write_seq;
+        self.alarm = t.alarm;
+        true
+    }
 }
 
 pub struct LiveObject {
@@ -355,6 +406,7 @@ impl LiveObject {
                 write_seq: 0,
                 flushing: false,
                 broken: false,
+                txn: None,
             }),
             durable: watch::channel(Durability::UpTo(0)).0,
             last_used: Mutex::new(Instant::now()),
@@ -424,6 +476,7 @@ impl LiveObject {
         self.check()?;
         let mut i = self.lock();
         for (k, v) in entries {
+            i.remember(&k);
             i.cache.insert(k.clone(), Some(v.clone()));
             i.open.entries.insert(k, Some(v));
         }
@@ -436,6 +489,7 @@ impl LiveObject {
         let existing = self.get(keys).await?.len();
         let mut i = self.lock();
         for k in keys {
+            i.remember(k);
             i.cache.insert(k.clone(), None);
             i.open.entries.insert(k.clone(), None);
         }
@@ -447,6 +501,14 @@ impl LiveObject {
     pub fn delete_all(&self) -> Result<(), ObjectError> {
         self.check()?;
         let mut i = self.lock();
+        if let Some(t) = i.txn.as_ref()
+            && t.before_delete_all.is_none()
+        {
+            let snapshot = (i.cache.clone(), i.complete);
+            if let Some(t) = i.txn.as_mut() {
+                t.before_delete_all = Some(snapshot);
+            }
+        }
         i.cache.clear();
         i.complete = true;
         i.alarm = Some(None);
@@ -512,6 +574,47 @@ impl LiveObject {
         Ok(())
     }
 
+    pub fn transaction_begin(&self) -> Result<(), ObjectError> {
+        self.check()?;
+        let mut i = self.lock();
+        if i.txn.is_some() {
+            return Err(ObjectError::Transaction("a transaction is already open"));
+        }
+        i.txn = Some(Txn {
+            undo: BTreeMap::new(),
+            before_delete_all: None,
+            open: i.open.clone(),
+            open_seq: i.open_seq,
+            write_seq: i.write_seq,
+            alarm: i.alarm,
+        });
+        Ok(())
+    }
+
+    pub fn transaction_commit(&self) -> Result<(), ObjectError> {
+        self.check()?;
+        match self.lock().txn.take() {
+            Some(_) => Ok(()),
+            None => Err(ObjectError::Transaction("no transaction is open")),
+        }
+    }
+
+    pub fn transaction_rollback(&self) -> Result<(), ObjectError> {
+        self.check()?;
+        if self.lock().rollback() { Ok(()) } else { Err(ObjectError::Transaction("no transaction is open")) }
+    }
+
+    fn in_transaction(&self) -> bool {
+        self.lock().txn.is_some()
+    }
+
+    /// Rolls back a transaction the event left open (it ended or trapped inside it).
+    fn abandon_transaction(&self) {
+        if self.lock().rollback() {
+            tracing::warn!(namespace = %self.addr.namespace, id = %self.addr.id, "an event ended inside a transaction; rolled back");
+        }
+    }
+
     /// Seals the open writes and makes sure a flusher runs; returns the sequence number a
     /// response sent now must wait for.
     fn seal(self: &Arc<Self>) -> u64 {
@@ -575,6 +678,9 @@ impl LiveObject {
 
     /// `storage.sync()`: seal what this event wrote and wait until it is durable.
     pub async fn sync(self: &Arc<Self>) -> Result<(), ObjectError> {
+        if self.in_transaction() {
+            return Err(ObjectError::Transaction("sync inside a transaction"));
+        }
         let seq = self.seal();
         self.wait_durable(seq).await
     }
@@ -601,6 +707,9 @@ impl ObjectEvent {
     /// Before other I/O: seal this event's writes, let other events in, and wait until the
     /// writes are durable (the output gate holds outgoing messages too).
     pub async fn open_gates(&mut self) -> Result<(), ObjectError> {
+        if self.obj.in_transaction() {
+            return Err(ObjectError::Transaction("a transaction cannot wait on other I/O"));
+        }
         let seq = self.obj.seal();
         self.guard = None;
         self.obj.wait_durable(seq).await
@@ -683,6 +792,7 @@ impl Objects {
         // Free the instance before waiting on the output gate.
         let event = store.data_mut().inv.object.take();
         drop(store);
+        obj.abandon_transaction();
         let seq = obj.seal();
         drop(event);
         shared.metrics.object_event(&ns.binding, started.elapsed(), outcome.is_err());

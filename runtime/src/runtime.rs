@@ -77,6 +77,11 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
+/// Slots for HTTP requests out of `pool`: three quarters, at least one.
+pub fn http_slots(pool: u32) -> usize {
+    (pool as usize - pool as usize / 4).max(1)
+}
+
 /// What every request shares.
 pub struct Shared {
     pub config: Config,
@@ -93,6 +98,9 @@ pub struct Shared {
     pub kv: HashMap<String, Arc<dyn KvBackend>>,
     pub r2: HashMap<String, Arc<dyn ObjectBackend>>,
     pub objects: Objects,
+    /// Instance slots HTTP requests may take; the rest of the pool is kept for Durable Object
+    /// events, which run while their caller still holds a slot (so callers cannot starve them).
+    pub http_slots: Arc<tokio::sync::Semaphore>,
     pub engine: Engine,
     pub prepared: Prepared,
 }
@@ -225,6 +233,7 @@ impl Shared {
             kv,
             r2,
             objects: Objects { namespaces, placement },
+            http_slots: Arc::new(tokio::sync::Semaphore::new(http_slots(config.limits.pool_instances))),
             engine,
             prepared,
             config,

@@ -27,6 +27,9 @@ use crate::state::{ParkRequest, WorkerState, arm_deadline};
 
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, HttpError>;
 
+/// How long a request waits for a free instance slot before it gets 503.
+pub const POOL_WAIT: Duration = Duration::from_secs(5);
+
 /// The header a re-run parked request carries.
 pub const WAKE_HEADER: &str = "lattice-wake";
 
@@ -109,13 +112,31 @@ async fn invoke(
         };
         (incoming, outparam, rx)
     };
+    // Wait for a slot rather than failing a burst outright.
+    let permit = match tokio::time::timeout(POOL_WAIT, shared.http_slots.clone().acquire_owned()).await {
+        Ok(Ok(p)) => p,
+        _ => {
+            return Invocation::Respond(error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server busy",
+                Some(1),
+            ));
+        }
+    };
     let pre = shared.prepared.proxy.clone();
     let metrics = shared.metrics.clone();
     let task = tokio::spawn(async move {
-        let t0 = Instant::now();
-        let proxy = pre.instantiate_async(&mut store).await?;
-        metrics.instantiated(t0.elapsed());
-        proxy.wasi_http_incoming_handler().call_handle(&mut store, incoming, outparam).await
+        let result = async {
+            let t0 = Instant::now();
+            let proxy = pre.instantiate_async(&mut store).await?;
+            metrics.instantiated(t0.elapsed());
+            proxy.wasi_http_incoming_handler().call_handle(&mut store, incoming, outparam).await
+        }
+        .await;
+        // The slot is free once the instance is gone.
+        drop(store);
+        drop(permit);
+        result
     });
     let parked = || park.lock().unwrap_or_else(|p| p.into_inner()).clone();
     match rx.await {
@@ -156,7 +177,7 @@ fn trap_response(shared: &Shared, e: &wasmtime::Error) -> Response<Body> {
         return error_response(StatusCode::SERVICE_UNAVAILABLE, "the worker ran out of time", Some(1));
     }
     let text = format!("{e:#}");
-    if text.contains("maximum concurrent") || text.contains("pooling allocator") {
+    if e.is::<wasmtime::PoolConcurrencyLimitError>() {
         tracing::warn!(error = %text, "instance pool exhausted");
         return error_response(StatusCode::SERVICE_UNAVAILABLE, "server busy", Some(1));
     }

@@ -98,7 +98,7 @@ impl WorkerState {
             && let Err(e) = event.open_gates().await
         {
             self.inv.host_wait += start.elapsed();
-            return Err(wasmtime::Error::msg(format!("Durable Object reset: {e}")));
+            return Err(wasmtime::Error::msg(format!("Durable Object: {e}")));
         }
         let out = fut.await;
         if gate == Gate::Open

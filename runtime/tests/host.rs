@@ -56,6 +56,11 @@ async fn durable_object_events_run_one_at_a_time_and_claims_are_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_object_transactions_commit_and_roll_back() {
+    flows::transactions(&conformance("")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_object_response_waits_for_durable_write() {
     let s = conformance("");
     let r = post(&format!("{}/do/increment?name=durable", s.url), "").await;

@@ -28,6 +28,7 @@ flow_test!(d1_on_postgres, d1, "");
 flow_test!(kv_on_redis, kv, "");
 flow_test!(r2_on_s3, r2, "");
 flow_test!(durable_objects_on_postgres, objects, "");
+flow_test!(transactions_on_postgres, transactions, "");
 flow_test!(alarms_on_postgres, alarms, "[limits]\nalarm_poll_ms = 50\n");
 
 /// Two runtimes that both claim every shard of one namespace on one PostgreSQL: the later

@@ -502,6 +502,35 @@ impl ObjectGuest for Worker {
                     Err(e) => fail(e),
                 }
             }
+            "/txn" => {
+                // Writes in a transaction, then commit, roll back, leave it open, or trap.
+                let mode = param("mode").unwrap_or_default();
+                let key = param("key").unwrap_or_else(|| "txn".into());
+                let r = (|| {
+                    storage::transaction_begin()?;
+                    storage::put(&[(key.clone(), b"staged".to_vec())])?;
+                    storage::delete(&["count".to_owned()])?;
+                    let seen = storage::get(&[key.clone()])?.len();
+                    match mode.as_str() {
+                        "commit" => storage::transaction_commit()?,
+                        "rollback" => storage::transaction_rollback()?,
+                        "trap" => panic!("trap inside a transaction"),
+                        _ => {}
+                    }
+                    Ok(seen)
+                })();
+                match r {
+                    Ok(seen) => reply(200, json!({"seen_inside": seen, "mode": mode})),
+                    Err(e) => fail(e),
+                }
+            }
+            "/txn-io" => {
+                // Other I/O inside a transaction traps the event.
+                let _ = storage::transaction_begin();
+                let _ = storage::put(&[("io".to_owned(), b"x".to_vec())]);
+                let _ = kv::Namespace::open("KV").and_then(|ns| ns.get("anything"));
+                reply(200, json!({"unreachable": true}))
+            }
             "/kv-then-write" => {
                 // Other I/O in the middle of an event (opens the input gate), then a write.
                 let r = (|| {

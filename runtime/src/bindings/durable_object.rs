@@ -16,7 +16,7 @@ pub struct Namespace {
 fn object_error(e: ObjectError) -> GuestError {
     match e {
         ObjectError::InvalidId(m) => GuestError::Invalid(format!("Invalid Durable Object ID: {m}")),
-        ObjectError::TooDeep(_) => GuestError::Invalid(e.to_string()),
+        ObjectError::TooDeep(_) | ObjectError::Transaction(_) => GuestError::Invalid(e.to_string()),
         ObjectError::Storage(lattice_backends::BackendError::Fenced { .. }) => GuestError::Fenced,
         ObjectError::NotOwner(_)
         | ObjectError::Storage(_)

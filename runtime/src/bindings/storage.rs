@@ -15,6 +15,7 @@ use crate::state::{Gate, WorkerState};
 fn storage_error(e: ObjectError) -> Fail {
     match e {
         ObjectError::Storage(b) => Fail::Guest(super::guest_error("storage", b)),
+        ObjectError::Transaction(m) => Fail::Guest(GuestError::Invalid(m.to_owned())),
         // The object was reset after a failed write: this event must not go on.
         other => Fail::Trap(wasmtime::Error::msg(other.to_string())),
     }
@@ -124,6 +125,18 @@ impl Host for WorkerState {
 
     async fn delete_alarm(&mut self) -> wasmtime::Result<Result<(), GuestError>> {
         finish(self.object().and_then(|o| o.set_alarm(None).map_err(storage_error)))
+    }
+
+    async fn transaction_begin(&mut self) -> wasmtime::Result<Result<(), GuestError>> {
+        finish(self.object().and_then(|o| o.transaction_begin().map_err(storage_error)))
+    }
+
+    async fn transaction_commit(&mut self) -> wasmtime::Result<Result<(), GuestError>> {
+        finish(self.object().and_then(|o| o.transaction_commit().map_err(storage_error)))
+    }
+
+    async fn transaction_rollback(&mut self) -> wasmtime::Result<Result<(), GuestError>> {
+        finish(self.object().and_then(|o| o.transaction_rollback().map_err(storage_error)))
     }
 
     async fn sync(&mut self) -> wasmtime::Result<Result<(), GuestError>> {

@@ -292,3 +292,32 @@ pub async fn metric(s: &Server, series: &str) -> f64 {
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
         .unwrap_or_else(|| panic!("no {series} in /metrics"))
 }
+
+/// Durable Object transactions: commit keeps staged writes, rollback, an event ending inside a
+/// transaction and a trap inside one discard them; other I/O inside one is refused.
+pub async fn transactions(s: &Server) {
+    let p = format!("run{}-", unique());
+    let name = format!("{p}txn");
+    let state = || {
+        let url = format!("{}/do/state?name={name}", s.url);
+        async move { get(&url).await.json() }
+    };
+    assert_eq!(post(&format!("{}/do/increment?name={name}", s.url), "").await.json()["count"], 1);
+    for (mode, kept) in [("rollback", false), ("open", false), ("trap", false), ("commit", true)] {
+        let key = format!("k-{mode}");
+        let r = post(&format!("{}/do/txn?name={name}&mode={mode}&key={key}", s.url), "").await;
+        if mode == "trap" {
+            assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+        } else {
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            assert_eq!(r.json()["seen_inside"], 1, "a transaction reads its own writes");
+        }
+        let st = state().await;
+        assert_eq!(st["entries"].get(&key).is_some(), kept, "{mode}: {st}");
+        // The staged delete of `count` goes with the transaction.
+        assert_eq!(st["entries"].get("count").is_some(), !kept, "{mode}: {st}");
+    }
+    let r = post(&format!("{}/do/txn-io?name={name}", s.url), "").await;
+    assert_eq!(r.status, 503);
+    assert!(state().await["entries"].get("io").is_none());
+}
