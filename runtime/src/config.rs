@@ -372,10 +372,10 @@ impl Config {
                 ));
             }
         }
-        if let Some(SignalsBinding::Redis { url, url_env }) = &self.signals {
-            if url.is_some() == url_env.is_some() {
-                return Err(invalid("signals", "set exactly one of `url` or `url_env`"));
-            }
+        if let Some(SignalsBinding::Redis { url, url_env }) = &self.signals
+            && url.is_some() == url_env.is_some()
+        {
+            return Err(invalid("signals", "set exactly one of `url` or `url_env`"));
         }
         Ok(())
     }

@@ -299,12 +299,15 @@ struct Inner {
     txn: Option<Txn>,
 }
 
+/// An object's known entries; `None` = known to be absent.
+type View = BTreeMap<String, Option<Vec<u8>>>;
+
 /// An open transaction: what rollback restores.
 struct Txn {
     /// Each key's cache entry before its first write in the transaction (`None`: not cached).
     undo: BTreeMap<String, Option<Option<Vec<u8>>>>,
     /// After a delete-all inside the transaction: the whole view just before it.
-    before_delete_all: Option<(BTreeMap<String, Option<Vec<u8>>>, bool)>,
+    before_delete_all: Option<(View, bool)>,
     open: Pending,
     open_seq: u64,
     /// Rolled-back writes never reach a flush, so nothing may wait for their sequence numbers.

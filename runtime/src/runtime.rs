@@ -212,10 +212,10 @@ impl Shared {
                 let me = process_id.clone();
                 bus.subscribe(Arc::new(move |message: &str| {
                     // "<process id> <key>"; our own were signalled locally already.
-                    if let Some((from, key)) = message.split_once(' ') {
-                        if from != me {
-                            local.signal(key);
-                        }
+                    if let Some((from, key)) = message.split_once(' ')
+                        && from != me
+                    {
+                        local.signal(key);
                     }
                 }));
                 Some(bus)

@@ -510,7 +510,7 @@ impl ObjectGuest for Worker {
                     storage::transaction_begin()?;
                     storage::put(&[(key.clone(), b"staged".to_vec())])?;
                     storage::delete(&["count".to_owned()])?;
-                    let seen = storage::get(&[key.clone()])?.len();
+                    let seen = storage::get(std::slice::from_ref(&key))?.len();
                     match mode.as_str() {
                         "commit" => storage::transaction_commit()?,
                         "rollback" => storage::transaction_rollback()?,
