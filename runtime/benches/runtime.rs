@@ -43,10 +43,10 @@ fn config(dir: &std::path::Path, component: &std::path::Path, tls: &str) -> Conf
     Config::parse(std::path::Path::new("bench.toml"), &text).expect("config")
 }
 
-async fn instantiate_and_call(component: &std::path::Path, label: &str) {
+async fn instantiate_and_call(component: &std::path::Path, label: &str, keep_resident: u64) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let shared =
-        Shared::build(config(dir.path(), component, "[tls]\nplain_http = true\n")).await.expect("build");
+    let extra = format!("[tls]\nplain_http = true\n[limits]\nmemory_keep_resident_bytes = {keep_resident}\n");
+    let shared = Shared::build(config(dir.path(), component, &extra)).await.expect("build");
     let _ticker = engine::EpochTicker::start(&shared.engine);
     let (parts, ()) = http::Request::builder()
         .uri("http://localhost/")
@@ -65,7 +65,10 @@ async fn instantiate_and_call(component: &std::path::Path, label: &str) {
             samples.push(took);
         }
     }
-    report(&format!("instantiate+call hello (in process, no network, {label})"), samples);
+    report(
+        &format!("instantiate+call hello (in process, no network, {label}, keep-resident {keep_resident} B)"),
+        samples,
+    );
 }
 
 async fn handshakes(component: &std::path::Path) {
@@ -137,10 +140,12 @@ fn main() {
     // One thread: what a pod pinned to one core does per request. Then the default
     // multi-threaded runtime, where the guest task and the caller may sit on different threads.
     let one = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    one.block_on(instantiate_and_call(&hello, "current-thread runtime"));
+    for keep in [0, 64 << 10, 1 << 20] {
+        one.block_on(instantiate_and_call(&hello, "current-thread runtime", keep));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
-        instantiate_and_call(&hello, "multi-thread runtime").await;
+        instantiate_and_call(&hello, "multi-thread runtime", 0).await;
         handshakes(&hello).await;
     });
 }

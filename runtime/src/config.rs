@@ -34,6 +34,9 @@ pub const DEFAULT_OBJECT_IDLE_MS: u64 = 30_000;
 pub const DEFAULT_ALARM_POLL_MS: u64 = 1_000;
 /// Nesting of Durable Object calls (object calls object calls ...).
 pub const DEFAULT_MAX_CALL_DEPTH: u32 = 16;
+/// Bytes at the start of a freed instance's linear memory zeroed with `memset` instead of
+/// released with `madvise` (see BENCHMARKS.md for the trade-off measured).
+pub const DEFAULT_MEMORY_KEEP_RESIDENT: u64 = 64 * 1024;
 /// Shards per Durable Object namespace (fixed for the namespace's lifetime).
 pub const DEFAULT_SHARDS: u32 = 64;
 
@@ -144,6 +147,7 @@ pub struct Limits {
     pub object_idle_ms: u64,
     pub alarm_poll_ms: u64,
     pub max_call_depth: u32,
+    pub memory_keep_resident_bytes: u64,
     /// KV value limit (workerd: 25 MiB).
     pub kv_max_value_bytes: u64,
     /// R2 object limit for a single put held in memory.
@@ -165,6 +169,7 @@ impl Default for Limits {
             object_idle_ms: DEFAULT_OBJECT_IDLE_MS,
             alarm_poll_ms: DEFAULT_ALARM_POLL_MS,
             max_call_depth: DEFAULT_MAX_CALL_DEPTH,
+            memory_keep_resident_bytes: DEFAULT_MEMORY_KEEP_RESIDENT,
             kv_max_value_bytes: crate::bindings::kv::MAX_VALUE_SIZE_BYTES as u64,
             r2_max_object_bytes: 256 * 1024 * 1024,
         }

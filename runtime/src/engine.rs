@@ -27,10 +27,7 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 24;
 const MAX_MEMORIES_PER_COMPONENT: u32 = 4;
 const MAX_TABLES_PER_COMPONENT: u32 = 24;
-/// Linear memory and table bytes reset with `memset` rather than `madvise` when a slot is
-/// freed: a request touches little memory, and faulting those pages in again on the next
-/// instantiation costs more than zeroing them.
-const KEEP_RESIDENT_MEMORY: usize = 1 << 20;
+/// Table bytes reset with `memset` rather than `madvise` when a slot is freed.
 const KEEP_RESIDENT_TABLE: usize = 64 << 10;
 /// Freed slots are decommitted in batches (fewer system calls under load).
 const DECOMMIT_BATCH: usize = 16;
@@ -51,7 +48,7 @@ pub fn build_engine(limits: &Limits) -> anyhow::Result<Engine> {
         .max_memories_per_component(MAX_MEMORIES_PER_COMPONENT)
         .max_tables_per_component(MAX_TABLES_PER_COMPONENT)
         .max_memory_size(usize::try_from(limits.instance_memory_bytes).unwrap_or(usize::MAX))
-        .linear_memory_keep_resident(KEEP_RESIDENT_MEMORY)
+        .linear_memory_keep_resident(usize::try_from(limits.memory_keep_resident_bytes).unwrap_or(0))
         .table_keep_resident(KEEP_RESIDENT_TABLE)
         .decommit_batch_size(DECOMMIT_BATCH);
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
