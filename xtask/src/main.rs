@@ -139,6 +139,46 @@ dir = "{d}/data/secrets"
     run(Command::new(bin).args(["serve", "--config"]).arg(&config_path))
 }
 
+/// Runs `cargo test`, echoing its output, and ends with one summary line over every test binary
+/// (`N passed, N failed`), so the run's last line speaks for the whole suite.
+fn run_tests(cmd: &mut Command) -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    eprintln!("xtask: running {cmd:?}");
+    let mut child =
+        cmd.stdout(std::process::Stdio::piped()).spawn().with_context(|| format!("starting {cmd:?}"))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                passed += count_in(rest, "passed");
+                failed += count_in(rest, "failed");
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// The number before `word` in a `test result:` line (`ok. 16 passed; 0 failed; ...`).
+fn count_in(result: &str, word: &str) -> u64 {
+    result
+        .split(';')
+        .filter_map(|part| part.trim().rsplit_once(' '))
+        .find(|(_, w)| *w == word)
+        .and_then(|(n, _)| n.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Removes a stopped services state directory, and the PostgreSQL cluster if it lives elsewhere.
 fn remove_services_state(state: &Path) {
     if let Ok(home) = std::fs::read_to_string(state.join("postgres/home")) {
@@ -200,23 +240,25 @@ fn ci(root: &Path) -> anyhow::Result<()> {
             bail!("starting the test services failed: {start:?}");
         }
         let env = read_env(&state.join("env"))?;
-        run(cargo()
-            .current_dir(root)
-            .args([
-                "test",
-                "--workspace",
-                "--exclude",
-                "hello",
-                "--exclude",
-                "conformance",
-                "--exclude",
-                "lattice-worker",
-            ])
-            .envs(env)
-            .env("LATTICE_GUEST_DIR", &guests)
-            .env("LATTICE_SERVICES_SCRIPT", &services)
-            .env("LATTICE_SERVICES_STATE", &state)
-            .env("LATTICE_REQUIRE_SERVICES", "1"))
+        run_tests(
+            cargo()
+                .current_dir(root)
+                .args([
+                    "test",
+                    "--workspace",
+                    "--exclude",
+                    "hello",
+                    "--exclude",
+                    "conformance",
+                    "--exclude",
+                    "lattice-worker",
+                ])
+                .envs(env)
+                .env("LATTICE_GUEST_DIR", &guests)
+                .env("LATTICE_SERVICES_SCRIPT", &services)
+                .env("LATTICE_SERVICES_STATE", &state)
+                .env("LATTICE_REQUIRE_SERVICES", "1"),
+        )
     })();
     let stop = Command::new("bash").arg(&services).arg("stop").arg(&state).status();
     if stop.as_ref().is_ok_and(|s| s.success()) {
@@ -359,4 +401,15 @@ fn http_throughput(root: &Path, guests: &Path) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_come_from_test_result_lines() {
+        let line = "ok. 16 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.40s";
+        assert_eq!(super::count_in(line, "passed"), 16);
+        assert_eq!(super::count_in(line, "failed"), 2);
+        assert_eq!(super::count_in("FAILED. 3 passed; 1 failed; 0 ignored", "passed"), 3);
+    }
 }
