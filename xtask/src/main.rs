@@ -55,6 +55,10 @@ fn target_dir(root: &Path) -> PathBuf {
         .unwrap_or_else(|| root.join("target"))
 }
 
+/// The native crates: the workspace without the guests, which only build for wasm32-wasip2.
+const HOST_CRATES: [&str; 7] =
+    ["--workspace", "--exclude", "hello", "--exclude", "conformance", "--exclude", "lattice-worker"];
+
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
@@ -139,9 +143,8 @@ dir = "{d}/data/secrets"
     run(Command::new(bin).args(["serve", "--config"]).arg(&config_path))
 }
 
-/// Runs `cargo test`, echoing its output, and ends with one summary line over every test binary
-/// (`N passed, N failed`), so the run's last line speaks for the whole suite.
-fn run_tests(cmd: &mut Command) -> anyhow::Result<()> {
+/// Runs `cargo test`, echoing its output, and counts the tests of every test binary.
+fn run_tests(cmd: &mut Command) -> anyhow::Result<(u64, u64)> {
     use std::io::BufRead as _;
     eprintln!("xtask: running {cmd:?}");
     let mut child =
@@ -158,14 +161,14 @@ fn run_tests(cmd: &mut Command) -> anyhow::Result<()> {
         }
     }
     let status = child.wait()?;
-    println!("{passed} passed, {failed} failed");
     if !status.success() {
+        println!("{passed} passed, {failed} failed");
         bail!("{cmd:?} failed: {status}");
     }
     if passed == 0 {
         bail!("no test ran");
     }
-    Ok(())
+    Ok((passed, failed))
 }
 
 /// The number before `word` in a `test result:` line (`ok. 16 passed; 0 failed; ...`).
@@ -203,15 +206,7 @@ fn ci(root: &Path) -> anyhow::Result<()> {
     run(cargo().current_dir(root).args(["fmt", "--all", "--check"]))?;
     check_invariants(root)?;
     let guests = build_guests(root)?;
-    run(cargo().current_dir(root).args([
-        "clippy",
-        "--workspace",
-        "--exclude",
-        "hello",
-        "--exclude",
-        "conformance",
-        "--exclude",
-        "lattice-worker",
+    run(cargo().current_dir(root).arg("clippy").args(HOST_CRATES).args([
         "--all-targets",
         "--",
         "-D",
@@ -243,16 +238,8 @@ fn ci(root: &Path) -> anyhow::Result<()> {
         run_tests(
             cargo()
                 .current_dir(root)
-                .args([
-                    "test",
-                    "--workspace",
-                    "--exclude",
-                    "hello",
-                    "--exclude",
-                    "conformance",
-                    "--exclude",
-                    "lattice-worker",
-                ])
+                .arg("test")
+                .args(HOST_CRATES)
                 .envs(env)
                 .env("LATTICE_GUEST_DIR", &guests)
                 .env("LATTICE_SERVICES_SCRIPT", &services)
@@ -266,8 +253,10 @@ fn ci(root: &Path) -> anyhow::Result<()> {
     } else {
         eprintln!("xtask: stopping the services failed: {stop:?}");
     }
-    result?;
+    let (passed, failed) = result?;
     eprintln!("xtask: ci passed in {:.0} s", started.elapsed().as_secs_f64());
+    // The last line speaks for the whole suite.
+    println!("{passed} passed, {failed} failed");
     Ok(())
 }
 
