@@ -35,11 +35,16 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The checkout this command was run in: the nearest directory up from the current one with
+/// `xtask/Cargo.toml`. Not the build-time path: several checkouts share one target directory,
+/// so the binary may have been built from another one.
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
+    let start = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    start
+        .ancestors()
+        .find(|d| d.join("xtask/Cargo.toml").exists() && d.join("Cargo.toml").exists())
         .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
+        .unwrap_or(start)
 }
 
 fn cache_dir() -> PathBuf {
