@@ -27,7 +27,7 @@ async fn route(state: Arc<AdminState>, req: Request<Incoming>) -> Response<Body>
         (&Method::GET, "/healthz") => full(StatusCode::OK, r#"{"status":"ok"}"#),
         (&Method::GET, "/readyz") => {
             let draining = state.draining.load(Ordering::SeqCst);
-            let backends = state.shared.backend_status().await;
+            let backends = state.shared.backend_status();
             let body = serde_json::json!({ "ready": !draining, "draining": draining, "backends": backends });
             let status = if draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
             full(status, body.to_string())
@@ -35,7 +35,7 @@ async fn route(state: Arc<AdminState>, req: Request<Incoming>) -> Response<Body>
         (&Method::GET, "/metrics") => {
             let mut text = state.shared.metrics.render();
             text.push_str("# TYPE lattice_backend_up gauge\n");
-            for b in state.shared.backend_status().await {
+            for b in state.shared.backend_status() {
                 text.push_str(&format!(
                     "lattice_backend_up{{binding=\"{}\",backend=\"{}\"}} {}\n",
                     b.binding,

@@ -98,6 +98,8 @@ pub struct Shared {
     pub kv: HashMap<String, Arc<dyn KvBackend>>,
     pub r2: HashMap<String, Arc<dyn ObjectBackend>>,
     pub objects: Objects,
+    /// The last backend check; see [`Shared::backend_status`].
+    pub backend_health: std::sync::Mutex<Vec<BackendStatus>>,
     /// Instance slots HTTP requests may take; the rest of the pool is kept for Durable Object
     /// events, which run while their caller still holds a slot (so callers cannot starve them).
     pub http_slots: Arc<tokio::sync::Semaphore>,
@@ -233,6 +235,7 @@ impl Shared {
             kv,
             r2,
             objects: Objects { namespaces, placement },
+            backend_health: std::sync::Mutex::new(Vec::new()),
             http_slots: Arc::new(tokio::sync::Semaphore::new(http_slots(config.limits.pool_instances))),
             engine,
             prepared,
@@ -240,8 +243,17 @@ impl Shared {
         }))
     }
 
-    /// Background work: alarms, eviction of idle objects, forgetting old signal keys.
+    /// Background work: backend checks, alarms, eviction of idle objects, forgetting old
+    /// signal keys.
     pub fn start_background(self: &Arc<Self>) {
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(BACKEND_CHECK_INTERVAL);
+            loop {
+                tick.tick().await;
+                shared.check_backends().await;
+            }
+        });
         let shared = self.clone();
         tokio::spawn(async move {
             let every = std::time::Duration::from_millis(shared.config.limits.alarm_poll_ms);
@@ -260,7 +272,11 @@ impl Shared {
     }
 }
 
-#[derive(serde::Serialize)]
+/// How often, and how long at most, the backends are pinged for `/readyz` and metrics.
+pub const BACKEND_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+pub const BACKEND_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+#[derive(serde::Serialize, Clone, Debug)]
 pub struct BackendStatus {
     pub binding: String,
     pub backend: &'static str,
@@ -268,38 +284,48 @@ pub struct BackendStatus {
 }
 
 impl Shared {
-    /// Pings every backend (for /readyz's body and metrics; readiness itself does not depend
-    /// on it, see ARCHITECTURE.md).
-    pub async fn backend_status(&self) -> Vec<BackendStatus> {
-        let mut out = Vec::new();
+    /// The last backend check (for `/readyz`'s body and metrics). Served from memory, so a
+    /// probe never waits on a backend: readiness must not follow a shared backend's outage
+    /// (see ARCHITECTURE.md), not even through a probe timeout.
+    pub fn backend_status(&self) -> Vec<BackendStatus> {
+        self.backend_health.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    /// Pings every backend at once, each bounded by [`BACKEND_CHECK_TIMEOUT`].
+    async fn check_backends(&self) {
+        type Ping<'a> = std::pin::Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
+        let mut checks: Vec<(String, &'static str, Ping<'_>)> = Vec::new();
         for (name, b) in &self.d1 {
-            out.push(BackendStatus {
-                binding: format!("d1.{name}"),
-                backend: b.name(),
-                up: b.ping().await.is_ok(),
-            });
+            checks.push((format!("d1.{name}"), b.name(), Box::pin(async { b.ping().await.is_ok() })));
         }
         for (name, b) in &self.kv {
-            out.push(BackendStatus {
-                binding: format!("kv.{name}"),
-                backend: b.name(),
-                up: b.ping().await.is_ok(),
-            });
+            checks.push((format!("kv.{name}"), b.name(), Box::pin(async { b.ping().await.is_ok() })));
         }
         for (name, b) in &self.r2 {
-            out.push(BackendStatus {
-                binding: format!("r2.{name}"),
-                backend: b.name(),
-                up: b.ping().await.is_ok(),
-            });
+            checks.push((format!("r2.{name}"), b.name(), Box::pin(async { b.ping().await.is_ok() })));
         }
         for (name, ns) in &self.objects.namespaces {
-            out.push(BackendStatus {
-                binding: format!("durable_objects.{name}"),
-                backend: ns.storage().name(),
-                up: ns.storage().ping().await.is_ok(),
-            });
+            let s = ns.storage();
+            checks.push((
+                format!("durable_objects.{name}"),
+                s.name(),
+                Box::pin(async { s.ping().await.is_ok() }),
+            ));
         }
-        out
+        let (labels, pings): (Vec<_>, Vec<_>) = checks
+            .into_iter()
+            .map(|(binding, backend, ping)| {
+                ((binding, backend), tokio::time::timeout(BACKEND_CHECK_TIMEOUT, ping))
+            })
+            .unzip();
+        let ups = futures::future::join_all(pings).await.into_iter().map(|r| r.unwrap_or(false));
+        let status = labels
+            .into_iter()
+            .zip(ups)
+            .map(|((binding, backend), up)| BackendStatus { binding, backend, up })
+            .collect();
+        if let Ok(mut h) = self.backend_health.lock() {
+            *h = status;
+        }
     }
 }

@@ -63,8 +63,28 @@ async fn stopped_backends_give_503_and_recover_without_restart() {
     let started = Instant::now();
     let r = post(&format!("{}/do/increment?name={t}", s.url), "").await;
     assert_unavailable(&r, started, "Durable Object write with PostgreSQL down");
+    // The pod stays ready (every pod shares the backend), answers its probe at once, and
+    // reports the outage in the probe's body.
+    let d1_up = async || {
+        let r = support::get(&format!("{}/readyz", s.admin)).await;
+        assert_eq!(r.status, 200, "a backend outage made the pod unready");
+        r.json()["backends"]
+            .as_array()
+            .and_then(|b| b.iter().find(|b| b["binding"] == "d1.DB").map(|b| b["up"] == true))
+    };
+    let started = Instant::now();
+    assert!(d1_up().await.is_some());
+    assert!(started.elapsed() < Duration::from_millis(500), "/readyz waited on the backend");
+    support::eventually("/readyz to report PostgreSQL down", async || {
+        (d1_up().await == Some(false)).then_some(())
+    })
+    .await;
     service("start-one", "postgres");
     until_ok("PostgreSQL", async || sql(&s, "SELECT 1").await).await;
+    support::eventually("/readyz to report PostgreSQL up", async || {
+        (d1_up().await == Some(true)).then_some(())
+    })
+    .await;
     let r = sql(&s, &format!("SELECT count(*) FROM {t}")).await.json();
     assert_eq!(r["rows"], json!([[0]]), "a batch refused during the outage left rows behind");
     // The object was reset after its failed write; it reloads from storage: the failed
