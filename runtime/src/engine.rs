@@ -133,7 +133,7 @@ fn deserialize_cached(engine: &Engine, path: &Path) -> anyhow::Result<Component>
 }
 
 /// The linker with every import a worker may use: the `wasi:http/proxy` interfaces, an empty
-/// `wasi:cli/environment`, `wasi:cli/exit`, and `lattice:bindings`. No filesystem, no sockets.
+/// `wasi:cli/environment`, `wasi:cli/exit`, `wasi:random`'s insecure interfaces, and `lattice:bindings`. No filesystem, no sockets.
 pub fn linker(engine: &Engine) -> anyhow::Result<Linker<WorkerState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_proxy_interfaces_async(&mut linker)?;
@@ -155,6 +155,14 @@ pub fn linker(engine: &Engine) -> anyhow::Result<Linker<WorkerState>> {
         terminal_stdin::add_to_linker::<_, WasiCli>(&mut linker, WorkerState::cli)?;
         terminal_stdout::add_to_linker::<_, WasiCli>(&mut linker, WorkerState::cli)?;
         terminal_stderr::add_to_linker::<_, WasiCli>(&mut linker, WorkerState::cli)?;
+    }
+    // Rust's std seeds `HashMap` keys from `wasi:random/insecure-seed`.
+    {
+        use wasmtime_wasi::WasiView as _;
+        use wasmtime_wasi::p2::bindings::random::{insecure, insecure_seed};
+        use wasmtime_wasi::random::WasiRandom;
+        insecure::add_to_linker::<_, WasiRandom>(&mut linker, |t| t.ctx().ctx.random())?;
+        insecure_seed::add_to_linker::<_, WasiRandom>(&mut linker, |t| t.ctx().ctx.random())?;
     }
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
     Worker::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;

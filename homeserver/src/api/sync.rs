@@ -1,0 +1,308 @@
+//! Sync v2 (`GET /sync`): initial and incremental, with long-polling through park-and-signal.
+//!
+//! A since token is `s<pos>`, a position of the one stream that orders every event and
+//! account-data change. Positions are taken inside the transaction that writes what they
+//! order, under a row lock, so they become visible in order: once `pos` is visible, nothing at
+//! or below it can still appear, and `next_batch` (the stream head read first) never skips.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{Ctx, Reply, Session, ok};
+use crate::db::{self, Row, sql};
+use crate::error::{Error, Result};
+use crate::room::pdu;
+
+/// Timeline events per room when the filter does not say.
+pub const DEFAULT_TIMELINE_LIMIT: i64 = 10;
+pub const MAX_TIMELINE_LIMIT: i64 = 500;
+
+pub fn parse_since(token: &str) -> Result<i64> {
+    token
+        .strip_prefix('s')
+        .and_then(|n| n.parse::<i64>().ok())
+        .filter(|n| *n >= 0)
+        .ok_or_else(|| Error::InvalidParam("malformed since token".into()))
+}
+
+/// The parts of a room event filter this server applies.
+#[derive(Debug, Default, Deserialize)]
+pub struct RoomEventFilter {
+    pub limit: Option<i64>,
+    pub types: Option<Vec<String>>,
+    pub not_types: Option<Vec<String>>,
+    pub senders: Option<Vec<String>>,
+    pub not_senders: Option<Vec<String>>,
+    #[serde(default)]
+    pub lazy_load_members: bool,
+}
+
+fn type_matches(pattern: &str, kind: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => kind.starts_with(prefix),
+        None => pattern == kind,
+    }
+}
+
+impl RoomEventFilter {
+    pub fn parse(text: Option<&str>) -> Result<Self> {
+        match text {
+            None => Ok(Self::default()),
+            Some(t) => serde_json::from_str(t).map_err(|e| Error::BadJson(format!("filter: {e}"))),
+        }
+    }
+
+    pub fn matches(&self, ev: &Value) -> bool {
+        let kind = ev["type"].as_str().unwrap_or_default();
+        let sender = ev["sender"].as_str().unwrap_or_default();
+        self.types.as_ref().is_none_or(|t| t.iter().any(|p| type_matches(p, kind)))
+            && self.not_types.as_ref().is_none_or(|t| !t.iter().any(|p| type_matches(p, kind)))
+            && self.senders.as_ref().is_none_or(|s| s.iter().any(|x| x == sender))
+            && self.not_senders.as_ref().is_none_or(|s| !s.iter().any(|x| x == sender))
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RoomFilter {
+    #[serde(default)]
+    timeline: RoomEventFilter,
+    #[serde(default)]
+    state: RoomEventFilter,
+    rooms: Option<Vec<String>>,
+    not_rooms: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Filter {
+    #[serde(default)]
+    room: RoomFilter,
+}
+
+fn load_filter(ctx: &Ctx, user: &str) -> Result<Filter> {
+    let Some(f) = ctx.param("filter") else { return Ok(Filter::default()) };
+    let text = if f.trim_start().starts_with('{') {
+        f.to_owned()
+    } else {
+        ctx.db()?
+            .first(sql::FILTER_GET, vec![db::t(user), db::t(f)])?
+            .map(|r| r.str("json"))
+            .ok_or_else(|| Error::NotFound("no such filter".into()))?
+    };
+    serde_json::from_str(&text).map_err(|e| Error::BadJson(format!("filter: {e}")))
+}
+
+/// The state of a room at a state group: `(type, state_key)` → event id.
+pub fn state_at_group(ctx: &Ctx, group: &str) -> Result<BTreeMap<(String, String), String>> {
+    let mut state = BTreeMap::new();
+    for r in ctx.db()?.query(sql::STATE_AT, vec![db::t(group)])? {
+        state.insert((r.str("type"), r.str("state_key")), r.str("event_id"));
+    }
+    Ok(state)
+}
+
+/// The room's state just before its event number `seq`.
+fn state_before(ctx: &Ctx, room: &str, seq: i64) -> Result<BTreeMap<(String, String), String>> {
+    let prev = ctx.db()?.first(sql::EVENT_AT_SEQ, vec![db::t(room), db::i(seq - 1)])?;
+    match prev.and_then(|r| r.text("state_group")) {
+        Some(g) => state_at_group(ctx, &g),
+        None => Ok(BTreeMap::new()),
+    }
+}
+
+fn events_by_id(ctx: &Ctx, ids: impl Iterator<Item = String>, room: &str) -> Result<Vec<Value>> {
+    let db = ctx.db()?;
+    let mut out = Vec::new();
+    for id in ids {
+        if let Some(r) = db.first(sql::EVENT_GET, vec![db::t(id)])? {
+            let p: Value = serde_json::from_str(&r.str("json")).unwrap_or(Value::Null);
+            out.push(pdu::client_event(&r.str("event_id"), &p, room, false));
+        }
+    }
+    Ok(out)
+}
+
+struct RoomSync {
+    timeline: Vec<Value>,
+    limited: bool,
+    prev_batch: String,
+    state: Vec<Value>,
+}
+
+/// Timeline and state of one room for events in `(since, upto]`; the timeline ends at `ceiling`
+/// (exclusive) for rooms the user left.
+fn room_sync(
+    ctx: &Ctx,
+    s: &Session,
+    room: &str,
+    since: i64,
+    upto: i64,
+    filter: &RoomFilter,
+    full_state: bool,
+) -> Result<RoomSync> {
+    let limit = filter.timeline.limit.unwrap_or(DEFAULT_TIMELINE_LIMIT).clamp(1, MAX_TIMELINE_LIMIT);
+    let rows =
+        ctx.db()?.query(sql::EVENTS_SINCE, vec![db::t(room), db::i(since), db::i(upto), db::i(limit + 1)])?;
+    let limited = rows.len() as i64 > limit;
+    let mut kept: Vec<&Row> = rows.iter().take(limit as usize).collect();
+    kept.reverse();
+    let first_seq = kept.first().and_then(|r| r.int("room_seq"));
+    let timeline: Vec<Value> = kept
+        .iter()
+        .map(|r| super::rooms::client_event(r, Some(s), false))
+        .filter(|e| filter.timeline.matches(e))
+        .collect();
+    let prev_batch = format!(
+        "t{}",
+        first_seq.unwrap_or_else(|| super::rooms::boundary(ctx, room, &format!("s{upto}")).unwrap_or(1))
+    );
+    let mut state = Vec::new();
+    if full_state || limited {
+        let map = match first_seq {
+            Some(seq) => state_before(ctx, room, seq)?,
+            None => super::rooms::current_state(ctx, room)?
+                .iter()
+                .map(|r| ((r.str("type"), r.str("state_key")), r.str("event_id")))
+                .collect(),
+        };
+        let in_timeline: std::collections::HashSet<&str> =
+            timeline.iter().filter_map(|e| e["event_id"].as_str()).collect();
+        let lazy = filter.state.lazy_load_members;
+        let senders: std::collections::HashSet<&str> =
+            timeline.iter().filter_map(|e| e["sender"].as_str()).chain([s.user_id.as_str()]).collect();
+        let ids = map
+            .into_iter()
+            .filter(|((t, k), id)| {
+                !in_timeline.contains(id.as_str())
+                    && (!lazy || t != "m.room.member" || senders.contains(k.as_str()))
+            })
+            .map(|(_, id)| id);
+        state = events_by_id(ctx, ids, room)?.into_iter().filter(|e| filter.state.matches(e)).collect();
+    }
+    Ok(RoomSync { timeline, limited, prev_batch, state })
+}
+
+fn stripped_state(ctx: &Ctx, room: &str, invite_event: &str) -> Result<Vec<Value>> {
+    const KEEP: [&str; 6] = [
+        "m.room.create",
+        "m.room.join_rules",
+        "m.room.name",
+        "m.room.canonical_alias",
+        "m.room.avatar",
+        "m.room.encryption",
+    ];
+    let mut out = Vec::new();
+    for r in super::rooms::current_state(ctx, room)? {
+        let kind = r.str("type");
+        if KEEP.contains(&kind.as_str()) || r.str("event_id") == invite_event {
+            let p: Value = serde_json::from_str(&r.str("json")).unwrap_or(Value::Null);
+            out.push(json!({"type": kind, "state_key": r.str("state_key"), "sender": p["sender"], "content": p["content"]}));
+        }
+    }
+    Ok(out)
+}
+
+/// # `GET /_matrix/client/v3/sync`
+pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
+    let s = ctx.session()?;
+    let since = ctx.param("since").map(parse_since).transpose()?;
+    let timeout = match ctx.param("timeout") {
+        Some(t) => t.parse::<u64>().map_err(|_| Error::InvalidParam("timeout must be a number".into()))?,
+        None => 0,
+    }
+    .min(ctx.settings.max_sync_timeout_ms);
+    let full_state = ctx.param("full_state") == Some("true");
+    let woken_by_timeout = ctx.req.header("lattice-wake").as_deref() == Some("timeout");
+    let filter = load_filter(ctx, &s.user_id)?;
+    let db = ctx.db()?;
+    let upto = db.first(sql::STREAM_MAX, vec![])?.and_then(|r| r.int("pos")).unwrap_or(0);
+    let since_pos = since.unwrap_or(0);
+    let memberships = db.query(sql::USER_MEMBERSHIPS, vec![db::t(s.user_id.clone())])?;
+    let wanted = |room: &str| {
+        filter.room.rooms.as_ref().is_none_or(|r| r.iter().any(|x| x == room))
+            && filter.room.not_rooms.as_ref().is_none_or(|r| !r.iter().any(|x| x == room))
+    };
+    let (mut join, mut invite, mut leave) =
+        (serde_json::Map::new(), serde_json::Map::new(), serde_json::Map::new());
+    let mut park_keys = vec![format!("user:{}", s.user_id)];
+    let room_data =
+        db.query(sql::ACCOUNT_DATA_SINCE, vec![db::t(s.user_id.clone()), db::i(since_pos), db::i(upto)])?;
+    for m in &memberships {
+        let room = m.str("room_id");
+        if !wanted(&room) {
+            continue;
+        }
+        let changed_at = m.int("stream_pos").unwrap_or(0);
+        let membership = m.str("membership");
+        match membership.as_str() {
+            "join" => {
+                park_keys.push(format!("room:{room}"));
+                let newly = since.is_none() || changed_at > since_pos;
+                let rs = room_sync(ctx, &s, &room, since_pos, upto, &filter.room, full_state || newly)?;
+                let account: Vec<Value> = room_data
+                    .iter()
+                    .filter(|r| r.str("room_id") == room)
+                    .map(|r| json!({"type": r.str("type"), "content": serde_json::from_str::<Value>(&r.str("content")).unwrap_or_default()}))
+                    .collect();
+                if since.is_some()
+                    && !newly
+                    && rs.timeline.is_empty()
+                    && rs.state.is_empty()
+                    && account.is_empty()
+                    && !full_state
+                {
+                    continue;
+                }
+                join.insert(
+                    room.clone(),
+                    json!({
+                        "timeline": {"events": rs.timeline, "limited": rs.limited, "prev_batch": rs.prev_batch},
+                        "state": {"events": rs.state},
+                        "account_data": {"events": account},
+                        "ephemeral": {"events": []},
+                    }),
+                );
+            }
+            "invite" if since.is_none() || changed_at > since_pos => {
+                let events = stripped_state(ctx, &room, &m.str("event_id"))?;
+                invite.insert(room, json!({"invite_state": {"events": events}}));
+            }
+            "leave" | "ban" if since.is_some() && changed_at > since_pos => {
+                let ceiling = changed_at;
+                let rs = room_sync(ctx, &s, &room, since_pos, ceiling.min(upto), &filter.room, false)?;
+                leave.insert(
+                    room,
+                    json!({
+                        "timeline": {"events": rs.timeline, "limited": rs.limited, "prev_batch": rs.prev_batch},
+                        "state": {"events": rs.state},
+                    }),
+                );
+            }
+            _ => {}
+        }
+    }
+    let mut global: Vec<Value> = room_data
+        .iter()
+        .filter(|r| r.str("room_id").is_empty())
+        .map(|r| json!({"type": r.str("type"), "content": serde_json::from_str::<Value>(&r.str("content")).unwrap_or_default()}))
+        .collect();
+    if since.is_none() {
+        global.push(
+            json!({"type": "m.push_rules", "content": {"global": super::account::push_rules(&s.user_id)?}}),
+        );
+    }
+    let empty = join.is_empty() && invite.is_empty() && leave.is_empty() && global.is_empty();
+    if empty && since.is_some() && timeout > 0 && !woken_by_timeout {
+        return Ok(Reply::Park { keys: park_keys, timeout_ms: u32::try_from(timeout).unwrap_or(u32::MAX) });
+    }
+    ok(json!({
+        "next_batch": format!("s{upto}"),
+        "rooms": {"join": join, "invite": invite, "leave": leave, "knock": {}},
+        "account_data": {"events": global},
+        "presence": {"events": []},
+        "to_device": {"events": []},
+        "device_lists": {"changed": [], "left": []},
+        "device_one_time_keys_count": {},
+    }))
+}

@@ -1,0 +1,453 @@
+//! Every SQL statement the homeserver issues, and nowhere else.
+//!
+//! SQLite's dialect (D1), restricted to what PostgreSQL also runs once the runtime rewrites
+//! `?` placeholders and maps types: no `INSERT OR ...`, no `AUTOINCREMENT`, upserts through
+//! `ON CONFLICT ... DO ...`. `params` names each `?` in order (`t` text, `i` integer, `b` blob,
+//! `T`/`I` nullable), which the registry test uses to run every statement on both engines.
+
+/// One statement.
+#[derive(Debug, Clone, Copy)]
+pub struct Sql {
+    pub name: &'static str,
+    pub text: &'static str,
+    pub params: &'static str,
+}
+
+const fn sql(name: &'static str, params: &'static str, text: &'static str) -> Sql {
+    Sql { name, text, params }
+}
+
+// ---- Schema, version 1 ----------------------------------------------------------------------
+pub const V1_USERS: Sql = sql(
+    "v1_users",
+    "",
+    "CREATE TABLE users (user_id TEXT PRIMARY KEY, password_hash TEXT, displayname TEXT, avatar_url TEXT, deactivated INTEGER NOT NULL DEFAULT 0, created_ms INTEGER NOT NULL)",
+);
+pub const V1_DEVICES: Sql = sql(
+    "v1_devices",
+    "",
+    "CREATE TABLE devices (user_id TEXT NOT NULL, device_id TEXT NOT NULL, display_name TEXT, created_ms INTEGER NOT NULL, last_seen_ms INTEGER, PRIMARY KEY (user_id, device_id))",
+);
+pub const V1_TOKENS: Sql = sql(
+    "v1_tokens",
+    "",
+    "CREATE TABLE access_tokens (token_hash TEXT PRIMARY KEY, user_id TEXT NOT NULL, device_id TEXT NOT NULL, created_ms INTEGER NOT NULL, expires_ms INTEGER, refresh_hash TEXT)",
+);
+pub const V1_TOKENS_DEVICE: Sql =
+    sql("v1_tokens_device", "", "CREATE INDEX access_tokens_device ON access_tokens (user_id, device_id)");
+pub const V1_TOKENS_REFRESH: Sql =
+    sql("v1_tokens_refresh", "", "CREATE UNIQUE INDEX access_tokens_refresh ON access_tokens (refresh_hash)");
+pub const V1_REG_TOKENS: Sql = sql(
+    "v1_reg_tokens",
+    "",
+    "CREATE TABLE registration_tokens (token TEXT PRIMARY KEY, uses_allowed INTEGER, completed INTEGER NOT NULL DEFAULT 0, expiry_ms INTEGER, created_ms INTEGER NOT NULL)",
+);
+pub const V1_STREAM: Sql =
+    sql("v1_stream", "", "CREATE TABLE stream_positions (name TEXT PRIMARY KEY, pos INTEGER NOT NULL)");
+pub const V1_STREAM_SEED: Sql =
+    sql("v1_stream_seed", "", "INSERT INTO stream_positions (name, pos) VALUES ('events', 0)");
+pub const V1_ROOMS: Sql = sql(
+    "v1_rooms",
+    "",
+    "CREATE TABLE rooms (room_id TEXT PRIMARY KEY, room_version TEXT NOT NULL, creator TEXT NOT NULL, created_ms INTEGER NOT NULL, published INTEGER NOT NULL DEFAULT 0)",
+);
+pub const V1_EVENTS: Sql = sql(
+    "v1_events",
+    "",
+    "CREATE TABLE events (event_id TEXT PRIMARY KEY, room_id TEXT NOT NULL, room_seq INTEGER NOT NULL, stream_pos INTEGER NOT NULL, type TEXT NOT NULL, state_key TEXT, sender TEXT NOT NULL, origin_ms INTEGER NOT NULL, state_group TEXT, json TEXT NOT NULL, txn_device TEXT, txn_id TEXT, redacted_by TEXT)",
+);
+pub const V1_EVENTS_SEQ: Sql =
+    sql("v1_events_seq", "", "CREATE UNIQUE INDEX events_room_seq ON events (room_id, room_seq)");
+pub const V1_EVENTS_STREAM: Sql =
+    sql("v1_events_stream", "", "CREATE INDEX events_room_stream ON events (room_id, stream_pos)");
+pub const V1_STATE_GROUPS: Sql = sql(
+    "v1_state_groups",
+    "",
+    "CREATE TABLE state_groups (group_id TEXT PRIMARY KEY, room_id TEXT NOT NULL, parent TEXT, chain_len INTEGER NOT NULL)",
+);
+pub const V1_STATE_ENTRIES: Sql = sql(
+    "v1_state_entries",
+    "",
+    "CREATE TABLE state_group_entries (group_id TEXT NOT NULL, type TEXT NOT NULL, state_key TEXT NOT NULL, event_id TEXT NOT NULL, PRIMARY KEY (group_id, type, state_key))",
+);
+pub const V1_CURRENT_STATE: Sql = sql(
+    "v1_current_state",
+    "",
+    "CREATE TABLE current_state (room_id TEXT NOT NULL, type TEXT NOT NULL, state_key TEXT NOT NULL, event_id TEXT NOT NULL, room_seq INTEGER NOT NULL, PRIMARY KEY (room_id, type, state_key))",
+);
+pub const V1_MEMBERSHIPS: Sql = sql(
+    "v1_memberships",
+    "",
+    "CREATE TABLE memberships (room_id TEXT NOT NULL, user_id TEXT NOT NULL, membership TEXT NOT NULL, event_id TEXT NOT NULL, room_seq INTEGER NOT NULL, stream_pos INTEGER NOT NULL, PRIMARY KEY (room_id, user_id))",
+);
+pub const V1_MEMBERSHIPS_USER: Sql =
+    sql("v1_memberships_user", "", "CREATE INDEX memberships_user ON memberships (user_id)");
+pub const V1_ALIASES: Sql = sql(
+    "v1_aliases",
+    "",
+    "CREATE TABLE room_aliases (alias TEXT PRIMARY KEY, room_id TEXT NOT NULL, creator TEXT NOT NULL)",
+);
+pub const V1_ACCOUNT_DATA: Sql = sql(
+    "v1_account_data",
+    "",
+    "CREATE TABLE account_data (user_id TEXT NOT NULL, room_id TEXT NOT NULL, type TEXT NOT NULL, content TEXT NOT NULL, stream_pos INTEGER NOT NULL, PRIMARY KEY (user_id, room_id, type))",
+);
+pub const V1_FILTERS: Sql = sql(
+    "v1_filters",
+    "",
+    "CREATE TABLE filters (user_id TEXT NOT NULL, filter_id TEXT NOT NULL, json TEXT NOT NULL, PRIMARY KEY (user_id, filter_id))",
+);
+
+/// The migration bookkeeping, created before anything else (idempotent).
+pub const MIGRATIONS_TABLE: Sql = sql(
+    "migrations_table",
+    "",
+    "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_ms INTEGER NOT NULL)",
+);
+pub const MIGRATION_LOCK_TABLE: Sql = sql(
+    "migration_lock_table",
+    "",
+    "CREATE TABLE IF NOT EXISTS schema_lock (id INTEGER PRIMARY KEY, holder TEXT NOT NULL, expires_ms INTEGER NOT NULL)",
+);
+pub const SCHEMA_VERSION: Sql =
+    sql("schema_version", "", "SELECT MAX(version) AS version FROM schema_migrations");
+pub const MIGRATION_RECORD: Sql = sql(
+    "migration_record",
+    "iti",
+    "INSERT INTO schema_migrations (version, name, applied_ms) VALUES (?, ?, ?)",
+);
+/// Takes the lock when it is free or its holder's lease ran out.
+pub const LOCK_TAKE: Sql = sql(
+    "lock_take",
+    "tii",
+    "INSERT INTO schema_lock (id, holder, expires_ms) VALUES (1, ?, ?) ON CONFLICT (id) DO UPDATE SET holder = excluded.holder, expires_ms = excluded.expires_ms WHERE schema_lock.expires_ms < ?",
+);
+pub const LOCK_HOLDER: Sql = sql("lock_holder", "", "SELECT holder FROM schema_lock WHERE id = 1");
+pub const LOCK_RELEASE: Sql = sql("lock_release", "t", "DELETE FROM schema_lock WHERE id = 1 AND holder = ?");
+
+// ---- Accounts -------------------------------------------------------------------------------
+pub const USER_INSERT: Sql = sql(
+    "user_insert",
+    "tTi",
+    "INSERT INTO users (user_id, password_hash, created_ms) VALUES (?, ?, ?) ON CONFLICT (user_id) DO NOTHING",
+);
+pub const USER_GET: Sql = sql(
+    "user_get",
+    "t",
+    "SELECT user_id, password_hash, displayname, avatar_url, deactivated FROM users WHERE user_id = ?",
+);
+pub const USER_SET_PASSWORD: Sql =
+    sql("user_set_password", "tt", "UPDATE users SET password_hash = ? WHERE user_id = ?");
+pub const USER_DEACTIVATE: Sql =
+    sql("user_deactivate", "t", "UPDATE users SET deactivated = 1, password_hash = NULL WHERE user_id = ?");
+pub const USER_SET_DISPLAYNAME: Sql =
+    sql("user_set_displayname", "Tt", "UPDATE users SET displayname = ? WHERE user_id = ?");
+pub const USER_SET_AVATAR: Sql =
+    sql("user_set_avatar", "Tt", "UPDATE users SET avatar_url = ? WHERE user_id = ?");
+pub const USER_SEARCH: Sql = sql(
+    "user_search",
+    "tti",
+    "SELECT user_id, displayname, avatar_url FROM users WHERE deactivated = 0 AND (user_id LIKE ? OR displayname LIKE ?) ORDER BY user_id LIMIT ?",
+);
+pub const DEVICE_INSERT: Sql = sql(
+    "device_insert",
+    "ttTi",
+    "INSERT INTO devices (user_id, device_id, display_name, created_ms) VALUES (?, ?, ?, ?) ON CONFLICT (user_id, device_id) DO NOTHING",
+);
+pub const DEVICE_LIST: Sql = sql(
+    "device_list",
+    "t",
+    "SELECT device_id, display_name, last_seen_ms FROM devices WHERE user_id = ? ORDER BY device_id",
+);
+pub const DEVICE_GET: Sql = sql(
+    "device_get",
+    "tt",
+    "SELECT device_id, display_name, last_seen_ms FROM devices WHERE user_id = ? AND device_id = ?",
+);
+pub const DEVICE_RENAME: Sql =
+    sql("device_rename", "Ttt", "UPDATE devices SET display_name = ? WHERE user_id = ? AND device_id = ?");
+pub const DEVICE_DELETE: Sql =
+    sql("device_delete", "tt", "DELETE FROM devices WHERE user_id = ? AND device_id = ?");
+pub const DEVICE_DELETE_ALL: Sql = sql("device_delete_all", "t", "DELETE FROM devices WHERE user_id = ?");
+pub const TOKEN_INSERT: Sql = sql(
+    "token_insert",
+    "tttiIT",
+    "INSERT INTO access_tokens (token_hash, user_id, device_id, created_ms, expires_ms, refresh_hash) VALUES (?, ?, ?, ?, ?, ?)",
+);
+pub const TOKEN_LOOKUP: Sql = sql(
+    "token_lookup",
+    "t",
+    "SELECT t.user_id, t.device_id, t.expires_ms, u.deactivated FROM access_tokens t JOIN users u ON u.user_id = t.user_id WHERE t.token_hash = ?",
+);
+pub const TOKEN_BY_REFRESH: Sql = sql(
+    "token_by_refresh",
+    "t",
+    "SELECT token_hash, user_id, device_id FROM access_tokens WHERE refresh_hash = ?",
+);
+pub const TOKEN_DELETE: Sql = sql("token_delete", "t", "DELETE FROM access_tokens WHERE token_hash = ?");
+pub const TOKEN_DELETE_DEVICE: Sql =
+    sql("token_delete_device", "tt", "DELETE FROM access_tokens WHERE user_id = ? AND device_id = ?");
+pub const TOKEN_DELETE_USER: Sql =
+    sql("token_delete_user", "t", "DELETE FROM access_tokens WHERE user_id = ?");
+pub const TOKEN_DELETE_USER_EXCEPT: Sql =
+    sql("token_delete_user_except", "tt", "DELETE FROM access_tokens WHERE user_id = ? AND device_id <> ?");
+pub const REG_TOKEN_INSERT: Sql = sql(
+    "reg_token_insert",
+    "tIIi",
+    "INSERT INTO registration_tokens (token, uses_allowed, expiry_ms, created_ms) VALUES (?, ?, ?, ?)",
+);
+pub const REG_TOKEN_VALID: Sql = sql(
+    "reg_token_valid",
+    "ti",
+    "SELECT token FROM registration_tokens WHERE token = ? AND (uses_allowed IS NULL OR completed < uses_allowed) AND (expiry_ms IS NULL OR expiry_ms > ?)",
+);
+/// Consumes one use; changes nothing (0 rows) when the token ran out meanwhile.
+pub const REG_TOKEN_USE: Sql = sql(
+    "reg_token_use",
+    "t",
+    "UPDATE registration_tokens SET completed = completed + 1 WHERE token = ? AND (uses_allowed IS NULL OR completed < uses_allowed)",
+);
+pub const REG_TOKEN_LIST: Sql = sql(
+    "reg_token_list",
+    "",
+    "SELECT token, uses_allowed, completed, expiry_ms FROM registration_tokens ORDER BY token",
+);
+
+// ---- Rooms and events -----------------------------------------------------------------------
+pub const ROOM_INSERT: Sql = sql(
+    "room_insert",
+    "ttti",
+    "INSERT INTO rooms (room_id, room_version, creator, created_ms) VALUES (?, ?, ?, ?) ON CONFLICT (room_id) DO NOTHING",
+);
+pub const ROOM_GET: Sql =
+    sql("room_get", "t", "SELECT room_id, room_version, creator, published FROM rooms WHERE room_id = ?");
+pub const ROOM_SET_PUBLISHED: Sql =
+    sql("room_set_published", "it", "UPDATE rooms SET published = ? WHERE room_id = ?");
+pub const ROOMS_PUBLISHED: Sql = sql(
+    "rooms_published",
+    "ti",
+    "SELECT room_id FROM rooms WHERE published = 1 AND room_id > ? ORDER BY room_id LIMIT ?",
+);
+/// The next stream position; in the same transaction as what it orders. The row lock it takes
+/// makes positions commit in order (see ARCHITECTURE.md, "sync positions").
+pub const STREAM_BUMP: Sql =
+    sql("stream_bump", "", "UPDATE stream_positions SET pos = pos + 1 WHERE name = 'events'");
+pub const STREAM_MAX: Sql = sql("stream_max", "", "SELECT pos FROM stream_positions WHERE name = 'events'");
+pub const EVENT_INSERT: Sql = sql(
+    "event_insert",
+    "ttitTtiTtTT",
+    "INSERT INTO events (event_id, room_id, room_seq, stream_pos, type, state_key, sender, origin_ms, state_group, json, txn_device, txn_id) VALUES (?, ?, ?, (SELECT pos FROM stream_positions WHERE name = 'events'), ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
+);
+pub const EVENT_GET: Sql = sql(
+    "event_get",
+    "t",
+    "SELECT event_id, room_id, room_seq, stream_pos, json, state_group, txn_device, txn_id FROM events WHERE event_id = ?",
+);
+pub const EVENT_REDACT: Sql = sql(
+    "event_redact",
+    "ttt",
+    "UPDATE events SET json = ?, redacted_by = ? WHERE event_id = ? AND redacted_by IS NULL",
+);
+pub const EVENT_AT_SEQ: Sql =
+    sql("event_at_seq", "ti", "SELECT event_id, state_group FROM events WHERE room_id = ? AND room_seq = ?");
+pub const EVENTS_SINCE: Sql = sql(
+    "events_since",
+    "tiii",
+    "SELECT event_id, room_id, room_seq, stream_pos, json, state_group, txn_device, txn_id FROM events WHERE room_id = ? AND stream_pos > ? AND stream_pos <= ? ORDER BY room_seq DESC LIMIT ?",
+);
+pub const EVENTS_BEFORE: Sql = sql(
+    "events_before",
+    "tii",
+    "SELECT event_id, room_id, room_seq, stream_pos, json, state_group, txn_device, txn_id FROM events WHERE room_id = ? AND room_seq < ? ORDER BY room_seq DESC LIMIT ?",
+);
+pub const EVENTS_AFTER: Sql = sql(
+    "events_after",
+    "tii",
+    "SELECT event_id, room_id, room_seq, stream_pos, json, state_group, txn_device, txn_id FROM events WHERE room_id = ? AND room_seq > ? ORDER BY room_seq ASC LIMIT ?",
+);
+pub const ROOM_SEQ_AT: Sql =
+    sql("room_seq_at", "ti", "SELECT MAX(room_seq) AS seq FROM events WHERE room_id = ? AND stream_pos <= ?");
+pub const STATE_GROUP_INSERT: Sql = sql(
+    "state_group_insert",
+    "ttTi",
+    "INSERT INTO state_groups (group_id, room_id, parent, chain_len) VALUES (?, ?, ?, ?) ON CONFLICT (group_id) DO NOTHING",
+);
+pub const STATE_ENTRY_INSERT: Sql = sql(
+    "state_entry_insert",
+    "tttt",
+    "INSERT INTO state_group_entries (group_id, type, state_key, event_id) VALUES (?, ?, ?, ?) ON CONFLICT (group_id, type, state_key) DO NOTHING",
+);
+/// The state of a group: its entries and its ancestors', nearest last (`depth` descending),
+/// so applying the rows in order leaves the newest entry of each key.
+pub const STATE_AT: Sql = sql(
+    "state_at",
+    "t",
+    "WITH RECURSIVE chain (g, depth) AS (SELECT ?, 0 UNION ALL SELECT s.parent, chain.depth + 1 FROM state_groups s JOIN chain ON s.group_id = chain.g WHERE s.parent IS NOT NULL) SELECT e.type, e.state_key, e.event_id, chain.depth FROM chain JOIN state_group_entries e ON e.group_id = chain.g ORDER BY chain.depth DESC",
+);
+pub const CURRENT_STATE_UPSERT: Sql = sql(
+    "current_state_upsert",
+    "tttti",
+    "INSERT INTO current_state (room_id, type, state_key, event_id, room_seq) VALUES (?, ?, ?, ?, ?) ON CONFLICT (room_id, type, state_key) DO UPDATE SET event_id = excluded.event_id, room_seq = excluded.room_seq WHERE current_state.room_seq < excluded.room_seq",
+);
+pub const CURRENT_STATE: Sql = sql(
+    "current_state",
+    "t",
+    "SELECT c.type, c.state_key, c.event_id, e.json FROM current_state c JOIN events e ON e.event_id = c.event_id WHERE c.room_id = ?",
+);
+pub const CURRENT_STATE_ONE: Sql = sql(
+    "current_state_one",
+    "ttt",
+    "SELECT c.event_id, e.json FROM current_state c JOIN events e ON e.event_id = c.event_id WHERE c.room_id = ? AND c.type = ? AND c.state_key = ?",
+);
+pub const MEMBERSHIP_UPSERT: Sql = sql(
+    "membership_upsert",
+    "tttti",
+    "INSERT INTO memberships (room_id, user_id, membership, event_id, room_seq, stream_pos) VALUES (?, ?, ?, ?, ?, (SELECT pos FROM stream_positions WHERE name = 'events')) ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership, event_id = excluded.event_id, room_seq = excluded.room_seq, stream_pos = excluded.stream_pos WHERE memberships.room_seq < excluded.room_seq",
+);
+pub const USER_MEMBERSHIPS: Sql = sql(
+    "user_memberships",
+    "t",
+    "SELECT m.room_id, m.membership, m.event_id, m.stream_pos, m.room_seq, r.room_version FROM memberships m JOIN rooms r ON r.room_id = m.room_id WHERE m.user_id = ?",
+);
+pub const ROOM_MEMBERS: Sql =
+    sql("room_members", "t", "SELECT user_id, membership, event_id FROM memberships WHERE room_id = ?");
+pub const MEMBERSHIP_GET: Sql = sql(
+    "membership_get",
+    "tt",
+    "SELECT membership, event_id, stream_pos, room_seq FROM memberships WHERE room_id = ? AND user_id = ?",
+);
+pub const MEMBERSHIP_FORGET: Sql = sql(
+    "membership_forget",
+    "tt",
+    "DELETE FROM memberships WHERE room_id = ? AND user_id = ? AND membership IN ('leave', 'ban')",
+);
+pub const ALIAS_INSERT: Sql = sql(
+    "alias_insert",
+    "ttt",
+    "INSERT INTO room_aliases (alias, room_id, creator) VALUES (?, ?, ?) ON CONFLICT (alias) DO NOTHING",
+);
+pub const ALIAS_GET: Sql = sql("alias_get", "t", "SELECT room_id, creator FROM room_aliases WHERE alias = ?");
+pub const ALIAS_DELETE: Sql = sql("alias_delete", "t", "DELETE FROM room_aliases WHERE alias = ?");
+pub const ALIASES_OF_ROOM: Sql =
+    sql("aliases_of_room", "t", "SELECT alias FROM room_aliases WHERE room_id = ? ORDER BY alias");
+
+// ---- Account data and filters ---------------------------------------------------------------
+pub const ACCOUNT_DATA_UPSERT: Sql = sql(
+    "account_data_upsert",
+    "tttt",
+    "INSERT INTO account_data (user_id, room_id, type, content, stream_pos) VALUES (?, ?, ?, ?, (SELECT pos FROM stream_positions WHERE name = 'events')) ON CONFLICT (user_id, room_id, type) DO UPDATE SET content = excluded.content, stream_pos = excluded.stream_pos",
+);
+pub const ACCOUNT_DATA_GET: Sql = sql(
+    "account_data_get",
+    "ttt",
+    "SELECT content FROM account_data WHERE user_id = ? AND room_id = ? AND type = ?",
+);
+pub const ACCOUNT_DATA_SINCE: Sql = sql(
+    "account_data_since",
+    "tii",
+    "SELECT room_id, type, content FROM account_data WHERE user_id = ? AND stream_pos > ? AND stream_pos <= ?",
+);
+pub const FILTER_INSERT: Sql = sql(
+    "filter_insert",
+    "ttt",
+    "INSERT INTO filters (user_id, filter_id, json) VALUES (?, ?, ?) ON CONFLICT (user_id, filter_id) DO NOTHING",
+);
+pub const FILTER_GET: Sql =
+    sql("filter_get", "tt", "SELECT json FROM filters WHERE user_id = ? AND filter_id = ?");
+
+/// Every statement, for the registry test.
+pub const ALL: &[Sql] = &[
+    MIGRATIONS_TABLE,
+    MIGRATION_LOCK_TABLE,
+    SCHEMA_VERSION,
+    MIGRATION_RECORD,
+    LOCK_TAKE,
+    LOCK_HOLDER,
+    LOCK_RELEASE,
+    USER_INSERT,
+    USER_GET,
+    USER_SET_PASSWORD,
+    USER_DEACTIVATE,
+    USER_SET_DISPLAYNAME,
+    USER_SET_AVATAR,
+    USER_SEARCH,
+    DEVICE_INSERT,
+    DEVICE_LIST,
+    DEVICE_GET,
+    DEVICE_RENAME,
+    DEVICE_DELETE,
+    DEVICE_DELETE_ALL,
+    TOKEN_INSERT,
+    TOKEN_LOOKUP,
+    TOKEN_BY_REFRESH,
+    TOKEN_DELETE,
+    TOKEN_DELETE_DEVICE,
+    TOKEN_DELETE_USER,
+    TOKEN_DELETE_USER_EXCEPT,
+    REG_TOKEN_INSERT,
+    REG_TOKEN_VALID,
+    REG_TOKEN_USE,
+    REG_TOKEN_LIST,
+    ROOM_INSERT,
+    ROOM_GET,
+    ROOM_SET_PUBLISHED,
+    ROOMS_PUBLISHED,
+    STREAM_BUMP,
+    STREAM_MAX,
+    EVENT_INSERT,
+    EVENT_GET,
+    EVENT_REDACT,
+    EVENT_AT_SEQ,
+    EVENTS_SINCE,
+    EVENTS_BEFORE,
+    EVENTS_AFTER,
+    ROOM_SEQ_AT,
+    STATE_GROUP_INSERT,
+    STATE_ENTRY_INSERT,
+    STATE_AT,
+    CURRENT_STATE_UPSERT,
+    CURRENT_STATE,
+    CURRENT_STATE_ONE,
+    MEMBERSHIP_UPSERT,
+    USER_MEMBERSHIPS,
+    ROOM_MEMBERS,
+    MEMBERSHIP_GET,
+    MEMBERSHIP_FORGET,
+    ALIAS_INSERT,
+    ALIAS_GET,
+    ALIAS_DELETE,
+    ALIASES_OF_ROOM,
+    ACCOUNT_DATA_UPSERT,
+    ACCOUNT_DATA_GET,
+    ACCOUNT_DATA_SINCE,
+    FILTER_INSERT,
+    FILTER_GET,
+];
+
+/// Versioned schema migrations: each runs once, in one transaction with its record.
+pub const MIGRATIONS: &[(i64, &str, &[Sql])] = &[(
+    1,
+    "initial schema",
+    &[
+        V1_USERS,
+        V1_DEVICES,
+        V1_TOKENS,
+        V1_TOKENS_DEVICE,
+        V1_TOKENS_REFRESH,
+        V1_REG_TOKENS,
+        V1_STREAM,
+        V1_STREAM_SEED,
+        V1_ROOMS,
+        V1_EVENTS,
+        V1_EVENTS_SEQ,
+        V1_EVENTS_STREAM,
+        V1_STATE_GROUPS,
+        V1_STATE_ENTRIES,
+        V1_CURRENT_STATE,
+        V1_MEMBERSHIPS,
+        V1_MEMBERSHIPS_USER,
+        V1_ALIASES,
+        V1_ACCOUNT_DATA,
+        V1_FILTERS,
+    ],
+)];

@@ -1,0 +1,48 @@
+//! Small helpers: encodings, hashing, randomness and the clock.
+
+use base64::Engine as _;
+use sha2::{Digest as _, Sha256};
+
+/// Unpadded standard base64, as Matrix uses for keys and hashes.
+pub fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes)
+}
+
+pub fn b64url(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Hex of the SHA-256 of a token: how tokens are stored at rest.
+pub fn token_hash(token: &str) -> String {
+    sha256(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    // The host's random source (wasi:random) does not fail; a zeroed buffer would be caught by
+    // the uniqueness constraints on tokens.
+    let _ = getrandom::fill(&mut b);
+    b
+}
+
+/// A random string of `len` characters from `A-Za-z`.
+pub fn random_alpha(len: usize) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let bytes = random_bytes::<64>();
+    bytes.iter().take(len).map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()] as char).collect()
+}
+
+/// A secret token: 32 random bytes, URL-safe base64.
+pub fn random_token() -> String {
+    b64url(&random_bytes::<32>())
+}
+
+/// Milliseconds since the Unix epoch (wasi:clocks; the runtime may pin it in tests).
+pub fn now_ms() -> u64 {
+    let d = wasip2::clocks::wall_clock::now();
+    d.seconds * 1000 + u64::from(d.nanoseconds / 1_000_000)
+}
