@@ -17,37 +17,44 @@ pub mod error;
 pub mod room;
 pub mod util;
 
-use lattice_worker::bindings::exports::lattice::bindings::object_handler::Guest as ObjectGuest;
-use lattice_worker::bindings::lattice::bindings::durable_object;
-use wasip2::http::types::{IncomingRequest, ResponseOutparam};
+/// The component's exports. Only for wasm: a native build (unit tests) has no host to call it,
+/// and the export symbols are not valid native linker names.
+#[cfg(target_arch = "wasm32")]
+mod component {
+    use lattice_worker::bindings::exports::lattice::bindings::object_handler::Guest as ObjectGuest;
+    use lattice_worker::bindings::lattice::bindings::durable_object;
+    use wasip2::http::types::{IncomingRequest, ResponseOutparam};
 
-struct Homeserver;
+    use crate::{api, room};
 
-wasip2::http::proxy::export!(Homeserver);
-lattice_worker::bindings::export!(Homeserver);
+    struct Homeserver;
 
-impl wasip2::exports::http::incoming_handler::Guest for Homeserver {
-    fn handle(request: IncomingRequest, out: ResponseOutparam) {
-        api::serve(request, out);
-    }
-}
+    wasip2::http::proxy::export!(Homeserver);
+    lattice_worker::bindings::export!(Homeserver);
 
-impl ObjectGuest for Homeserver {
-    fn fetch(class: String, _id: String, request: durable_object::Request) -> durable_object::Response {
-        match class.as_str() {
-            room::object::CLASS => room::object::handle(&request),
-            other => durable_object::Response {
-                status: 404,
-                headers: vec![],
-                body: format!("no Durable Object class {other}").into_bytes(),
-            },
+    impl wasip2::exports::http::incoming_handler::Guest for Homeserver {
+        fn handle(request: IncomingRequest, out: ResponseOutparam) {
+            api::serve(request, out);
         }
     }
 
-    fn alarm(class: String, _id: String, _retry_count: u32) -> Result<(), String> {
-        match class.as_str() {
-            room::object::CLASS => room::object::alarm(),
-            _ => Ok(()),
+    impl ObjectGuest for Homeserver {
+        fn fetch(class: String, _id: String, request: durable_object::Request) -> durable_object::Response {
+            match class.as_str() {
+                room::object::CLASS => room::object::handle(&request),
+                other => durable_object::Response {
+                    status: 404,
+                    headers: vec![],
+                    body: format!("no Durable Object class {other}").into_bytes(),
+                },
+            }
+        }
+
+        fn alarm(class: String, _id: String, _retry_count: u32) -> Result<(), String> {
+            match class.as_str() {
+                room::object::CLASS => room::object::alarm(),
+                _ => Ok(()),
+            }
         }
     }
 }

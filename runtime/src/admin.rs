@@ -1,4 +1,8 @@
-//! The admin listener: `/healthz`, `/readyz`, `/metrics` (and the test clock when enabled).
+//! The admin listener: `/healthz`, `/readyz`, `/metrics` (and the test clock when enabled), and
+//! `/component/...`: the component's own HTTP handler for operator tools on the pod (`lattice
+//! call`). The admin listener binds loopback or a pod-internal address and is never routed from
+//! outside, so a component can put administrative routes behind it (it still authenticates
+//! them: the runtime passes requests through unchanged).
 //!
 //! Readiness means "this pod can serve": the component is loaded, the listener is up and the
 //! pod is not draining. A backend outage does not make a pod unready — every pod shares the
@@ -14,6 +18,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+
 use crate::runtime::Shared;
 use crate::server::{Body, full};
 
@@ -22,7 +28,25 @@ pub struct AdminState {
     pub draining: AtomicBool,
 }
 
+/// The admin listener's prefix for requests passed to the component.
+pub const COMPONENT_PREFIX: &str = "/component";
+
 async fn route(state: Arc<AdminState>, req: Request<Incoming>) -> Response<Body> {
+    if let Some(rest) = req.uri().path().strip_prefix(COMPONENT_PREFIX)
+        && rest.starts_with('/')
+    {
+        let path_and_query = match req.uri().query() {
+            Some(q) => format!("{rest}?{q}"),
+            None => rest.to_owned(),
+        };
+        let (mut parts, body) = req.into_parts();
+        match http::Uri::builder().path_and_query(path_and_query).build() {
+            Ok(uri) => parts.uri = uri,
+            Err(_) => return full(StatusCode::BAD_REQUEST, r#"{"error":"bad path"}"#),
+        }
+        return crate::server::handle(state.shared.clone(), Scheme::Http, Request::from_parts(parts, body))
+            .await;
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => full(StatusCode::OK, r#"{"status":"ok"}"#),
         (&Method::GET, "/readyz") => {

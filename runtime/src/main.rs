@@ -3,6 +3,10 @@
 //! - `lattice serve --config FILE`: serve until SIGTERM/SIGINT, then drain.
 //! - `lattice check-config --config FILE`: parse and validate only.
 //! - `lattice compile --config FILE`: fill the AOT cache and exit.
+//! - `lattice call --config FILE [--bearer-secret NAME] METHOD PATH [BODY]`: send one request to
+//!   the running server's component through its admin listener (`/component/PATH`), with the
+//!   named secret (base64url, unpadded) as the bearer token; prints the response body and fails
+//!   on a non-2xx status. Components use it for their admin routes.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,15 +18,19 @@ use lattice_runtime::config::Config;
 use lattice_runtime::runtime::Shared;
 use lattice_runtime::{engine, server, tls};
 
-const USAGE: &str = "usage: lattice <serve|check-config|compile> --config FILE";
+const USAGE: &str = "usage: lattice <serve|check-config|compile> --config FILE\n       lattice call --config FILE [--bearer-secret NAME] METHOD PATH [BODY]";
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let command = args.next().context(USAGE)?;
     let mut config_path: Option<PathBuf> = None;
+    let mut bearer_secret: Option<String> = None;
+    let mut positional = Vec::new();
     while let Some(a) = args.next() {
         match a.as_str() {
             "--config" | "-c" => config_path = Some(args.next().context("--config needs a file")?.into()),
+            "--bearer-secret" => bearer_secret = Some(args.next().context("--bearer-secret needs a name")?),
+            other if command == "call" && !other.starts_with("--") => positional.push(other.to_owned()),
             other => anyhow::bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
@@ -43,6 +51,17 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         "serve" => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(config)),
+        "call" => {
+            let [method, path, rest @ ..] = positional.as_slice() else { anyhow::bail!(USAGE) };
+            let body = rest.first().cloned().unwrap_or_default();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let (status, text) = rt.block_on(call(&config, bearer_secret.as_deref(), method, path, body))?;
+            println!("{text}");
+            if !(200..300).contains(&status) {
+                anyhow::bail!("the server answered {status}");
+            }
+            Ok(())
+        }
         other => anyhow::bail!("unknown command {other:?}\n{USAGE}"),
     }
 }
@@ -93,6 +112,36 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         drain_flag.draining.store(true, std::sync::atomic::Ordering::SeqCst);
     };
     server::serve(shared, listener, tls_acceptor, shutdown).await
+}
+
+/// `lattice call`: one request to the component through the admin listener.
+async fn call(
+    config: &Config,
+    bearer_secret: Option<&str>,
+    method: &str,
+    path: &str,
+    body: String,
+) -> anyhow::Result<(u16, String)> {
+    use base64::Engine as _;
+    use http_body_util::BodyExt as _;
+    let addr = config.server.admin_listen.context("server.admin_listen is not set: nothing to call")?;
+    anyhow::ensure!(path.starts_with('/'), "the path must start with /");
+    let mut req = http::Request::builder()
+        .method(method.to_ascii_uppercase().as_str())
+        .uri(format!("http://{addr}{}{path}", admin::COMPONENT_PREFIX))
+        .header(http::header::CONTENT_TYPE, "application/json");
+    if let Some(name) = bearer_secret {
+        let dir = config.secrets.dir.as_ref().context("secrets.dir is not set")?;
+        let bytes = std::fs::read(dir.join(name)).with_context(|| format!("reading secret {name}"))?;
+        let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let req = req.body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let resp = client.request(req).await.with_context(|| format!("calling the server's admin listener on {addr}"))?;
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.context("reading the answer")?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
 }
 
 async fn wait_for_signal() {

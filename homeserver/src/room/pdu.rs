@@ -60,6 +60,17 @@ impl SigningKey {
     /// `seed` is the 32-byte secret; the key id's version is derived from the public key so the
     /// same seed always gives the same id.
     pub fn from_seed(seed: &[u8]) -> Result<Self, PduError> {
+        let probe = Self::from_seed_with_version(seed, "probe")?;
+        let version = crate::util::b64(&crate::util::sha256(&probe.pair.public_key()))
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(6)
+            .collect::<String>();
+        Self::from_seed_with_version(seed, &version)
+    }
+
+    /// A key with a given key id version (`ed25519:<version>`).
+    pub fn from_seed_with_version(seed: &[u8], version: &str) -> Result<Self, PduError> {
         let seed: [u8; 32] = seed
             .get(..32)
             .and_then(|s| s.try_into().ok())
@@ -69,15 +80,8 @@ impl SigningKey {
             0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
         ];
         der.extend_from_slice(&seed);
-        let probe =
-            Ed25519KeyPair::from_der(&der, "probe".into()).map_err(|e| PduError::Key(e.to_string()))?;
-        let version = crate::util::b64(&crate::util::sha256(&probe.public_key()))
-            .chars()
-            .filter(char::is_ascii_alphanumeric)
-            .take(6)
-            .collect::<String>();
         let pair =
-            Ed25519KeyPair::from_der(&der, version.clone()).map_err(|e| PduError::Key(e.to_string()))?;
+            Ed25519KeyPair::from_der(&der, version.to_owned()).map_err(|e| PduError::Key(e.to_string()))?;
         Ok(Self { pair, key_id: format!("ed25519:{version}") })
     }
 
@@ -167,6 +171,34 @@ pub fn build(
     let hash =
         ruma::signatures::reference_hash(&canonical, &rules).map_err(|e| PduError::Json(e.to_string()))?;
     Ok((format!("${hash}"), canonical))
+}
+
+/// Canonical JSON (appendices: signing JSON) of any JSON value.
+pub fn canonical(value: &Value) -> Result<String, PduError> {
+    ruma::canonical_json::to_canonical_value(value)
+        .map(|v| v.to_string())
+        .map_err(|e| PduError::Json(e.to_string()))
+}
+
+/// Adds the content hash and this server's signature to an event, by the rules of `version`.
+pub fn hash_and_sign(
+    version: &str,
+    server_name: &str,
+    key: &SigningKey,
+    event: &mut CanonicalJsonObject,
+) -> Result<(), PduError> {
+    let rules = rules(version)?;
+    ruma::signatures::hash_and_sign_event(server_name, &key.pair, event, &rules.redaction)
+        .map_err(|e| PduError::Json(e.to_string()))
+}
+
+/// The public keys to verify events of this server with.
+pub fn public_key_map(server_name: &str, key: &SigningKey) -> ruma::signatures::PublicKeyMap {
+    let mut set = ruma::signatures::PublicKeySet::new();
+    set.insert(key.key_id.clone(), ruma::serde::Base64::new(key.pair.public_key().to_vec()));
+    let mut map = ruma::signatures::PublicKeyMap::new();
+    map.insert(server_name.to_owned(), set);
+    map
 }
 
 /// Room version 12: the room id of a room whose create event this is.
