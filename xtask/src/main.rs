@@ -1,7 +1,8 @@
 //! Project chores, one binary (`cargo xtask <command>`):
 //!
-//! - `dev [--port N] [--plain]`: build the runtime and the worker, write a config on embedded
-//!   defaults (SQLite, local files) with a self-signed certificate, and serve.
+//! - `dev [--port N] [--plain]`: build the runtime and the homeserver, write a config on
+//!   embedded defaults (SQLite, local files) with a self-signed certificate, serve, create an
+//!   `admin` user on first start and print how to log in.
 //! - `ci`: everything CI runs: format and lint checks, invariant checks, guests built to
 //!   `wasm32-wasip2`, the real services started (PostgreSQL, Redis, S3), the whole test suite,
 //!   and the services stopped again whatever happened.
@@ -82,7 +83,7 @@ fn build_guests(root: &Path) -> anyhow::Result<PathBuf> {
     run(cargo()
         .current_dir(root)
         .args(["build", "--target", "wasm32-wasip2", "--profile", "guest"])
-        .args(["-p", "hello", "-p", "conformance"]))?;
+        .args(["-p", "hello", "-p", "conformance", "-p", "lattice-homeserver"]))?;
     Ok(target_dir(root).join("wasm32-wasip2/guest"))
 }
 
@@ -122,7 +123,7 @@ fn dev(root: &Path, args: &[String]) -> anyhow::Result<()> {
     };
     let d = data.display();
     let config = format!(
-        r#"# Written by `cargo xtask dev`: embedded defaults, nothing to install.
+        r#"# Written by `cargo xtask dev`: the homeserver on embedded defaults, nothing to install.
 [server]
 listen = "127.0.0.1:{port}"
 admin_listen = "127.0.0.1:{admin}"
@@ -134,18 +135,92 @@ path = "{component}"
 
 [secrets]
 dir = "{d}/data/secrets"
+generate = ["rooms_key", "signing_key", "admin_token"]
+
+[vars]
+server_name = "localhost"
+# Registration needs a token: create one with the admin command printed at start-up.
+registration = "token"
+
+[d1.DB]
+backend = "sqlite"
+path = "{d}/data/homeserver.sqlite"
+
+[kv.KV]
+backend = "sqlite"
+path = "{d}/data/kv.sqlite"
+
+[r2.MEDIA]
+backend = "fs"
+path = "{d}/data/media"
+
+[durable_objects.ROOMS]
+class = "Room"
+unique_key_secret = "rooms_key"
+shards = 8
+storage = {{ backend = "sqlite", path = "{d}/data/objects.sqlite" }}
 "#,
         admin = port + 1,
-        component = guests.join("hello.wasm").display(),
+        component = guests.join("lattice_homeserver.wasm").display(),
     );
     let config_path = data.join("lattice.toml");
     std::fs::write(&config_path, config)?;
     let bin = target_dir(root).join("debug/lattice");
-    eprintln!("xtask: config {}; admin on http://127.0.0.1:{}/metrics", config_path.display(), port + 1);
-    if !plain {
-        eprintln!("xtask: self-signed certificate; try: curl -k https://127.0.0.1:{port}/");
+    let mut server = Command::new(&bin).args(["serve", "--config"]).arg(&config_path).spawn()?;
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port + 1)).is_err() {
+        if let Some(status) = server.try_wait()? {
+            bail!("the homeserver exited: {status}");
+        }
+        if started.elapsed().as_secs() > 120 {
+            let _ = server.kill();
+            bail!("the homeserver did not start");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    run(Command::new(bin).args(["serve", "--config"]).arg(&config_path))
+    let admin_call = |method: &str, path: &str, body: &str| {
+        Command::new(&bin)
+            .args(["call", "--config"])
+            .arg(&config_path)
+            .args(["--bearer-secret", "admin_token", method, path, body])
+            .output()
+    };
+    let password_file = data.join("admin-password");
+    if !password_file.exists() {
+        let password: String = {
+            let mut b = [0u8; 18];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))?;
+            b.iter().map(|x| format!("{x:02x}")).collect()
+        };
+        let body = serde_json::json!({"username": "admin", "password": password}).to_string();
+        let out = admin_call("POST", "/_lattice/admin/v1/users", &body)?;
+        if out.status.success() {
+            std::fs::write(&password_file, &password)?;
+        } else {
+            eprintln!("xtask: creating the admin user failed: {}", String::from_utf8_lossy(&out.stdout));
+        }
+    }
+    let scheme = if plain { "http" } else { "https" };
+    let password = std::fs::read_to_string(&password_file).unwrap_or_else(|_| "(unknown)".into());
+    let call =
+        format!("{} call --config {} --bearer-secret admin_token", bin.display(), config_path.display());
+    println!(
+        "\nLattice homeserver on {scheme}://127.0.0.1:{port} (server name localhost)\n\
+         Log in with any Matrix client: homeserver {scheme}://127.0.0.1:{port}, user @admin:localhost, password {password}\n\
+         {cert}More users:          {call} POST /_lattice/admin/v1/users '{{\"username\":\"bob\",\"password\":\"...\"}}'\n\
+         Registration tokens: {call} POST /_lattice/admin/v1/registration_tokens '{{\"uses_allowed\":1}}'\n",
+        cert = if plain {
+            String::new()
+        } else {
+            "(self-signed certificate: tell your client to trust .lattice-dev/cert.pem)\n".to_owned()
+        },
+    );
+    let status = server.wait()?;
+    if !status.success() {
+        bail!("the homeserver exited: {status}");
+    }
+    Ok(())
 }
 
 /// Runs `cargo test`, echoing its output, and counts the tests of every test binary.
@@ -224,6 +299,8 @@ fn ci(root: &Path) -> anyhow::Result<()> {
         "-p",
         "lattice-worker",
         "-p",
+        "lattice-homeserver",
+        "-p",
         "hello",
         "-p",
         "conformance",
@@ -231,6 +308,8 @@ fn ci(root: &Path) -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    run(cargo().current_dir(root).args(["build", "-p", "lattice-runtime", "--bin", "lattice"]))?;
+    let lattice_bin = target_dir(root).join("debug/lattice");
     // A state directory of this run's own: ports are picked afresh, nothing stale is reused.
     let state = cache_dir().join("services").join(format!("ci-{}", std::process::id()));
     let services = root.join("scripts/services.sh");
@@ -247,6 +326,7 @@ fn ci(root: &Path) -> anyhow::Result<()> {
                 .args(HOST_CRATES)
                 .envs(env)
                 .env("LATTICE_GUEST_DIR", &guests)
+                .env("LATTICE_BIN", &lattice_bin)
                 .env("LATTICE_SERVICES_SCRIPT", &services)
                 .env("LATTICE_SERVICES_STATE", &state)
                 .env("LATTICE_REQUIRE_SERVICES", "1"),

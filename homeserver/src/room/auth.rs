@@ -9,7 +9,6 @@ use ruma::events::{StateEventType, TimelineEventType};
 use ruma::room_version_rules::StateResolutionVersion;
 use ruma::state_res::utils::event_id_set::EventIdSet;
 use ruma::{EventId, OwnedEventId, UserId};
-use serde_json::value::RawValue;
 
 use super::pdu::{Pdu, StateMap, rules};
 
@@ -144,11 +143,6 @@ fn conflicted_subgraph<'a>(
         }
     }
     Some(out)
-}
-
-/// The `content` of a state event, for code that only needs one field.
-pub fn content_field<'a>(raw: &'a RawValue, field: &str) -> Option<serde_json::Value> {
-    serde_json::from_str::<serde_json::Value>(raw.get()).ok().and_then(|v| v.get(field).cloned())
 }
 
 #[cfg(test)]
