@@ -137,8 +137,12 @@ async fn call(
         req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
     }
     let req = req.body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-    let resp = client.request(req).await.with_context(|| format!("calling the server's admin listener on {addr}"))?;
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let resp = client
+        .request(req)
+        .await
+        .with_context(|| format!("calling the server's admin listener on {addr}"))?;
     let status = resp.status().as_u16();
     let bytes = resp.into_body().collect().await.context("reading the answer")?.to_bytes();
     Ok((status, String::from_utf8_lossy(&bytes).into_owned()))

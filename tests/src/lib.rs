@@ -87,11 +87,23 @@ pub struct Options {
     pub backend: Backend,
     /// `[vars]` beyond the defaults (`server_name`, open registration, no rate limits).
     pub vars: Vec<(String, String)>,
+    /// PostgreSQL database to use instead of a fresh one ([`Backend::Production`]).
+    pub database_url: Option<String>,
+    /// The server name; a fresh one by default.
+    pub server_name: Option<String>,
 }
 
 impl Options {
     pub fn new(backend: Backend) -> Self {
-        Self { backend, vars: Vec::new() }
+        Self { backend, vars: Vec::new(), database_url: None, server_name: None }
+    }
+    pub fn database_url(mut self, url: &str) -> Self {
+        self.database_url = Some(url.to_owned());
+        self
+    }
+    pub fn server_name(mut self, name: &str) -> Self {
+        self.server_name = Some(name.to_owned());
+        self
     }
     pub fn var(mut self, k: &str, v: &str) -> Self {
         self.vars.push((k.to_owned(), v.to_owned()));
@@ -169,7 +181,7 @@ impl Homeserver {
         let d = data.display();
         let port = free_port();
         let admin_port = free_port();
-        let server_name = format!("hs{}.test", unique());
+        let server_name = options.server_name.clone().unwrap_or_else(|| format!("hs{}.test", unique()));
         let mut envs: Vec<(String, String)> = Vec::new();
         let bindings = match options.backend {
             Backend::Embedded => format!(
@@ -195,7 +207,10 @@ storage = {{ backend = "sqlite", path = "{d}/objects.sqlite" }}
             ),
             Backend::Production => {
                 let s = services()?;
-                let pg = fresh_postgres_database(&s["LATTICE_TEST_POSTGRES_URL"]).await;
+                let pg = match &options.database_url {
+                    Some(url) => url.clone(),
+                    None => fresh_postgres_database(&s["LATTICE_TEST_POSTGRES_URL"]).await,
+                };
                 envs.push(("LATTICE_HS_POSTGRES_URL".into(), pg));
                 envs.push(("LATTICE_HS_REDIS_URL".into(), s["LATTICE_TEST_REDIS_URL"].clone()));
                 envs.push(("LATTICE_HS_S3_ACCESS_KEY".into(), s["LATTICE_TEST_S3_ACCESS_KEY"].clone()));

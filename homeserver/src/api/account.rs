@@ -77,7 +77,7 @@ fn new_session(
         db::bound(sql::TOKEN_DELETE_DEVICE, vec![db::t(user_id), db::t(device_id.clone())]),
         db::bound(
             sql::DEVICE_INSERT,
-            vec![db::t(user_id), db::t(device_id.clone()), db::opt_t(display), db::i(now)],
+            vec![db::t(user_id), db::t(device_id.clone()), db::opt_t(display), db::i(now), db::i(now)],
         ),
         db::bound(
             sql::TOKEN_INSERT,
@@ -414,7 +414,14 @@ pub fn deactivate_route(ctx: &Ctx) -> Result<Reply> {
 }
 
 fn device_json(r: &db::Row) -> Value {
-    json!({"device_id": r.str("device_id"), "display_name": r.text("display_name"), "last_seen_ts": r.int("last_seen_ms")})
+    let mut d = json!({"device_id": r.str("device_id")});
+    if let Some(name) = r.text("display_name") {
+        d["display_name"] = json!(name);
+    }
+    if let Some(seen) = r.int("last_seen_ms") {
+        d["last_seen_ts"] = json!(seen);
+    }
+    d
 }
 
 /// # `GET /_matrix/client/v3/devices`

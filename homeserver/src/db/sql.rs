@@ -151,8 +151,8 @@ pub const USER_SEARCH: Sql = sql(
 );
 pub const DEVICE_INSERT: Sql = sql(
     "device_insert",
-    "ttTi",
-    "INSERT INTO devices (user_id, device_id, display_name, created_ms) VALUES (?, ?, ?, ?) ON CONFLICT (user_id, device_id) DO NOTHING",
+    "ttTii",
+    "INSERT INTO devices (user_id, device_id, display_name, created_ms, last_seen_ms) VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_id, device_id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms",
 );
 pub const DEVICE_LIST: Sql = sql(
     "device_list",

@@ -14,9 +14,8 @@ fn spec_key() -> SigningKey {
             .with_decode_allow_trailing_bits(true)
             .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
     );
-    let seed = lenient
-        .decode("YJDBA9Xnr2sVqXD9Vj7XVUnmFZcZrlw8Md7kMW+3XA1")
-        .expect("the spec's seed is base64");
+    let seed =
+        lenient.decode("YJDBA9Xnr2sVqXD9Vj7XVUnmFZcZrlw8Md7kMW+3XA1").expect("the spec's seed is base64");
     SigningKey::from_seed_with_version(&seed, "1").expect("a valid seed")
 }
 

@@ -1,0 +1,322 @@
+//! matrix-sdk (the Rust client SDK) against the homeserver: registration through
+//! user-interactive auth, password login on a second client, a room with an invite, messages
+//! both ways through `/sync`, back-pagination through `/messages`, and a leave seen by the other
+//! user. Every request goes through the validating proxy.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use lattice_e2e::proxy::ValidatingProxy;
+use lattice_e2e::{Backend, Homeserver, Options};
+use matrix_sdk::config::{RequestConfig, SyncSettings};
+use matrix_sdk::room::MessagesOptions;
+use matrix_sdk::ruma::api::client::account::register;
+use matrix_sdk::ruma::api::client::room::create_room;
+use matrix_sdk::ruma::api::client::uiaa::{AuthData, AuthType, Dummy};
+use matrix_sdk::ruma::events::room::member::MembershipState;
+use matrix_sdk::ruma::events::room::message::RoomMessageEventContent;
+use matrix_sdk::ruma::events::{
+    AnySyncMessageLikeEvent, AnySyncStateEvent, AnySyncTimelineEvent, SyncMessageLikeEvent, SyncStateEvent,
+};
+use matrix_sdk::ruma::serde::Raw;
+use matrix_sdk::ruma::{OwnedUserId, RoomId, UInt, UserId};
+use matrix_sdk::{Client, RoomState};
+
+/// How long any one wait on the server may take before the test fails.
+const DEADLINE: Duration = Duration::from_secs(30);
+/// The `/sync` long-poll timeout while waiting for something.
+const POLL: Duration = Duration::from_secs(5);
+
+/// What the test looks at in a timeline event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    Message { sender: OwnedUserId, body: String },
+    Member { sender: OwnedUserId, target: String, membership: MembershipState },
+    Other { kind: String },
+}
+
+fn seen(raw: &Raw<AnySyncTimelineEvent>) -> Seen {
+    let ev = raw
+        .deserialize()
+        .unwrap_or_else(|e| panic!("a timeline event matrix-sdk cannot parse ({e}): {}", raw.json().get()));
+    match ev {
+        AnySyncTimelineEvent::MessageLike(AnySyncMessageLikeEvent::RoomMessage(
+            SyncMessageLikeEvent::Original(m),
+        )) => Seen::Message { sender: m.sender, body: m.content.body().to_owned() },
+        AnySyncTimelineEvent::State(AnySyncStateEvent::RoomMember(SyncStateEvent::Original(m))) => {
+            Seen::Member {
+                sender: m.sender,
+                target: m.state_key.to_string(),
+                membership: m.content.membership,
+            }
+        }
+        other => Seen::Other { kind: other.event_type().to_string() },
+    }
+}
+
+fn message(sender: &UserId, body: &str) -> Seen {
+    Seen::Message { sender: sender.to_owned(), body: body.to_owned() }
+}
+
+fn member(sender: &UserId, target: &UserId, membership: MembershipState) -> Seen {
+    Seen::Member { sender: sender.to_owned(), target: target.to_string(), membership }
+}
+
+async fn client(url: &str) -> Client {
+    Client::builder()
+        .homeserver_url(url)
+        // A failed request fails the test instead of being retried behind its back.
+        .request_config(RequestConfig::new().disable_retry().timeout(DEADLINE))
+        .build()
+        .await
+        .expect("build a matrix-sdk client")
+}
+
+/// Registers `local` through user-interactive auth: the first request is answered 401 with a
+/// session and the flows; the dummy stage completes it. The client is then signed in.
+async fn register(client: &Client, local: &str, password: &str) -> register::v3::Response {
+    let mut request = register::v3::Request::new();
+    request.username = Some(local.to_owned());
+    request.password = Some(password.to_owned());
+    request.initial_device_display_name = Some(format!("{local} (registration)"));
+    let err =
+        client.matrix_auth().register(request.clone()).await.expect_err("the first request asks for auth");
+    let uiaa = err.as_uiaa_response().unwrap_or_else(|| panic!("401 with a UIA body, got {err:?}"));
+    assert!(
+        uiaa.flows.iter().any(|f| f.stages == [AuthType::Dummy]),
+        "registration offers the m.login.dummy flow: {:?}",
+        uiaa.flows
+    );
+    assert!(uiaa.completed.is_empty(), "nothing is completed yet: {:?}", uiaa.completed);
+    let session = uiaa.session.clone().expect("a UIA session");
+    let mut dummy = Dummy::new();
+    dummy.session = Some(session);
+    request.auth = Some(AuthData::Dummy(dummy));
+    let response = client.matrix_auth().register(request).await.expect("register with the dummy stage");
+    assert!(response.access_token.is_some(), "registration signs in");
+    assert_eq!(client.user_id(), Some(&*response.user_id), "the client is signed in as the new user");
+    response
+}
+
+/// A client's view of the sync stream: its `next_batch` token and everything seen so far.
+struct Syncer {
+    client: Client,
+    token: String,
+    /// Per room, every timeline event from `join` and `leave` updates.
+    timelines: BTreeMap<String, Vec<Seen>>,
+    invited: BTreeSet<String>,
+    left: BTreeSet<String>,
+}
+
+impl Syncer {
+    async fn start(client: Client) -> Self {
+        let response =
+            client.sync_once(SyncSettings::new().timeout(Duration::ZERO)).await.expect("initial sync");
+        Self {
+            client,
+            token: response.next_batch,
+            timelines: BTreeMap::new(),
+            invited: BTreeSet::new(),
+            left: BTreeSet::new(),
+        }
+    }
+
+    /// Syncs from the last token until `done` holds (checked first), failing after [`DEADLINE`].
+    async fn until(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
+        let started = Instant::now();
+        while !done(self) {
+            assert!(started.elapsed() < DEADLINE, "no {what} through /sync after {DEADLINE:?}");
+            let response = self
+                .client
+                .sync_once(SyncSettings::new().token(self.token.clone()).timeout(POLL))
+                .await
+                .unwrap_or_else(|e| panic!("sync while waiting for {what}: {e:?}"));
+            assert_ne!(response.next_batch, "", "a next_batch token");
+            self.token = response.next_batch;
+            let rooms = &response.rooms;
+            let timelines = rooms
+                .joined
+                .iter()
+                .map(|(id, r)| (id, &r.timeline))
+                .chain(rooms.left.iter().map(|(id, r)| (id, &r.timeline)));
+            for (id, timeline) in timelines {
+                let events = self.timelines.entry(id.to_string()).or_default();
+                events.extend(timeline.events.iter().map(|e| seen(e.raw())));
+            }
+            self.invited.extend(rooms.invited.keys().map(|id| id.to_string()));
+            self.left.extend(rooms.left.keys().map(|id| id.to_string()));
+        }
+    }
+
+    fn timeline(&self, room: &RoomId) -> &[Seen] {
+        self.timelines.get(room.as_str()).map_or(&[], Vec::as_slice)
+    }
+
+    fn messages(&self, room: &RoomId) -> Vec<Seen> {
+        self.timeline(room).iter().filter(|e| matches!(e, Seen::Message { .. })).cloned().collect()
+    }
+}
+
+async fn flow(backend: Backend) {
+    let Some(hs) = Homeserver::start(Options::new(backend)).await else { return };
+    let started = Instant::now();
+    let proxy = ValidatingProxy::start(&hs.url).await;
+    let url = proxy.url.clone();
+    let password = "correct horse battery staple";
+    let (alice_local, bob_local) =
+        (format!("alice{}", lattice_e2e::unique()), format!("bob{}", lattice_e2e::unique()));
+
+    // Alice registers and stays signed in with the registration's device.
+    let alice = client(&url).await;
+    let alice_reg = register(&alice, &alice_local, password).await;
+    let alice_id = alice_reg.user_id.clone();
+    assert_eq!(alice_id.as_str(), hs.user_id(&alice_local));
+
+    // Bob registers, then signs in with his password on a second client.
+    let bob_registration = client(&url).await;
+    let bob_reg = register(&bob_registration, &bob_local, password).await;
+    let bob = client(&url).await;
+    let login = bob
+        .matrix_auth()
+        .login_username(&bob_local, password)
+        .initial_device_display_name("bob (login)")
+        .send()
+        .await
+        .expect("password login");
+    let bob_id = login.user_id.clone();
+    assert_eq!(bob_id, bob_reg.user_id, "the login is the registered user");
+    assert_ne!(Some(&login.device_id), bob_reg.device_id.as_ref(), "the login is a new device");
+    let whoami = bob.whoami().await.expect("whoami");
+    assert_eq!(whoami.user_id, bob_id);
+    assert_eq!(whoami.device_id.as_ref(), Some(&login.device_id));
+    let devices = bob.devices().await.expect("bob's devices").devices;
+    let mut device_ids: Vec<_> = devices.iter().map(|d| d.device_id.to_string()).collect();
+    device_ids.sort();
+    let mut expected =
+        vec![login.device_id.to_string(), bob_reg.device_id.clone().expect("a device").to_string()];
+    expected.sort();
+    assert_eq!(device_ids, expected, "bob's devices: registration and login");
+
+    let mut alice_sync = Syncer::start(alice.clone()).await;
+    let mut bob_sync = Syncer::start(bob.clone()).await;
+
+    // Alice creates a room and invites Bob.
+    let mut create = create_room::v3::Request::new();
+    create.name = Some("matrix-sdk e2e".to_owned());
+    let room = alice.create_room(create).await.expect("create a room");
+    let room_id = room.room_id().to_owned();
+    room.invite_user_by_id(&bob_id).await.expect("invite bob");
+
+    // Bob sees the invite through /sync, with Alice as the inviter, and joins.
+    bob_sync.until("the invite", |s| s.invited.contains(room_id.as_str())).await;
+    let bob_room = bob.get_room(&room_id).expect("bob knows the invited room");
+    assert_eq!(bob_room.state(), RoomState::Invited);
+    let invite = bob_room.invite_details().await.expect("invite details");
+    assert_eq!(invite.inviter_id, alice_id, "alice invited bob");
+    bob_room.join().await.expect("bob joins");
+    assert_eq!(bob_room.state(), RoomState::Joined);
+
+    // Alice sees Bob's join through /sync (the invite's order is checked by pagination below: a
+    // sync timeline may be limited).
+    let bob_joined = member(&bob_id, &bob_id, MembershipState::Join);
+    alice_sync.until("bob's join", |s| s.timeline(&room_id).contains(&bob_joined)).await;
+    let invited = member(&alice_id, &bob_id, MembershipState::Invite);
+
+    // Messages both ways, each received by the other side through /sync.
+    let mut sent = Vec::new();
+    for (room, sender, body) in [
+        (&room, &alice_id, "hello bob"),
+        (&bob_room, &bob_id, "hi alice"),
+        (&room, &alice_id, "how is the new homeserver?"),
+        (&bob_room, &bob_id, "it syncs"),
+        (&room, &alice_id, "bye for now"),
+    ] {
+        let result = room.send(RoomMessageEventContent::text_plain(body)).await.expect("send a message");
+        assert!(result.encryption_info.is_none(), "an unencrypted room");
+        let expected = message(sender, body);
+        let (receiver, name) =
+            if *sender == alice_id { (&mut bob_sync, "bob") } else { (&mut alice_sync, "alice") };
+        receiver.until(&format!("{body:?} at {name}"), |s| s.timeline(&room_id).contains(&expected)).await;
+        sent.push((result.response.event_id, expected));
+    }
+    // Both timelines end up with every message, in the order they were sent.
+    let expected: Vec<Seen> = sent.iter().map(|(_, s)| s.clone()).collect();
+    for (name, sync) in [("alice", &mut alice_sync), ("bob", &mut bob_sync)] {
+        sync.until(&format!("every message at {name}"), |s| s.messages(&room_id).len() >= expected.len())
+            .await;
+        assert_eq!(sync.messages(&room_id), expected, "{name}'s synced messages");
+    }
+
+    // Bob paginates back through /messages, two events a page, to the room's creation.
+    let mut back = Vec::new();
+    let mut event_ids = Vec::new();
+    let mut from: Option<String> = None;
+    let page_started = Instant::now();
+    loop {
+        let mut options = MessagesOptions::backward().from(from.as_deref());
+        options.limit = UInt::from(2_u32);
+        let page = bob_room.messages(options).await.expect("/messages");
+        assert!(page.chunk.len() <= 2, "a page holds at most `limit` events: {}", page.chunk.len());
+        for event in &page.chunk {
+            back.push(seen(event.raw()));
+            event_ids.push(event.event_id());
+        }
+        match page.end {
+            Some(end) if !page.chunk.is_empty() => {
+                assert_ne!(Some(&end), from.as_ref(), "pagination moves");
+                from = Some(end);
+            }
+            _ => break,
+        }
+        assert!(page_started.elapsed() < DEADLINE, "pagination does not end: {back:?}");
+    }
+    back.reverse();
+    event_ids.reverse();
+    assert_eq!(
+        back.first(),
+        Some(&Seen::Other { kind: "m.room.create".to_owned() }),
+        "pagination reaches the room's creation: {back:?}"
+    );
+    let messages: Vec<Seen> = back.iter().filter(|e| matches!(e, Seen::Message { .. })).cloned().collect();
+    assert_eq!(messages, expected, "messages paginated backwards, in reverse order");
+    let message_ids: Vec<_> = back
+        .iter()
+        .zip(&event_ids)
+        .filter(|(e, _)| matches!(e, Seen::Message { .. }))
+        .map(|(_, id)| id.clone().expect("an event id"))
+        .collect();
+    let sent_ids: Vec<_> = sent.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(message_ids, sent_ids, "the paginated events are the sent ones");
+    let position = |e: &Seen| back.iter().position(|b| b == e).unwrap_or_else(|| panic!("{e:?} in {back:?}"));
+    assert!(position(&member(&alice_id, &alice_id, MembershipState::Join)) < position(&invited));
+    assert!(position(&invited) < position(&bob_joined));
+    assert!(position(&bob_joined) < position(&expected[0]));
+
+    // Bob leaves; Alice sees the leave, and Bob's own sync moves the room to `left`.
+    bob_room.leave().await.expect("bob leaves");
+    assert_eq!(bob_room.state(), RoomState::Left);
+    let bob_left = member(&bob_id, &bob_id, MembershipState::Leave);
+    alice_sync.until("bob's leave", |s| s.timeline(&room_id).contains(&bob_left)).await;
+    let bob_member = room.get_member_no_sync(&bob_id).await.expect("members").expect("bob is a member");
+    assert_eq!(*bob_member.membership(), MembershipState::Leave, "alice's view of bob");
+    bob_sync.until("the room in `left`", |s| s.left.contains(room_id.as_str())).await;
+    assert_eq!(bob.get_room(&room_id).expect("bob knows the room").state(), RoomState::Left);
+
+    eprintln!(
+        "{backend:?}: matrix-sdk flow took {:?}, {} responses validated",
+        started.elapsed(),
+        proxy.validated()
+    );
+    assert!(proxy.validated() > 0, "the responses went through the validating proxy");
+    proxy.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn matrix_sdk_embedded() {
+    flow(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn matrix_sdk_production() {
+    flow(Backend::Production).await;
+}
