@@ -236,6 +236,9 @@ fn route_client(ctx: &Ctx, version: &str) -> Result<Reply> {
     if version == "v1" {
         return match (m, s.as_slice()) {
             ("POST", ["login", "get_token"]) => account::get_login_token_route(ctx),
+            ("GET", ["register", "m.login.registration_token", "validity"]) => {
+                account::token_validity_route(ctx)
+            }
             _ => Err(unrecognized(ctx)),
         };
     }
@@ -248,7 +251,6 @@ fn route_client(ctx: &Ctx, version: &str) -> Result<Reply> {
         ("POST", ["refresh"]) => account::refresh_route(ctx),
         ("POST", ["register"]) => account::register_route(ctx),
         ("GET", ["register", "available"]) => account::register_available_route(ctx),
-        ("GET", ["register", "m.login.registration_token", "validity"]) => account::token_validity_route(ctx),
         ("GET", ["account", "whoami"]) => account::whoami_route(ctx),
         ("POST", ["account", "password"]) => account::change_password_route(ctx),
         ("POST", ["account", "deactivate"]) => account::deactivate_route(ctx),

@@ -18,6 +18,9 @@ use ruma::{
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+/// The size limit of a PDU, signatures included (server-server API, "Size limits").
+pub const MAX_PDU_BYTES: usize = 65_536;
+
 /// Room versions this server creates and joins.
 pub const SUPPORTED_ROOM_VERSIONS: [&str; 3] = ["10", "11", "12"];
 

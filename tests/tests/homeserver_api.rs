@@ -1,0 +1,314 @@
+//! The client-server API beyond the real clients' flows: bad input gets the right Matrix error
+//! and changes nothing; idempotent sends; redaction; registration modes; rate limits; and sync
+//! positions that never skip an event while many rooms commit at once. Every response passes
+//! through the validating proxy.
+
+use std::collections::{HashMap, HashSet};
+
+use lattice_e2e::proxy::ValidatingProxy;
+use lattice_e2e::{Backend, Client, Homeserver, Options, enc};
+use serde_json::{Value, json};
+
+async fn start(options: Options) -> Option<(Homeserver, ValidatingProxy)> {
+    let hs = Homeserver::start(options).await?;
+    let proxy = ValidatingProxy::start(&hs.url).await;
+    Some((hs, proxy))
+}
+
+async fn create_room(c: &Client, body: Value) -> String {
+    let r = c.post("/_matrix/client/v3/createRoom", body).await;
+    assert_eq!(r.status, 200, "createRoom: {:?}", r.body);
+    r.body["room_id"].as_str().expect("room_id").to_owned()
+}
+
+async fn messages(c: &Client, room: &str) -> Vec<Value> {
+    let r = c.get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1000", enc(room))).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.body["chunk"].as_array().cloned().unwrap_or_default()
+}
+
+async fn bad_input_gets_matrix_errors_and_changes_nothing(backend: Backend) {
+    let Some((hs, proxy)) = start(Options::new(backend).var("max_json_body_bytes", "65536")).await else {
+        return;
+    };
+    let anon = Client::new(&proxy.url);
+    let alice = anon.register("alice", "correct horse").await;
+    let room = create_room(&alice, json!({"name": "bad input"})).await;
+    let before = messages(&alice, &room).await.len();
+    let send = |txn: &str| format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(&room));
+
+    // Not JSON, wrong shapes, wrong types.
+    let r = alice.raw("PUT", &send("t1"), Some(b"{not json".to_vec())).await;
+    assert_eq!((r.status, r.errcode()), (400, "M_NOT_JSON"), "{:?}", r.body);
+    let r = alice.raw("PUT", &send("t2"), Some(b"[1, 2]".to_vec())).await;
+    assert_eq!((r.status, r.errcode()), (400, "M_BAD_JSON"), "{:?}", r.body);
+    let r = anon.raw("POST", "/_matrix/client/v3/login", Some(b"\xff\xfe".to_vec())).await;
+    assert_eq!((r.status, r.errcode()), (400, "M_NOT_JSON"), "{:?}", r.body);
+    let r = anon.post("/_matrix/client/v3/login", json!({"type": 5})).await;
+    assert_eq!((r.status, r.errcode()), (400, "M_BAD_JSON"), "{:?}", r.body);
+    let r = alice.post("/_matrix/client/v3/createRoom", json!({"invite": "not-a-list"})).await;
+    assert_eq!((r.status, r.errcode()), (400, "M_BAD_JSON"), "{:?}", r.body);
+    let r = alice.post("/_matrix/client/v3/createRoom", json!({"room_version": "1"})).await;
+    assert_eq!((r.status, r.errcode()), (400, "M_UNSUPPORTED_ROOM_VERSION"), "{:?}", r.body);
+    let r = alice.get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=x", enc(&room))).await;
+    assert_eq!((r.status, r.errcode()), (400, "M_INVALID_PARAM"), "{:?}", r.body);
+    let r = alice.get("/_matrix/client/v3/sync?since=garbage").await;
+    assert_eq!((r.status, r.errcode()), (400, "M_INVALID_PARAM"), "{:?}", r.body);
+
+    // Oversized: the body limit, and an event over the 64 KiB PDU limit inside it.
+    let big = json!({"msgtype": "m.text", "body": "x".repeat(70_000)}).to_string().into_bytes();
+    let r = alice.raw("PUT", &send("t3"), Some(big)).await;
+    assert_eq!((r.status, r.errcode()), (413, "M_TOO_LARGE"), "{:?}", r.body);
+    // Under the 65,536-byte body limit, but over the PDU limit once signed and hashed.
+    let pdu_big = json!({"msgtype": "m.text", "body": "x".repeat(65_300)});
+    let r = alice.put(&send("t4"), pdu_big).await;
+    assert_eq!((r.status, r.errcode()), (413, "M_TOO_LARGE"), "{:?}", r.body);
+
+    // Unknown endpoints and methods.
+    for (m, p) in [
+        ("GET", "/_matrix/client/v3/no_such_endpoint"),
+        ("GET", "/_matrix/client/unstable/org.example.nothing"),
+        ("DELETE", "/_matrix/client/v3/createRoom"),
+        ("GET", "/_matrix/nothing"),
+    ] {
+        let r = alice.raw(m, p, None).await;
+        assert_eq!(r.errcode(), "M_UNRECOGNIZED", "{m} {p}: {:?}", r.body);
+        assert!(r.status == 404 || r.status == 405, "{m} {p}: {}", r.status);
+    }
+
+    // Missing and bad tokens.
+    let r = anon.get("/_matrix/client/v3/account/whoami").await;
+    assert_eq!((r.status, r.errcode()), (401, "M_MISSING_TOKEN"), "{:?}", r.body);
+    let r = anon.with_token("nonsense").get("/_matrix/client/v3/account/whoami").await;
+    assert_eq!((r.status, r.errcode()), (401, "M_UNKNOWN_TOKEN"), "{:?}", r.body);
+    assert_eq!(r.body["soft_logout"], false);
+    let r = anon.with_token("nonsense").put(&send("t5"), json!({"msgtype": "m.text", "body": "x"})).await;
+    assert_eq!((r.status, r.errcode()), (401, "M_UNKNOWN_TOKEN"), "{:?}", r.body);
+
+    // Someone else's room, and someone else's account data.
+    let bob = anon.register("bob", "battery staple").await;
+    let r = bob.put(&send("t6"), json!({"msgtype": "m.text", "body": "intruder"})).await;
+    assert_eq!((r.status, r.errcode()), (403, "M_FORBIDDEN"), "{:?}", r.body);
+    let r = bob.get(&format!("/_matrix/client/v3/user/{}/account_data/x.y", enc(&hs.user_id("alice")))).await;
+    assert_eq!((r.status, r.errcode()), (403, "M_FORBIDDEN"), "{:?}", r.body);
+    // Bad user names, taken user names.
+    let r = anon
+        .post(
+            "/_matrix/client/v3/register",
+            json!({"username": "Bad Name!", "password": "p", "auth": {"type": "m.login.dummy"}}),
+        )
+        .await;
+    assert_eq!((r.status, r.errcode()), (400, "M_INVALID_USERNAME"), "{:?}", r.body);
+    let r = anon
+        .post(
+            "/_matrix/client/v3/register",
+            json!({"username": "alice", "password": "p", "auth": {"type": "m.login.dummy"}}),
+        )
+        .await;
+    assert_eq!((r.status, r.errcode()), (400, "M_USER_IN_USE"), "{:?}", r.body);
+    let r = anon.post("/_matrix/client/v3/login", json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "wrong"})).await;
+    assert_eq!((r.status, r.errcode()), (403, "M_FORBIDDEN"), "{:?}", r.body);
+
+    // Nothing of that reached the room, and alice's password still works.
+    assert_eq!(messages(&alice, &room).await.len(), before, "a refused request changed the room");
+    let r = anon.post("/_matrix/client/v3/login", json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "correct horse"})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(proxy.validated() > 20);
+    proxy.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_embedded() {
+    bad_input_gets_matrix_errors_and_changes_nothing(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_production() {
+    bad_input_gets_matrix_errors_and_changes_nothing(Backend::Production).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sends_are_idempotent_and_redaction_strips_content() {
+    let Some((_hs, proxy)) = start(Options::new(Backend::Embedded)).await else { return };
+    let alice = Client::new(&proxy.url).register("alice", "pw-alice").await;
+    let room = create_room(&alice, json!({})).await;
+    let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/same-txn", enc(&room));
+    let a = alice.put(&path, json!({"msgtype": "m.text", "body": "once"})).await;
+    let b = alice.put(&path, json!({"msgtype": "m.text", "body": "once"})).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.body["event_id"], b.body["event_id"], "a retried transaction made a second event");
+    let chunk = messages(&alice, &room).await;
+    assert_eq!(chunk.iter().filter(|e| e["content"]["body"] == "once").count(), 1);
+    // The sender's own device sees its transaction id.
+    let mine = chunk.iter().find(|e| e["content"]["body"] == "once").expect("the message");
+    assert_eq!(mine["unsigned"]["transaction_id"], "same-txn");
+
+    let id = a.body["event_id"].as_str().expect("event id");
+    let r = alice
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/redact/{}/r1", enc(&room), enc(id)),
+            json!({"reason": "oops"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let ev = alice.get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(id))).await;
+    assert_eq!(ev.status, 200, "{:?}", ev.body);
+    assert_eq!(ev.body["content"], json!({}), "redacted content is gone");
+    proxy.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registration_modes_and_rate_limits() {
+    // Disabled (the default): refused.
+    let Some((_hs, proxy)) = start(Options::new(Backend::Embedded).var("registration", "disabled")).await
+    else {
+        return;
+    };
+    let r = Client::new(&proxy.url)
+        .post(
+            "/_matrix/client/v3/register",
+            json!({"username": "x", "password": "p", "auth": {"type": "m.login.dummy"}}),
+        )
+        .await;
+    assert_eq!((r.status, r.errcode()), (403, "M_FORBIDDEN"), "{:?}", r.body);
+    proxy.assert_clean();
+
+    // Token: the UIA flow names the token stage; a bad token is refused; an admin-made
+    // single-use token works once.
+    let Some((hs, proxy)) =
+        start(Options::new(Backend::Embedded).var("registration", "token").var("login_per_minute", "3"))
+            .await
+    else {
+        return;
+    };
+    let anon = Client::new(&proxy.url);
+    let r = anon.post("/_matrix/client/v3/register", json!({"username": "carol", "password": "p"})).await;
+    assert_eq!(r.status, 401, "{:?}", r.body);
+    assert_eq!(r.body["flows"][0]["stages"], json!(["m.login.registration_token"]));
+    let session = r.body["session"].as_str().expect("session").to_owned();
+    let with_token = |t: &str| json!({"username": "carol", "password": "p", "auth": {"type": "m.login.registration_token", "token": t, "session": session}});
+    let r = anon.post("/_matrix/client/v3/register", with_token("nope")).await;
+    assert_eq!(r.status, 401, "{:?}", r.body);
+    let admin = Client::new(&hs.url).with_token(&hs.admin_token());
+    let t = admin.post("/_lattice/admin/v1/registration_tokens", json!({"uses_allowed": 1})).await;
+    assert_eq!(t.status, 200, "{:?}", t.body);
+    let token = t.body["token"].as_str().expect("token");
+    let r = anon
+        .get(&format!("/_matrix/client/v1/register/m.login.registration_token/validity?token={token}"))
+        .await;
+    assert_eq!(r.body["valid"], true, "{:?}", r.body);
+    let r = anon.post("/_matrix/client/v3/register", with_token(token)).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let again = json!({"username": "dave", "password": "p", "auth": {"type": "m.login.registration_token", "token": token}});
+    let r = anon.post("/_matrix/client/v3/register", again).await;
+    assert_eq!(r.status, 401, "a single-use token worked twice: {:?}", r.body);
+    // The admin API refuses a missing or wrong token.
+    assert_eq!(Client::new(&hs.url).post("/_lattice/admin/v1/users", json!({})).await.status, 401);
+    assert_eq!(
+        Client::new(&hs.url).with_token("x").post("/_lattice/admin/v1/users", json!({})).await.status,
+        403
+    );
+
+    // Login attempts per user per minute: the fourth is refused with retry_after_ms.
+    let wrong = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "carol"}, "password": "wrong"});
+    for _ in 0..3 {
+        assert_eq!(anon.post("/_matrix/client/v3/login", wrong.clone()).await.status, 403);
+    }
+    let r = anon.post("/_matrix/client/v3/login", wrong).await;
+    assert_eq!((r.status, r.errcode()), (429, "M_LIMIT_EXCEEDED"), "{:?}", r.body);
+    assert!(r.body["retry_after_ms"].as_u64().is_some_and(|ms| ms <= 60_000));
+    proxy.assert_clean();
+}
+
+/// Many rooms commit at once while a client syncs incrementally: every event arrives exactly
+/// once, none skipped by a since token taken while another room's commit was in flight.
+async fn sync_never_skips(backend: Backend) {
+    const ROOMS: usize = 12;
+    const PER_ROOM: usize = 15;
+    let Some((_hs, proxy)) = start(Options::new(backend)).await else { return };
+    let anon = Client::new(&proxy.url);
+    let reader = anon.register("reader", "pw-reader").await;
+    let mut rooms = Vec::new();
+    let mut writers = Vec::new();
+    for i in 0..ROOMS {
+        let w = anon.register(&format!("writer{i}"), "pw-writer").await;
+        let room = create_room(&w, json!({"preset": "public_chat"})).await;
+        let r = reader.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), json!({})).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        rooms.push(room);
+        writers.push(w);
+    }
+    let filter = enc(&json!({"room": {"timeline": {"limit": 500}}}).to_string());
+    let first = reader.get(&format!("/_matrix/client/v3/sync?filter={filter}")).await;
+    let mut since = first.body["next_batch"].as_str().expect("next_batch").to_owned();
+
+    let senders = writers.iter().zip(&rooms).map(|(w, room)| {
+        let w = w.clone();
+        let room = room.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for n in 0..PER_ROOM {
+                let r = w
+                    .put(
+                        &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/m{n}", enc(&room)),
+                        json!({"msgtype": "m.text", "body": format!("{n}")}),
+                    )
+                    .await;
+                assert_eq!(r.status, 200, "{:?}", r.body);
+                ids.push(r.body["event_id"].as_str().expect("id").to_owned());
+            }
+            ids
+        })
+    });
+    let mut sent = Some(tokio::spawn(futures::future::join_all(senders)));
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut order: HashMap<String, Vec<String>> = HashMap::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let mut expected: Option<HashSet<String>> = None;
+    // Sync while the senders run, then until everything they sent has arrived.
+    loop {
+        if let Some(task) = sent.take_if(|t| t.is_finished()) {
+            let all = task.await.expect("senders");
+            expected = Some(all.into_iter().flat_map(|r| r.expect("sender task")).collect());
+        }
+        if expected.as_ref().is_some_and(|e| e.iter().all(|id| seen.contains_key(id))) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "events never arrived: {} seen", seen.len());
+        let r =
+            reader.get(&format!("/_matrix/client/v3/sync?since={since}&timeout=1000&filter={filter}")).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        for (room, data) in r.body["rooms"]["join"].as_object().cloned().unwrap_or_default() {
+            assert_eq!(data["timeline"]["limited"], false, "the timeline limit is large enough");
+            for e in data["timeline"]["events"].as_array().cloned().unwrap_or_default() {
+                if e["type"] == "m.room.message" {
+                    *seen.entry(e["event_id"].as_str().expect("id").to_owned()).or_default() += 1;
+                    let body = e["content"]["body"].as_str().unwrap_or_default().to_owned();
+                    order.entry(room.clone()).or_default().push(body);
+                }
+            }
+        }
+        since = r.body["next_batch"].as_str().expect("next_batch").to_owned();
+    }
+    let expected = expected.expect("senders finished");
+    assert_eq!(expected.len(), ROOMS * PER_ROOM);
+    for id in &expected {
+        assert_eq!(seen.get(id), Some(&1), "{id} was delivered {:?} times", seen.get(id));
+    }
+    // Per room, in the order each sender sent them.
+    for (room, bodies) in order {
+        let want: Vec<String> = (0..PER_ROOM).map(|n| n.to_string()).collect();
+        assert_eq!(bodies, want, "room {room}");
+    }
+    proxy.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sync_never_skips_embedded() {
+    sync_never_skips(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sync_never_skips_production() {
+    sync_never_skips(Backend::Production).await;
+}
