@@ -3,6 +3,7 @@
 pub mod account;
 pub mod admin;
 pub mod discovery;
+pub mod ephemeral;
 pub mod rooms;
 pub mod sync;
 
@@ -302,6 +303,18 @@ fn route_client(ctx: &Ctx, version: &str) -> Result<Reply> {
         ("PUT", ["directory", "list", "room", room]) => rooms::set_visibility_route(ctx, room),
         ("GET" | "POST", ["publicRooms"]) => rooms::public_rooms_route(ctx),
         ("GET", ["sync"]) => sync::sync_route(ctx),
+        ("PUT", ["rooms", room, "typing", user]) => ephemeral::typing_route(ctx, room, user),
+        ("POST", ["rooms", room, "receipt", kind, event]) => ephemeral::receipt_route(ctx, room, kind, event),
+        ("POST", ["rooms", room, "read_markers"]) => ephemeral::read_markers_route(ctx, room),
+        ("PUT", ["presence", user, "status"]) => ephemeral::set_presence_route(ctx, user),
+        ("GET", ["presence", user, "status"]) => ephemeral::presence_route(ctx, user),
+        ("GET", ["user", user, "rooms", room, "tags"]) => ephemeral::tags_route(ctx, user, room),
+        ("PUT", ["user", user, "rooms", room, "tags", tag]) => ephemeral::set_tag_route(ctx, user, room, tag),
+        ("DELETE", ["user", user, "rooms", room, "tags", tag]) => {
+            ephemeral::delete_tag_route(ctx, user, room, tag)
+        }
+        ("GET", ["pushers"]) => ephemeral::pushers_route(ctx),
+        ("POST", ["pushers", "set"]) => ephemeral::set_pusher_route(ctx),
         _ => Err(unrecognized(ctx)),
     }
 }

@@ -8,12 +8,14 @@
 //!   `room/auth.rs` (auth rules and state resolution) are pure; `room/object.rs` is the `Room`
 //!   Durable Object, the single writer of each room's event graph.
 //! - [`db`]: D1 access; `db/sql.rs` holds every SQL statement and the schema migrations.
+//! - [`push`]: push rules evaluated for unread counts.
 //! - [`config`]: settings from the config binding. [`error`]: Matrix error bodies.
 
 pub mod api;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod push;
 pub mod room;
 pub mod util;
 

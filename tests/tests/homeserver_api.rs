@@ -312,3 +312,198 @@ async fn sync_never_skips_embedded() {
 async fn sync_never_skips_production() {
     sync_never_skips(Backend::Production).await;
 }
+
+async fn sync_once(c: &Client, since: &str) -> Value {
+    let q = if since.is_empty() { String::new() } else { format!("?since={since}&timeout=5000") };
+    let r = c.get(&format!("/_matrix/client/v3/sync{q}")).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.body
+}
+
+/// Syncs until `pred` holds for the response; returns it.
+async fn sync_until(c: &Client, since: &mut String, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let body = sync_once(c, since).await;
+        *since = body["next_batch"].as_str().expect("next_batch").to_owned();
+        if pred(&body) {
+            return body;
+        }
+        assert!(std::time::Instant::now() < deadline, "never saw {what}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn typing_receipts_presence_tags_pushers_and_unread_counts() {
+    let Some((hs, proxy)) = start(Options::new(Backend::Embedded)).await else { return };
+    let anon = Client::new(&proxy.url);
+    let alice = anon.register("alice", "pw-alice").await;
+    let bob = anon.register("bob", "pw-bob").await;
+    let bob_id = hs.user_id("bob");
+    let alice_id = hs.user_id("alice");
+    let room = create_room(&alice, json!({"preset": "public_chat"})).await;
+    assert_eq!(bob.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), json!({})).await.status, 200);
+    let mut since = sync_once(&bob, "").await["next_batch"].as_str().expect("next_batch").to_owned();
+
+    // Three messages, one mentioning bob: three notifications, one highlight.
+    let mut last = String::new();
+    for (n, content) in [
+        json!({"msgtype": "m.text", "body": "one"}),
+        json!({"msgtype": "m.text", "body": "hey bob", "m.mentions": {"user_ids": [bob_id]}}),
+        json!({"msgtype": "m.text", "body": "three"}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = alice
+            .put(&format!("/_matrix/client/v3/rooms/{}/send/m.room.message/n{n}", enc(&room)), content)
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        last = r.body["event_id"].as_str().expect("id").to_owned();
+    }
+    let body = sync_until(&bob, &mut since, "the unread counts", |b| {
+        b["rooms"]["join"][&room]["unread_notifications"]["notification_count"] == 3
+    })
+    .await;
+    assert_eq!(body["rooms"]["join"][&room]["unread_notifications"]["highlight_count"], 1, "{body}");
+
+    // A read receipt clears the counts and reaches alice.
+    let r = bob
+        .post(&format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room), enc(&last)), json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    sync_until(&bob, &mut since, "cleared counts", |b| {
+        b["rooms"]["join"][&room]["unread_notifications"]["notification_count"] == 0
+    })
+    .await;
+    let mut a_since = String::new();
+    let a = sync_until(&alice, &mut a_since, "bob's receipt", |b| {
+        b["rooms"]["join"][&room]["ephemeral"]["events"].as_array().is_some_and(|es| {
+            es.iter()
+                .any(|e| e["type"] == "m.receipt" && e["content"][&last]["m.read"][&bob_id]["ts"].is_number())
+        })
+    })
+    .await;
+    assert!(a["next_batch"].is_string());
+
+    // Private receipts are for their owner only.
+    let r = bob
+        .post(
+            &format!("/_matrix/client/v3/rooms/{}/receipt/m.read.private/{}", enc(&room), enc(&last)),
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+
+    // Typing: alice types, bob sees it; alice stops, bob sees the empty list.
+    let r = alice
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room), enc(&alice_id)),
+            json!({"typing": true, "timeout": 10000}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let typing_of = |b: &Value| -> Option<Value> {
+        b["rooms"]["join"][&room]["ephemeral"]["events"].as_array().and_then(|es| {
+            es.iter().find(|e| e["type"] == "m.typing").map(|e| e["content"]["user_ids"].clone())
+        })
+    };
+    sync_until(&bob, &mut since, "alice typing", |b| typing_of(b) == Some(json!([alice_id]))).await;
+    let r = alice
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room), enc(&alice_id)),
+            json!({"typing": false}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    sync_until(&bob, &mut since, "alice stopped typing", |b| typing_of(b) == Some(json!([]))).await;
+    // Nobody types for someone else.
+    let r = bob
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room), enc(&alice_id)),
+            json!({"typing": true}),
+        )
+        .await;
+    assert_eq!(r.status, 403);
+
+    // Presence.
+    let r = alice
+        .put(
+            &format!("/_matrix/client/v3/presence/{}/status", enc(&alice_id)),
+            json!({"presence": "online", "status_msg": "here"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    sync_until(&bob, &mut since, "alice's presence", |b| {
+        b["presence"]["events"].as_array().is_some_and(|es| {
+            es.iter().any(|e| e["sender"] == alice_id && e["content"]["status_msg"] == "here")
+        })
+    })
+    .await;
+    let r = bob.get(&format!("/_matrix/client/v3/presence/{}/status", enc(&alice_id))).await;
+    assert_eq!(r.body["presence"], "online", "{:?}", r.body);
+    let r = alice
+        .put(
+            &format!("/_matrix/client/v3/presence/{}/status", enc(&alice_id)),
+            json!({"presence": "dancing"}),
+        )
+        .await;
+    assert_eq!((r.status, r.errcode()), (400, "M_INVALID_PARAM"));
+
+    // Tags are room account data.
+    let r = bob
+        .put(
+            &format!("/_matrix/client/v3/user/{}/rooms/{}/tags/m.favourite", enc(&bob_id), enc(&room)),
+            json!({"order": 0.5}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = bob.get(&format!("/_matrix/client/v3/user/{}/rooms/{}/tags", enc(&bob_id), enc(&room))).await;
+    assert_eq!(r.body["tags"]["m.favourite"]["order"], 0.5, "{:?}", r.body);
+    sync_until(&bob, &mut since, "the m.tag account data", |b| {
+        b["rooms"]["join"][&room]["account_data"]["events"].as_array().is_some_and(|es| {
+            es.iter().any(|e| e["type"] == "m.tag" && e["content"]["tags"]["m.favourite"].is_object())
+        })
+    })
+    .await;
+    let r = bob
+        .raw(
+            "DELETE",
+            &format!("/_matrix/client/v3/user/{}/rooms/{}/tags/m.favourite", enc(&bob_id), enc(&room)),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let r = bob.get(&format!("/_matrix/client/v3/user/{}/rooms/{}/tags", enc(&bob_id), enc(&room))).await;
+    assert_eq!(r.body["tags"], json!({}));
+
+    // Read markers set m.fully_read.
+    let r = bob
+        .post(&format!("/_matrix/client/v3/rooms/{}/read_markers", enc(&room)), json!({"m.fully_read": last}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = bob
+        .get(&format!(
+            "/_matrix/client/v3/user/{}/rooms/{}/account_data/m.fully_read",
+            enc(&bob_id),
+            enc(&room)
+        ))
+        .await;
+    assert_eq!(r.body["event_id"], json!(last));
+
+    // Pushers are stored and listed, and removed with kind null.
+    let pusher = json!({"pushkey": "k1", "kind": "http", "app_id": "org.example.app", "app_display_name": "App",
+        "device_display_name": "Phone", "lang": "en", "data": {"url": "https://push.example.org/_matrix/push/v1/notify"}});
+    assert_eq!(bob.post("/_matrix/client/v3/pushers/set", pusher).await.status, 200);
+    let r = bob.get("/_matrix/client/v3/pushers").await;
+    assert_eq!(r.body["pushers"][0]["pushkey"], "k1", "{:?}", r.body);
+    let r = bob
+        .post(
+            "/_matrix/client/v3/pushers/set",
+            json!({"pushkey": "k1", "app_id": "org.example.app", "kind": null}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(bob.get("/_matrix/client/v3/pushers").await.body["pushers"], json!([]));
+    proxy.assert_clean();
+}

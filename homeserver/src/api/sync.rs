@@ -15,6 +15,9 @@ use crate::db::{self, Row, sql};
 use crate::error::{Error, Result};
 use crate::room::pdu;
 
+/// Unread events evaluated per room for notification counts; clients show "99+" anyway.
+pub const MAX_COUNTED_UNREAD: i64 = 200;
+
 /// Timeline events per room when the filter does not say.
 pub const DEFAULT_TIMELINE_LIMIT: i64 = 10;
 pub const MAX_TIMELINE_LIMIT: i64 = 500;
@@ -203,6 +206,107 @@ fn stripped_state(ctx: &Ctx, room: &str, invite_event: &str) -> Result<Vec<Value
     Ok(out)
 }
 
+/// Notification and highlight counts: events after the user's read receipt (or their join)
+/// that the push rules say notify.
+fn unread_counts(ctx: &Ctx, s: &Session, room: &str, version: &str, joined_seq: i64) -> Result<(u64, u64)> {
+    let db = ctx.db()?;
+    let read = db
+        .first(sql::READ_UP_TO, vec![db::t(room), db::t(s.user_id.clone())])?
+        .and_then(|r| r.int("seq"))
+        .unwrap_or(0)
+        .max(joined_seq);
+    let rows = db.query(sql::EVENTS_AFTER, vec![db::t(room), db::i(read), db::i(MAX_COUNTED_UNREAD)])?;
+    if rows.iter().all(|r| pdu_sender(r) == s.user_id) {
+        return Ok((0, 0));
+    }
+    let state = super::rooms::current_state(ctx, room)?;
+    let content = |t: &str, k: &str| {
+        state
+            .iter()
+            .find(|r| r.str("type") == t && r.str("state_key") == k)
+            .and_then(|r| serde_json::from_str::<Value>(&r.str("json")).ok())
+    };
+    let member_count = state
+        .iter()
+        .filter(|r| r.str("type") == "m.room.member")
+        .filter(|r| {
+            serde_json::from_str::<Value>(&r.str("json")).is_ok_and(|p| p["content"]["membership"] == "join")
+        })
+        .count() as u64;
+    let display_name = content("m.room.member", &s.user_id)
+        .and_then(|p| p["content"]["displayname"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| {
+            s.user_id.trim_start_matches('@').split(':').next().unwrap_or_default().to_owned()
+        });
+    let create = content("m.room.create", "");
+    let mut creators: Vec<String> =
+        create.iter().filter_map(|c| c["sender"].as_str().map(str::to_owned)).collect();
+    if let Some(extra) = create.as_ref().and_then(|c| c["content"]["additional_creators"].as_array()) {
+        creators.extend(extra.iter().filter_map(|v| v.as_str().map(str::to_owned)));
+    }
+    let facts = crate::push::RoomFacts {
+        room_id: room.to_owned(),
+        member_count,
+        display_name,
+        power_levels: content("m.room.power_levels", "").map(|p| p["content"].clone()),
+        version: version.to_owned(),
+        creators,
+    };
+    let evaluator = crate::push::Evaluator::new(&s.user_id, &facts);
+    let (mut notify, mut highlight) = (0, 0);
+    for r in &rows {
+        let ev = super::rooms::client_event(r, None, true);
+        let o = evaluator.evaluate(&ev);
+        notify += u64::from(o.notify);
+        highlight += u64::from(o.highlight);
+    }
+    Ok((notify, highlight))
+}
+
+fn pdu_sender(r: &Row) -> String {
+    serde_json::from_str::<Value>(&r.str("json"))
+        .ok()
+        .and_then(|p| p["sender"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// The `m.typing` and `m.receipt` events of one room for this sync.
+fn ephemeral(s: &Session, room: &str, since: Option<i64>, typing: &[Row], receipts: &[Row]) -> Vec<Value> {
+    let now = crate::util::now_ms() as i64;
+    let mut out = Vec::new();
+    let in_room: Vec<&Row> = typing.iter().filter(|r| r.str("room_id") == room).collect();
+    let changed = in_room.iter().any(|r| since.is_none_or(|s| r.int("stream_pos").unwrap_or(0) > s));
+    if changed {
+        let users: Vec<String> = in_room
+            .iter()
+            .filter(|r| r.int("expires_ms").unwrap_or(0) > now)
+            .map(|r| r.str("user_id"))
+            .collect();
+        if since.is_some() || !users.is_empty() {
+            out.push(json!({"type": "m.typing", "content": {"user_ids": users}}));
+        }
+    }
+    let mut content = serde_json::Map::new();
+    for r in receipts.iter().filter(|r| r.str("room_id") == room) {
+        let kind = r.str("receipt_type");
+        let user = r.str("user_id");
+        if kind == "m.read.private" && user != s.user_id {
+            continue;
+        }
+        let mut receipt = json!({"ts": r.int("ts").unwrap_or(0)});
+        let thread = r.str("thread_id");
+        if !thread.is_empty() {
+            receipt["thread_id"] = json!(thread);
+        }
+        let by_event = content.entry(r.str("event_id")).or_insert_with(|| json!({}));
+        by_event[kind.as_str()][user.as_str()] = receipt;
+    }
+    if !content.is_empty() {
+        out.push(json!({"type": "m.receipt", "content": content}));
+    }
+    out
+}
+
 /// # `GET /_matrix/client/v3/sync`
 pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
     let s = ctx.session()?;
@@ -228,6 +332,17 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
     let mut park_keys = vec![format!("user:{}", s.user_id)];
     let room_data =
         db.query(sql::ACCOUNT_DATA_SINCE, vec![db::t(s.user_id.clone()), db::i(since_pos), db::i(upto)])?;
+    let typing = db.query(sql::TYPING_FOR_USER, vec![db::t(s.user_id.clone())])?;
+    let receipts =
+        db.query(sql::RECEIPTS_FOR_USER, vec![db::t(s.user_id.clone()), db::i(since_pos), db::i(upto)])?;
+    let presence: Vec<Value> = db
+        .query(
+            sql::PRESENCE_FOR_USER,
+            vec![db::t(s.user_id.clone()), db::t(s.user_id.clone()), db::i(since_pos), db::i(upto)],
+        )?
+        .iter()
+        .map(|r| json!({"type": "m.presence", "sender": r.str("user_id"), "content": super::ephemeral::presence_content(r)}))
+        .collect();
     for m in &memberships {
         let room = m.str("room_id");
         if !wanted(&room) {
@@ -245,22 +360,27 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
                     .filter(|r| r.str("room_id") == room)
                     .map(|r| json!({"type": r.str("type"), "content": serde_json::from_str::<Value>(&r.str("content")).unwrap_or_default()}))
                     .collect();
+                let ephemeral = ephemeral(&s, &room, since.filter(|_| !newly), &typing, &receipts);
                 if since.is_some()
                     && !newly
                     && rs.timeline.is_empty()
                     && rs.state.is_empty()
                     && account.is_empty()
+                    && ephemeral.is_empty()
                     && !full_state
                 {
                     continue;
                 }
+                let (notes, highlights) =
+                    unread_counts(ctx, &s, &room, &m.str("room_version"), m.int("room_seq").unwrap_or(0))?;
                 join.insert(
                     room.clone(),
                     json!({
                         "timeline": {"events": rs.timeline, "limited": rs.limited, "prev_batch": rs.prev_batch},
                         "state": {"events": rs.state},
                         "account_data": {"events": account},
-                        "ephemeral": {"events": []},
+                        "ephemeral": {"events": ephemeral},
+                        "unread_notifications": {"notification_count": notes, "highlight_count": highlights},
                     }),
                 );
             }
@@ -292,7 +412,8 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
             json!({"type": "m.push_rules", "content": {"global": super::account::push_rules(&s.user_id)?}}),
         );
     }
-    let empty = join.is_empty() && invite.is_empty() && leave.is_empty() && global.is_empty();
+    let empty =
+        join.is_empty() && invite.is_empty() && leave.is_empty() && global.is_empty() && presence.is_empty();
     if empty && since.is_some() && timeout > 0 && !woken_by_timeout {
         return Ok(Reply::Park { keys: park_keys, timeout_ms: u32::try_from(timeout).unwrap_or(u32::MAX) });
     }
@@ -300,7 +421,7 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
         "next_batch": format!("s{upto}"),
         "rooms": {"join": join, "invite": invite, "leave": leave, "knock": {}},
         "account_data": {"events": global},
-        "presence": {"events": []},
+        "presence": {"events": presence},
         "to_device": {"events": []},
         "device_lists": {"changed": [], "left": []},
         "device_one_time_keys_count": {},

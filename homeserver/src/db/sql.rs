@@ -98,6 +98,30 @@ pub const V1_FILTERS: Sql = sql(
     "CREATE TABLE filters (user_id TEXT NOT NULL, filter_id TEXT NOT NULL, json TEXT NOT NULL, PRIMARY KEY (user_id, filter_id))",
 );
 
+// ---- Schema, version 2: ephemeral and per-user data ------------------------------------------
+pub const V2_TYPING: Sql = sql(
+    "v2_typing",
+    "",
+    "CREATE TABLE typing (room_id TEXT NOT NULL, user_id TEXT NOT NULL, expires_ms INTEGER NOT NULL, stream_pos INTEGER NOT NULL, PRIMARY KEY (room_id, user_id))",
+);
+pub const V2_RECEIPTS: Sql = sql(
+    "v2_receipts",
+    "",
+    "CREATE TABLE receipts (room_id TEXT NOT NULL, user_id TEXT NOT NULL, receipt_type TEXT NOT NULL, thread_id TEXT NOT NULL, event_id TEXT NOT NULL, ts INTEGER NOT NULL, stream_pos INTEGER NOT NULL, PRIMARY KEY (room_id, user_id, receipt_type, thread_id))",
+);
+pub const V2_RECEIPTS_STREAM: Sql =
+    sql("v2_receipts_stream", "", "CREATE INDEX receipts_room_stream ON receipts (room_id, stream_pos)");
+pub const V2_PRESENCE: Sql = sql(
+    "v2_presence",
+    "",
+    "CREATE TABLE presence (user_id TEXT PRIMARY KEY, presence TEXT NOT NULL, status_msg TEXT, last_active_ms INTEGER NOT NULL, stream_pos INTEGER NOT NULL)",
+);
+pub const V2_PUSHERS: Sql = sql(
+    "v2_pushers",
+    "",
+    "CREATE TABLE pushers (user_id TEXT NOT NULL, app_id TEXT NOT NULL, pushkey TEXT NOT NULL, json TEXT NOT NULL, PRIMARY KEY (user_id, app_id, pushkey))",
+);
+
 /// The migration bookkeeping, created before anything else (idempotent).
 pub const MIGRATIONS_TABLE: Sql = sql(
     "migrations_table",
@@ -331,6 +355,61 @@ pub const ALIAS_DELETE: Sql = sql("alias_delete", "t", "DELETE FROM room_aliases
 pub const ALIASES_OF_ROOM: Sql =
     sql("aliases_of_room", "t", "SELECT alias FROM room_aliases WHERE room_id = ? ORDER BY alias");
 
+// ---- Typing, receipts, presence, pushers -----------------------------------------------------
+pub const TYPING_UPSERT: Sql = sql(
+    "typing_upsert",
+    "tti",
+    "INSERT INTO typing (room_id, user_id, expires_ms, stream_pos) VALUES (?, ?, ?, (SELECT pos FROM stream_positions WHERE name = 'events')) ON CONFLICT (room_id, user_id) DO UPDATE SET expires_ms = excluded.expires_ms, stream_pos = excluded.stream_pos",
+);
+/// Typing rows of every room the user is joined to.
+pub const TYPING_FOR_USER: Sql = sql(
+    "typing_for_user",
+    "t",
+    "SELECT t.room_id, t.user_id, t.expires_ms, t.stream_pos FROM typing t JOIN memberships m ON m.room_id = t.room_id WHERE m.user_id = ? AND m.membership = 'join'",
+);
+pub const RECEIPT_UPSERT: Sql = sql(
+    "receipt_upsert",
+    "ttttti",
+    "INSERT INTO receipts (room_id, user_id, receipt_type, thread_id, event_id, ts, stream_pos) VALUES (?, ?, ?, ?, ?, ?, (SELECT pos FROM stream_positions WHERE name = 'events')) ON CONFLICT (room_id, user_id, receipt_type, thread_id) DO UPDATE SET event_id = excluded.event_id, ts = excluded.ts, stream_pos = excluded.stream_pos",
+);
+/// Receipts changed in `(since, upto]` in the user's joined rooms.
+pub const RECEIPTS_FOR_USER: Sql = sql(
+    "receipts_for_user",
+    "tii",
+    "SELECT r.room_id, r.user_id, r.receipt_type, r.thread_id, r.event_id, r.ts FROM receipts r JOIN memberships m ON m.room_id = r.room_id WHERE m.user_id = ? AND m.membership = 'join' AND r.stream_pos > ? AND r.stream_pos <= ?",
+);
+/// The room position of the user's newest read receipt (public or private, main timeline).
+pub const READ_UP_TO: Sql = sql(
+    "read_up_to",
+    "tt",
+    "SELECT MAX(e.room_seq) AS seq FROM receipts r JOIN events e ON e.event_id = r.event_id WHERE r.room_id = ? AND r.user_id = ? AND r.receipt_type IN ('m.read', 'm.read.private') AND r.thread_id IN ('', 'main')",
+);
+pub const PRESENCE_UPSERT: Sql = sql(
+    "presence_upsert",
+    "ttTi",
+    "INSERT INTO presence (user_id, presence, status_msg, last_active_ms, stream_pos) VALUES (?, ?, ?, ?, (SELECT pos FROM stream_positions WHERE name = 'events')) ON CONFLICT (user_id) DO UPDATE SET presence = excluded.presence, status_msg = excluded.status_msg, last_active_ms = excluded.last_active_ms, stream_pos = excluded.stream_pos",
+);
+pub const PRESENCE_GET: Sql = sql(
+    "presence_get",
+    "t",
+    "SELECT user_id, presence, status_msg, last_active_ms FROM presence WHERE user_id = ?",
+);
+/// Presence changed in `(since, upto]` of the user and of everyone sharing a joined room.
+pub const PRESENCE_FOR_USER: Sql = sql(
+    "presence_for_user",
+    "ttii",
+    "SELECT p.user_id, p.presence, p.status_msg, p.last_active_ms FROM presence p WHERE (p.user_id = ? OR p.user_id IN (SELECT m2.user_id FROM memberships m1 JOIN memberships m2 ON m2.room_id = m1.room_id WHERE m1.user_id = ? AND m1.membership = 'join' AND m2.membership = 'join')) AND p.stream_pos > ? AND p.stream_pos <= ?",
+);
+pub const PUSHER_UPSERT: Sql = sql(
+    "pusher_upsert",
+    "tttt",
+    "INSERT INTO pushers (user_id, app_id, pushkey, json) VALUES (?, ?, ?, ?) ON CONFLICT (user_id, app_id, pushkey) DO UPDATE SET json = excluded.json",
+);
+pub const PUSHER_DELETE: Sql =
+    sql("pusher_delete", "ttt", "DELETE FROM pushers WHERE user_id = ? AND app_id = ? AND pushkey = ?");
+pub const PUSHERS_LIST: Sql =
+    sql("pushers_list", "t", "SELECT json FROM pushers WHERE user_id = ? ORDER BY app_id, pushkey");
+
 // ---- Account data and filters ---------------------------------------------------------------
 pub const ACCOUNT_DATA_UPSERT: Sql = sql(
     "account_data_upsert",
@@ -422,32 +501,50 @@ pub const ALL: &[Sql] = &[
     ACCOUNT_DATA_SINCE,
     FILTER_INSERT,
     FILTER_GET,
+    TYPING_UPSERT,
+    TYPING_FOR_USER,
+    RECEIPT_UPSERT,
+    RECEIPTS_FOR_USER,
+    READ_UP_TO,
+    PRESENCE_UPSERT,
+    PRESENCE_GET,
+    PRESENCE_FOR_USER,
+    PUSHER_UPSERT,
+    PUSHER_DELETE,
+    PUSHERS_LIST,
 ];
 
 /// Versioned schema migrations: each runs once, in one transaction with its record.
-pub const MIGRATIONS: &[(i64, &str, &[Sql])] = &[(
-    1,
-    "initial schema",
-    &[
-        V1_USERS,
-        V1_DEVICES,
-        V1_TOKENS,
-        V1_TOKENS_DEVICE,
-        V1_TOKENS_REFRESH,
-        V1_REG_TOKENS,
-        V1_STREAM,
-        V1_STREAM_SEED,
-        V1_ROOMS,
-        V1_EVENTS,
-        V1_EVENTS_SEQ,
-        V1_EVENTS_STREAM,
-        V1_STATE_GROUPS,
-        V1_STATE_ENTRIES,
-        V1_CURRENT_STATE,
-        V1_MEMBERSHIPS,
-        V1_MEMBERSHIPS_USER,
-        V1_ALIASES,
-        V1_ACCOUNT_DATA,
-        V1_FILTERS,
-    ],
-)];
+pub const MIGRATIONS: &[(i64, &str, &[Sql])] = &[
+    (
+        1,
+        "initial schema",
+        &[
+            V1_USERS,
+            V1_DEVICES,
+            V1_TOKENS,
+            V1_TOKENS_DEVICE,
+            V1_TOKENS_REFRESH,
+            V1_REG_TOKENS,
+            V1_STREAM,
+            V1_STREAM_SEED,
+            V1_ROOMS,
+            V1_EVENTS,
+            V1_EVENTS_SEQ,
+            V1_EVENTS_STREAM,
+            V1_STATE_GROUPS,
+            V1_STATE_ENTRIES,
+            V1_CURRENT_STATE,
+            V1_MEMBERSHIPS,
+            V1_MEMBERSHIPS_USER,
+            V1_ALIASES,
+            V1_ACCOUNT_DATA,
+            V1_FILTERS,
+        ],
+    ),
+    (
+        2,
+        "typing, receipts, presence, pushers",
+        &[V2_TYPING, V2_RECEIPTS, V2_RECEIPTS_STREAM, V2_PRESENCE, V2_PUSHERS],
+    ),
+];
