@@ -4,6 +4,7 @@ pub mod account;
 pub mod admin;
 pub mod discovery;
 pub mod ephemeral;
+pub mod relations;
 pub mod rooms;
 pub mod sync;
 
@@ -240,6 +241,16 @@ fn route_client(ctx: &Ctx, version: &str) -> Result<Reply> {
             ("GET", ["register", "m.login.registration_token", "validity"]) => {
                 account::token_validity_route(ctx)
             }
+            ("GET", ["rooms", room, "relations", event]) => {
+                relations::relations_route(ctx, room, event, None, None)
+            }
+            ("GET", ["rooms", room, "relations", event, rel]) => {
+                relations::relations_route(ctx, room, event, Some(rel), None)
+            }
+            ("GET", ["rooms", room, "relations", event, rel, kind]) => {
+                relations::relations_route(ctx, room, event, Some(rel), Some(kind))
+            }
+            ("GET", ["rooms", room, "threads"]) => relations::threads_route(ctx, room),
             _ => Err(unrecognized(ctx)),
         };
     }
@@ -279,6 +290,7 @@ fn route_client(ctx: &Ctx, version: &str) -> Result<Reply> {
         ("POST", ["createRoom"]) => rooms::create_room_route(ctx),
         ("GET", ["joined_rooms"]) => rooms::joined_rooms_route(ctx),
         ("POST", ["join", target]) => rooms::join_route(ctx, target),
+        ("POST", ["knock", target]) => rooms::knock_route(ctx, target),
         ("POST", ["rooms", room, "join"]) => rooms::join_route(ctx, room),
         ("POST", ["rooms", room, action @ ("invite" | "leave" | "kick" | "ban" | "unban")]) => {
             rooms::membership_route(ctx, room, action)
@@ -293,6 +305,7 @@ fn route_client(ctx: &Ctx, version: &str) -> Result<Reply> {
         ("PUT", ["rooms", room, "redact", event, txn]) => rooms::redact_route(ctx, room, event, txn),
         ("GET", ["rooms", room, "messages"]) => rooms::messages_route(ctx, room),
         ("GET", ["rooms", room, "event", event]) => rooms::event_route(ctx, room, event),
+        ("GET", ["rooms", room, "context", event]) => relations::context_route(ctx, room, event),
         ("GET", ["rooms", room, "members"]) => rooms::members_route(ctx, room),
         ("GET", ["rooms", room, "joined_members"]) => rooms::joined_members_route(ctx, room),
         ("GET", ["directory", "room", alias]) => rooms::resolve_alias_route(ctx, alias),

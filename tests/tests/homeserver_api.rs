@@ -507,3 +507,134 @@ async fn typing_receipts_presence_tags_pushers_and_unread_counts() {
     assert_eq!(bob.get("/_matrix/client/v3/pushers").await.body["pushers"], json!([]));
     proxy.assert_clean();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relations_threads_context_and_knocking() {
+    let Some((hs, proxy)) = start(Options::new(Backend::Embedded)).await else { return };
+    let anon = Client::new(&proxy.url);
+    let alice = anon.register("alice", "pw-alice").await;
+    let bob = anon.register("bob", "pw-bob").await;
+    let room = create_room(&alice, json!({"preset": "public_chat"})).await;
+    assert_eq!(bob.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), json!({})).await.status, 200);
+    let send = async |c: &Client, txn: &str, content: Value| -> String {
+        let r = c
+            .put(&format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(&room)), content)
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        r.body["event_id"].as_str().expect("id").to_owned()
+    };
+    let root = send(&alice, "root", json!({"msgtype": "m.text", "body": "root"})).await;
+    let mut replies = Vec::new();
+    for n in 0..5 {
+        let c = if n % 2 == 0 { &bob } else { &alice };
+        let content = json!({"msgtype": "m.text", "body": format!("reply {n}"),
+            "m.relates_to": {"rel_type": "m.thread", "event_id": root, "is_falling_back": true, "m.in_reply_to": {"event_id": root}}});
+        replies.push(send(c, &format!("r{n}"), content).await);
+    }
+    let edit = send(&alice, "edit", json!({"msgtype": "m.text", "body": "* root2", "m.new_content": {"msgtype": "m.text", "body": "root2"},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": root}})).await;
+    let other = send(&alice, "other", json!({"msgtype": "m.text", "body": "unrelated"})).await;
+
+    // All children, newest first, paged two at a time without gaps or repeats.
+    let mut seen = Vec::new();
+    let mut from: Option<String> = None;
+    loop {
+        let q = from.as_ref().map(|f| format!("&from={f}")).unwrap_or_default();
+        let r = bob
+            .get(&format!("/_matrix/client/v1/rooms/{}/relations/{}?limit=2{q}", enc(&room), enc(&root)))
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        for e in r.body["chunk"].as_array().expect("chunk") {
+            seen.push(e["event_id"].as_str().expect("id").to_owned());
+        }
+        match r.body["next_batch"].as_str() {
+            Some(n) => from = Some(n.to_owned()),
+            None => break,
+        }
+    }
+    let mut want: Vec<String> = replies.iter().cloned().chain([edit.clone()]).collect();
+    want.reverse();
+    assert_eq!(seen, want);
+    // Only one relation type, and forward.
+    let r =
+        bob.get(&format!("/_matrix/client/v1/rooms/{}/relations/{}/m.replace", enc(&room), enc(&root))).await;
+    assert_eq!(r.body["chunk"].as_array().map(Vec::len), Some(1), "{:?}", r.body);
+    assert_eq!(r.body["chunk"][0]["event_id"], json!(edit));
+    let r = bob
+        .get(&format!(
+            "/_matrix/client/v1/rooms/{}/relations/{}/m.thread/m.room.message?dir=f",
+            enc(&room),
+            enc(&root)
+        ))
+        .await;
+    let ids: Vec<&str> =
+        r.body["chunk"].as_array().expect("chunk").iter().filter_map(|e| e["event_id"].as_str()).collect();
+    assert_eq!(ids, replies.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // Threads: one root, with its latest reply, count and participation.
+    let r = bob.get(&format!("/_matrix/client/v1/rooms/{}/threads", enc(&room))).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let chunk = r.body["chunk"].as_array().expect("chunk");
+    assert_eq!(chunk.len(), 1, "{:?}", r.body);
+    let thread = &chunk[0]["unsigned"]["m.relations"]["m.thread"];
+    assert_eq!(chunk[0]["event_id"], json!(root));
+    assert_eq!(thread["count"], 5);
+    assert_eq!(thread["latest_event"]["event_id"], json!(replies[4]));
+    assert_eq!(thread["current_user_participated"], true);
+    let carol = anon.register("carol", "pw-carol").await;
+    assert_eq!(carol.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), json!({})).await.status, 200);
+    let r = carol.get(&format!("/_matrix/client/v1/rooms/{}/threads?include=participated", enc(&room))).await;
+    assert_eq!(r.body["chunk"], json!([]), "{:?}", r.body);
+
+    // Context around a reply: events on both sides, in order.
+    let r = bob
+        .get(&format!("/_matrix/client/v3/rooms/{}/context/{}?limit=4", enc(&room), enc(&replies[2])))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["event"]["event_id"], json!(replies[2]));
+    let before: Vec<&str> = r.body["events_before"]
+        .as_array()
+        .expect("before")
+        .iter()
+        .filter_map(|e| e["event_id"].as_str())
+        .collect();
+    let after: Vec<&str> = r.body["events_after"]
+        .as_array()
+        .expect("after")
+        .iter()
+        .filter_map(|e| e["event_id"].as_str())
+        .collect();
+    assert_eq!(before, vec![replies[1].as_str(), replies[0].as_str()]);
+    assert_eq!(after, vec![replies[3].as_str(), replies[4].as_str()]);
+    // Paginating from `end` continues after the context.
+    let end = r.body["end"].as_str().expect("end");
+    let r =
+        bob.get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=f&from={end}&limit=2", enc(&room))).await;
+    assert_eq!(r.body["chunk"][0]["event_id"], json!(edit), "{:?}", r.body);
+    assert_eq!(r.body["chunk"][1]["event_id"], json!(other));
+
+    // Knocking: refused on a public room's join rule, accepted where the join rule allows it,
+    // and the knock shows in the knocker's sync and in the room.
+    let dave = anon.register("dave", "pw-dave").await;
+    let knock_room = create_room(&alice, json!({"initial_state": [{"type": "m.room.join_rules", "state_key": "", "content": {"join_rule": "knock"}}]})).await;
+    let r = dave
+        .post(&format!("/_matrix/client/v3/knock/{}", enc(&knock_room)), json!({"reason": "let me in"}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let mut since = String::new();
+    sync_until(&dave, &mut since, "the knock", |b| {
+        b["rooms"]["knock"][&knock_room]["knock_state"]["events"].is_array()
+    })
+    .await;
+    let r = alice
+        .get(&format!(
+            "/_matrix/client/v3/rooms/{}/state/m.room.member/{}",
+            enc(&knock_room),
+            enc(&hs.user_id("dave"))
+        ))
+        .await;
+    assert_eq!(r.body["membership"], "knock", "{:?}", r.body);
+    let r = dave.post(&format!("/_matrix/client/v3/knock/{}", enc(&room)), json!({})).await;
+    assert_eq!((r.status, r.errcode()), (403, "M_FORBIDDEN"), "{:?}", r.body);
+    proxy.assert_clean();
+}

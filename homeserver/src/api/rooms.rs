@@ -46,7 +46,7 @@ fn require_joined(ctx: &Ctx, room_id: &str, user: &str) -> Result<()> {
 }
 
 /// The user is or was in the room (history they may read).
-fn require_member_ever(ctx: &Ctx, room_id: &str, user: &str) -> Result<Row> {
+pub fn require_member_ever(ctx: &Ctx, room_id: &str, user: &str) -> Result<Row> {
     room_version(ctx, room_id)?;
     membership(ctx, room_id, user)?
         .filter(|r| matches!(r.str("membership").as_str(), "join" | "leave" | "ban"))
@@ -319,6 +319,16 @@ pub fn join_route(ctx: &Ctx, target: &str) -> Result<Reply> {
         return ok(json!({"room_id": room_id}));
     }
     let content = member_content(ctx, &s.user_id, "join", body.reason)?;
+    send_events(ctx, &s, &room_id, vec![template("m.room.member", Some(&s.user_id), content)], None)?;
+    ok(json!({"room_id": room_id}))
+}
+
+/// # `POST /_matrix/client/v3/knock/{roomIdOrAlias}`
+pub fn knock_route(ctx: &Ctx, target: &str) -> Result<Reply> {
+    let s = ctx.session()?;
+    let body: MembershipBody = ctx.json()?;
+    let room_id = resolve_room(ctx, target)?;
+    let content = member_content(ctx, &s.user_id, "knock", body.reason)?;
     send_events(ctx, &s, &room_id, vec![template("m.room.member", Some(&s.user_id), content)], None)?;
     ok(json!({"room_id": room_id}))
 }

@@ -327,8 +327,8 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
         filter.room.rooms.as_ref().is_none_or(|r| r.iter().any(|x| x == room))
             && filter.room.not_rooms.as_ref().is_none_or(|r| !r.iter().any(|x| x == room))
     };
-    let (mut join, mut invite, mut leave) =
-        (serde_json::Map::new(), serde_json::Map::new(), serde_json::Map::new());
+    let (mut join, mut invite, mut leave, mut knock) =
+        (serde_json::Map::new(), serde_json::Map::new(), serde_json::Map::new(), serde_json::Map::new());
     let mut park_keys = vec![format!("user:{}", s.user_id)];
     let room_data =
         db.query(sql::ACCOUNT_DATA_SINCE, vec![db::t(s.user_id.clone()), db::i(since_pos), db::i(upto)])?;
@@ -388,6 +388,10 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
                 let events = stripped_state(ctx, &room, &m.str("event_id"))?;
                 invite.insert(room, json!({"invite_state": {"events": events}}));
             }
+            "knock" if since.is_none() || changed_at > since_pos => {
+                let events = stripped_state(ctx, &room, &m.str("event_id"))?;
+                knock.insert(room, json!({"knock_state": {"events": events}}));
+            }
             "leave" | "ban" if since.is_some() && changed_at > since_pos => {
                 let ceiling = changed_at;
                 let rs = room_sync(ctx, &s, &room, since_pos, ceiling.min(upto), &filter.room, false)?;
@@ -412,14 +416,18 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
             json!({"type": "m.push_rules", "content": {"global": super::account::push_rules(&s.user_id)?}}),
         );
     }
-    let empty =
-        join.is_empty() && invite.is_empty() && leave.is_empty() && global.is_empty() && presence.is_empty();
+    let empty = join.is_empty()
+        && invite.is_empty()
+        && leave.is_empty()
+        && knock.is_empty()
+        && global.is_empty()
+        && presence.is_empty();
     if empty && since.is_some() && timeout > 0 && !woken_by_timeout {
         return Ok(Reply::Park { keys: park_keys, timeout_ms: u32::try_from(timeout).unwrap_or(u32::MAX) });
     }
     ok(json!({
         "next_batch": format!("s{upto}"),
-        "rooms": {"join": join, "invite": invite, "leave": leave, "knock": {}},
+        "rooms": {"join": join, "invite": invite, "leave": leave, "knock": knock},
         "account_data": {"events": global},
         "presence": {"events": presence},
         "to_device": {"events": []},

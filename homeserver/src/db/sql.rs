@@ -122,6 +122,20 @@ pub const V2_PUSHERS: Sql = sql(
     "CREATE TABLE pushers (user_id TEXT NOT NULL, app_id TEXT NOT NULL, pushkey TEXT NOT NULL, json TEXT NOT NULL, PRIMARY KEY (user_id, app_id, pushkey))",
 );
 
+// ---- Schema, version 3: relations ------------------------------------------------------------
+pub const V3_RELATIONS: Sql = sql(
+    "v3_relations",
+    "",
+    "CREATE TABLE relations (event_id TEXT PRIMARY KEY, room_id TEXT NOT NULL, parent_id TEXT NOT NULL, rel_type TEXT NOT NULL, event_type TEXT NOT NULL, sender TEXT NOT NULL, room_seq INTEGER NOT NULL)",
+);
+pub const V3_RELATIONS_PARENT: Sql =
+    sql("v3_relations_parent", "", "CREATE INDEX relations_parent ON relations (parent_id, room_seq)");
+pub const V3_RELATIONS_THREADS: Sql = sql(
+    "v3_relations_threads",
+    "",
+    "CREATE INDEX relations_room_type ON relations (room_id, rel_type, room_seq)",
+);
+
 /// The migration bookkeeping, created before anything else (idempotent).
 pub const MIGRATIONS_TABLE: Sql = sql(
     "migrations_table",
@@ -410,6 +424,57 @@ pub const PUSHER_DELETE: Sql =
 pub const PUSHERS_LIST: Sql =
     sql("pushers_list", "t", "SELECT json FROM pushers WHERE user_id = ? ORDER BY app_id, pushkey");
 
+// ---- Relations and threads ------------------------------------------------------------------
+pub const RELATION_INSERT: Sql = sql(
+    "relation_insert",
+    "tttttti",
+    "INSERT INTO relations (event_id, room_id, parent_id, rel_type, event_type, sender, room_seq) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
+);
+/// Children of an event, newest first, before a room position.
+pub const RELATIONS_BACK: Sql = sql(
+    "relations_back",
+    "tii",
+    "SELECT e.event_id, e.room_id, e.room_seq, e.stream_pos, e.json, e.state_group, e.txn_device, e.txn_id FROM relations r JOIN events e ON e.event_id = r.event_id WHERE r.parent_id = ? AND r.room_seq < ? ORDER BY r.room_seq DESC LIMIT ?",
+);
+pub const RELATIONS_BACK_REL: Sql = sql(
+    "relations_back_rel",
+    "ttii",
+    "SELECT e.event_id, e.room_id, e.room_seq, e.stream_pos, e.json, e.state_group, e.txn_device, e.txn_id FROM relations r JOIN events e ON e.event_id = r.event_id WHERE r.parent_id = ? AND r.rel_type = ? AND r.room_seq < ? ORDER BY r.room_seq DESC LIMIT ?",
+);
+pub const RELATIONS_BACK_REL_TYPE: Sql = sql(
+    "relations_back_rel_type",
+    "tttii",
+    "SELECT e.event_id, e.room_id, e.room_seq, e.stream_pos, e.json, e.state_group, e.txn_device, e.txn_id FROM relations r JOIN events e ON e.event_id = r.event_id WHERE r.parent_id = ? AND r.rel_type = ? AND r.event_type = ? AND r.room_seq < ? ORDER BY r.room_seq DESC LIMIT ?",
+);
+/// Children of an event, oldest first, from a room position on.
+pub const RELATIONS_FWD: Sql = sql(
+    "relations_fwd",
+    "tii",
+    "SELECT e.event_id, e.room_id, e.room_seq, e.stream_pos, e.json, e.state_group, e.txn_device, e.txn_id FROM relations r JOIN events e ON e.event_id = r.event_id WHERE r.parent_id = ? AND r.room_seq >= ? ORDER BY r.room_seq ASC LIMIT ?",
+);
+pub const RELATIONS_FWD_REL: Sql = sql(
+    "relations_fwd_rel",
+    "ttii",
+    "SELECT e.event_id, e.room_id, e.room_seq, e.stream_pos, e.json, e.state_group, e.txn_device, e.txn_id FROM relations r JOIN events e ON e.event_id = r.event_id WHERE r.parent_id = ? AND r.rel_type = ? AND r.room_seq >= ? ORDER BY r.room_seq ASC LIMIT ?",
+);
+pub const RELATIONS_FWD_REL_TYPE: Sql = sql(
+    "relations_fwd_rel_type",
+    "tttii",
+    "SELECT e.event_id, e.room_id, e.room_seq, e.stream_pos, e.json, e.state_group, e.txn_device, e.txn_id FROM relations r JOIN events e ON e.event_id = r.event_id WHERE r.parent_id = ? AND r.rel_type = ? AND r.event_type = ? AND r.room_seq >= ? ORDER BY r.room_seq ASC LIMIT ?",
+);
+/// Thread roots of a room by latest activity, before a room position.
+pub const THREAD_ROOTS: Sql = sql(
+    "thread_roots",
+    "tii",
+    "SELECT parent_id, MAX(room_seq) AS latest_seq, COUNT(*) AS replies FROM relations WHERE room_id = ? AND rel_type = 'm.thread' GROUP BY parent_id HAVING MAX(room_seq) < ? ORDER BY latest_seq DESC LIMIT ?",
+);
+/// How many replies of a thread a user sent.
+pub const THREAD_REPLIES_BY: Sql = sql(
+    "thread_replies_by",
+    "tt",
+    "SELECT COUNT(*) AS n FROM relations WHERE parent_id = ? AND rel_type = 'm.thread' AND sender = ?",
+);
+
 // ---- Account data and filters ---------------------------------------------------------------
 pub const ACCOUNT_DATA_UPSERT: Sql = sql(
     "account_data_upsert",
@@ -512,6 +577,15 @@ pub const ALL: &[Sql] = &[
     PUSHER_UPSERT,
     PUSHER_DELETE,
     PUSHERS_LIST,
+    RELATION_INSERT,
+    RELATIONS_BACK,
+    RELATIONS_BACK_REL,
+    RELATIONS_BACK_REL_TYPE,
+    RELATIONS_FWD,
+    RELATIONS_FWD_REL,
+    RELATIONS_FWD_REL_TYPE,
+    THREAD_ROOTS,
+    THREAD_REPLIES_BY,
 ];
 
 /// Versioned schema migrations: each runs once, in one transaction with its record.
@@ -547,4 +621,5 @@ pub const MIGRATIONS: &[(i64, &str, &[Sql])] = &[
         "typing, receipts, presence, pushers",
         &[V2_TYPING, V2_RECEIPTS, V2_RECEIPTS_STREAM, V2_PRESENCE, V2_PUSHERS],
     ),
+    (3, "relations", &[V3_RELATIONS, V3_RELATIONS_PARENT, V3_RELATIONS_THREADS]),
 ];

@@ -625,6 +625,25 @@ fn bounds(p: &Planned) -> Vec<Bound> {
             ],
         ));
     }
+    if let Ok(v) = serde_json::from_str::<Value>(&p.json)
+        && let (Some(parent), Some(rel)) = (
+            v.pointer("/content/m.relates_to/event_id").and_then(Value::as_str),
+            v.pointer("/content/m.relates_to/rel_type").and_then(Value::as_str),
+        )
+    {
+        out.push(bound(
+            sql::RELATION_INSERT,
+            vec![
+                db::t(p.event_id.clone()),
+                db::t(p.room_id.clone()),
+                db::t(parent),
+                db::t(rel),
+                db::t(p.kind.clone()),
+                db::t(p.sender.clone()),
+                db::i(p.seq),
+            ],
+        ));
+    }
     if let Some((target, redacted)) = &p.redact {
         out.push(bound(
             sql::EVENT_REDACT,
