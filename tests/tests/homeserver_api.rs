@@ -638,3 +638,88 @@ async fn relations_threads_context_and_knocking() {
     assert_eq!((r.status, r.errcode()), (403, "M_FORBIDDEN"), "{:?}", r.body);
     proxy.assert_clean();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn account_management_devices_password_and_deactivation() {
+    let Some((hs, proxy)) = start(Options::new(Backend::Embedded)).await else { return };
+    let anon = Client::new(&proxy.url);
+    let alice = anon.register("alice", "pw-alice-1").await;
+    let bob = anon.register("bob", "pw-bob").await;
+    let room = create_room(&alice, json!({"preset": "public_chat"})).await;
+    assert_eq!(bob.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), json!({})).await.status, 200);
+    let login = |pw: &str| json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": pw});
+    let second = anon.post("/_matrix/client/v3/login", login("pw-alice-1")).await;
+    assert_eq!(second.status, 200, "{:?}", second.body);
+    let second_device = second.body["device_id"].as_str().expect("device").to_owned();
+    let second = anon.with_token(second.body["access_token"].as_str().expect("token"));
+
+    // Devices: two; renaming one; deleting needs the password (UIA).
+    let r = alice.get("/_matrix/client/v3/devices").await;
+    assert_eq!(r.body["devices"].as_array().map(Vec::len), Some(2), "{:?}", r.body);
+    let r = alice
+        .put(&format!("/_matrix/client/v3/devices/{second_device}"), json!({"display_name": "laptop"}))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        alice.get(&format!("/_matrix/client/v3/devices/{second_device}")).await.body["display_name"],
+        "laptop"
+    );
+    let path = format!("/_matrix/client/v3/devices/{second_device}");
+    let r = alice.raw("DELETE", &path, Some(b"{}".to_vec())).await;
+    assert_eq!(r.status, 401, "{:?}", r.body);
+    assert_eq!(r.body["flows"][0]["stages"], json!(["m.login.password"]));
+    let auth = json!({"auth": {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "wrong", "session": r.body["session"]}});
+    let r = alice.raw("DELETE", &path, Some(auth.to_string().into_bytes())).await;
+    assert_eq!(r.status, 401, "a wrong password deleted a device: {:?}", r.body);
+    let auth = json!({"auth": {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "pw-alice-1"}});
+    let r = alice.raw("DELETE", &path, Some(auth.to_string().into_bytes())).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(second.get("/_matrix/client/v3/account/whoami").await.errcode(), "M_UNKNOWN_TOKEN");
+
+    // Password change: the old password stops working, the session that changed it stays.
+    let r = alice.post("/_matrix/client/v3/account/password", json!({"new_password": "pw-alice-2",
+        "auth": {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "pw-alice-1"}})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(anon.post("/_matrix/client/v3/login", login("pw-alice-1")).await.status, 403);
+    assert_eq!(anon.post("/_matrix/client/v3/login", login("pw-alice-2")).await.status, 200);
+    assert_eq!(alice.get("/_matrix/client/v3/account/whoami").await.status, 200);
+
+    // Profile.
+    let alice_id = hs.user_id("alice");
+    let r = alice
+        .put(
+            &format!("/_matrix/client/v3/profile/{}/displayname", enc(&alice_id)),
+            json!({"displayname": "Alice"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        bob.get(&format!("/_matrix/client/v3/profile/{}", enc(&alice_id))).await.body["displayname"],
+        "Alice"
+    );
+    let r = bob.get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room))).await;
+    assert_eq!(r.body["joined"][&alice_id]["display_name"], "Alice", "{:?}", r.body);
+
+    // The user directory finds her by name.
+    let r =
+        bob.post("/_matrix/client/v3/user_directory/search", json!({"search_term": "Ali", "limit": 5})).await;
+    assert_eq!(r.body["results"][0]["user_id"], json!(alice_id), "{:?}", r.body);
+    assert_eq!(r.body["limited"], false);
+
+    // Deactivation leaves the rooms and ends every session.
+    let r = alice
+        .post(
+            "/_matrix/client/v3/account/deactivate",
+            json!({"auth": {"type": "m.login.password",
+        "identifier": {"type": "m.id.user", "user": "alice"}, "password": "pw-alice-2"}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = bob
+        .get(&format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&room), enc(&alice_id)))
+        .await;
+    assert_eq!(r.body["membership"], "leave", "{:?}", r.body);
+    assert_eq!(alice.get("/_matrix/client/v3/account/whoami").await.errcode(), "M_UNKNOWN_TOKEN");
+    assert_eq!(anon.post("/_matrix/client/v3/login", login("pw-alice-2")).await.status, 403);
+    proxy.assert_clean();
+}

@@ -308,7 +308,9 @@ fn ci(root: &Path) -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    run(cargo().current_dir(root).args(["build", "-p", "lattice-runtime", "--bin", "lattice"]))?;
+    // `cargo test` builds the runtime's binary (the runtime has integration tests) with the same
+    // features as the tests; building it separately would resolve features differently and
+    // rebuild wasmtime once more.
     let lattice_bin = target_dir(root).join("debug/lattice");
     // A state directory of this run's own: ports are picked afresh, nothing stale is reused.
     let state = cache_dir().join("services").join(format!("ci-{}", std::process::id()));

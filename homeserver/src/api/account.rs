@@ -405,6 +405,7 @@ pub fn deactivate_route(ctx: &Ctx) -> Result<Reply> {
     let s = ctx.session()?;
     let body: Body = ctx.json()?;
     require_password(ctx, &s, body.auth)?;
+    super::rooms::leave_all(ctx, &s.user_id)?;
     ctx.db()?.batch(&[
         db::bound(sql::USER_DEACTIVATE, vec![db::t(s.user_id.clone())]),
         db::bound(sql::TOKEN_DELETE_USER, vec![db::t(s.user_id.clone())]),
@@ -632,7 +633,16 @@ pub fn user_directory_route(ctx: &Ctx) -> Result<Reply> {
     let results: Vec<Value> = rows
         .iter()
         .take(limit as usize)
-        .map(|r| json!({"user_id": r.str("user_id"), "display_name": r.text("displayname"), "avatar_url": r.text("avatar_url")}))
+        .map(|r| {
+            let mut u = json!({"user_id": r.str("user_id")});
+            if let Some(d) = r.text("displayname") {
+                u["display_name"] = json!(d);
+            }
+            if let Some(a) = r.text("avatar_url") {
+                u["avatar_url"] = json!(a);
+            }
+            u
+        })
         .collect();
     ok(json!({"results": results, "limited": limited}))
 }

@@ -589,10 +589,14 @@ pub fn joined_members_route(ctx: &Ctx, room: &str) -> Result<Reply> {
     for r in current_state(ctx, room)?.iter().filter(|r| r.str("type") == "m.room.member") {
         let e = state_client_event(r, room);
         if e["content"]["membership"] == "join" {
-            joined.insert(
-                r.str("state_key"),
-                json!({"display_name": e["content"]["displayname"], "avatar_url": e["content"]["avatar_url"]}),
-            );
+            let mut m = json!({});
+            if let Some(d) = e["content"]["displayname"].as_str() {
+                m["display_name"] = json!(d);
+            }
+            if let Some(a) = e["content"]["avatar_url"].as_str() {
+                m["avatar_url"] = json!(a);
+            }
+            joined.insert(r.str("state_key"), m);
         }
     }
     ok(json!({"joined": joined}))
@@ -725,6 +729,23 @@ pub fn public_rooms_route(ctx: &Ctx) -> Result<Reply> {
         out["next_batch"] = json!(last.str("room_id"));
     }
     ok(out)
+}
+
+/// Deactivation: the user leaves every room they are joined to, invited to or knocking on.
+pub fn leave_all(ctx: &Ctx, user: &str) -> Result<()> {
+    let s = Session { user_id: user.to_owned(), device_id: String::new(), token_hash: String::new() };
+    let rows = ctx.db()?.query(sql::USER_MEMBERSHIPS, vec![db::t(user)])?;
+    for r in rows.iter().filter(|r| matches!(r.str("membership").as_str(), "join" | "invite" | "knock")) {
+        let room = r.str("room_id");
+        send_events(
+            ctx,
+            &s,
+            &room,
+            vec![template("m.room.member", Some(user), json!({"membership": "leave"}))],
+            None,
+        )?;
+    }
+    Ok(())
 }
 
 /// After a profile change: a new member event in each joined room, as clients expect.
