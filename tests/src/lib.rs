@@ -318,6 +318,11 @@ generate = ["rooms_key", "signing_key", "admin_token"]
         }
     }
 
+    /// The `lattice` process id (for RSS and profiling).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("lattice.log")).unwrap_or_default()
     }

@@ -626,7 +626,8 @@ pub fn user_directory_route(ctx: &Ctx) -> Result<Reply> {
     ctx.session()?;
     let body: Body = ctx.json()?;
     let limit = i64::from(body.limit.unwrap_or(10).min(50));
-    let pattern = format!("%{}%", body.search_term.replace(['%', '_'], ""));
+    // Case-insensitive on both engines (PostgreSQL's LIKE is case-sensitive).
+    let pattern = format!("%{}%", body.search_term.replace(['%', '_'], "").to_lowercase());
     let rows =
         ctx.db()?.query(sql::USER_SEARCH, vec![db::t(pattern.clone()), db::t(pattern), db::i(limit + 1)])?;
     let limited = rows.len() as i64 > limit;

@@ -185,7 +185,7 @@ pub const USER_SET_AVATAR: Sql =
 pub const USER_SEARCH: Sql = sql(
     "user_search",
     "tti",
-    "SELECT user_id, displayname, avatar_url FROM users WHERE deactivated = 0 AND (user_id LIKE ? OR displayname LIKE ?) ORDER BY user_id LIMIT ?",
+    "SELECT user_id, displayname, avatar_url FROM users WHERE deactivated = 0 AND (LOWER(user_id) LIKE ? OR LOWER(displayname) LIKE ?) ORDER BY user_id LIMIT ?",
 );
 pub const DEVICE_INSERT: Sql = sql(
     "device_insert",
