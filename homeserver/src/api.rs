@@ -7,6 +7,7 @@ pub mod ephemeral;
 pub mod relations;
 pub mod rooms;
 pub mod sync;
+pub mod visibility;
 
 use std::cell::OnceCell;
 

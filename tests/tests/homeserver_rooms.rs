@@ -333,3 +333,63 @@ async fn tokens_refresh_login_tokens_logout_all_and_account_data() {
     assert!(wk.body["m.homeserver"]["base_url"].is_string(), "{:?}", wk.body);
     proxy.assert_clean();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn history_visibility_hides_what_a_member_may_not_see() {
+    let Some((_hs, proxy)) = start().await else { return };
+    let anon = Client::new(&proxy.url);
+    let alice = anon.register("alice", "pw-alice").await;
+    let bob = anon.register("bob", "pw-bob").await;
+    for (visibility, bob_sees_before_join) in
+        [("joined", false), ("shared", true), ("invited", false), ("world_readable", true)]
+    {
+        let r = alice
+            .post(
+                "/_matrix/client/v3/createRoom",
+                json!({"preset": "public_chat", "initial_state": [
+                    {"type": "m.room.history_visibility", "state_key": "", "content": {"history_visibility": visibility}}]}),
+            )
+            .await;
+        let room = r.body["room_id"].as_str().expect("room").to_owned();
+        let send = async |txn: &str, body: &str| -> String {
+            let r = alice
+                .put(
+                    &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(&room)),
+                    json!({"msgtype": "m.text", "body": body}),
+                )
+                .await;
+            r.body["event_id"].as_str().expect("id").to_owned()
+        };
+        let secret = send("s", "before bob").await;
+        assert_eq!(bob.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), json!({})).await.status, 200);
+        let hello = send("h", "after bob").await;
+
+        let r = bob.get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50", enc(&room))).await;
+        let ids: Vec<&str> = r.body["chunk"]
+            .as_array()
+            .expect("chunk")
+            .iter()
+            .filter_map(|e| e["event_id"].as_str())
+            .collect();
+        assert!(ids.contains(&hello.as_str()), "{visibility}: bob misses a message after his join");
+        assert_eq!(ids.contains(&secret.as_str()), bob_sees_before_join, "{visibility}: /messages");
+        let r = bob.get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(&secret))).await;
+        assert_eq!(r.status == 200, bob_sees_before_join, "{visibility}: /event {:?}", r.body);
+        let r = bob.get(&format!("/_matrix/client/v3/rooms/{}/context/{}", enc(&room), enc(&secret))).await;
+        assert_eq!(r.status == 200, bob_sees_before_join, "{visibility}: /context {:?}", r.body);
+        let f = enc(&json!({"room": {"rooms": [room], "timeline": {"limit": 50}}}).to_string());
+        let r = bob.get(&format!("/_matrix/client/v3/sync?filter={f}")).await;
+        let timeline: Vec<&str> = r.body["rooms"]["join"][&room]["timeline"]["events"]
+            .as_array()
+            .expect("timeline")
+            .iter()
+            .filter_map(|e| e["event_id"].as_str())
+            .collect();
+        assert!(timeline.contains(&hello.as_str()));
+        assert_eq!(timeline.contains(&secret.as_str()), bob_sees_before_join, "{visibility}: sync timeline");
+        // Alice, joined throughout, sees everything.
+        let r = alice.get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(&secret))).await;
+        assert_eq!(r.status, 200);
+    }
+    proxy.assert_clean();
+}

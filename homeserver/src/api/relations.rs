@@ -66,6 +66,7 @@ pub fn relations_route(
     params.push(db::i(from));
     params.push(db::i(limit + 1));
     let rows = ctx.db()?.query(stmt, params)?;
+    let mut visibility = super::visibility::Visibility::new(ctx, room, &s.user_id)?;
     let mut chunk = Vec::new();
     let mut next = None;
     for r in &rows {
@@ -77,7 +78,9 @@ pub fn relations_route(
             next = Some(if forward { format!("t{seq}") } else { format!("t{}", seq + 1) });
             break;
         }
-        chunk.push(client_event(r, Some(&s), true));
+        if visibility.allows(ctx, r)? {
+            chunk.push(client_event(r, Some(&s), true));
+        }
     }
     let mut out = json!({"chunk": chunk});
     if let Some(n) = next {
@@ -104,6 +107,7 @@ pub fn threads_route(ctx: &Ctx, room: &str) -> Result<Reply> {
         None => i64::MAX,
     };
     let db = ctx.db()?;
+    let mut visibility = super::visibility::Visibility::new(ctx, room, &s.user_id)?;
     let mut chunk = Vec::new();
     let mut next = None;
     let mut cursor = before;
@@ -122,6 +126,9 @@ pub fn threads_route(ctx: &Ctx, room: &str) -> Result<Reply> {
             }
             let root_id = r.str("parent_id");
             let Ok(root) = event_in_room(ctx, room, &root_id) else { continue };
+            if !visibility.allows(ctx, &root)? {
+                continue;
+            }
             let mine = db
                 .first(sql::THREAD_REPLIES_BY, vec![db::t(root_id.clone()), db::t(s.user_id.clone())])?
                 .and_then(|c| c.int("n"))
@@ -162,6 +169,10 @@ pub fn context_route(ctx: &Ctx, room: &str, event: &str) -> Result<Reply> {
     let s = ctx.session()?;
     require_member_ever(ctx, room, &s.user_id)?;
     let target = event_in_room(ctx, room, event)?;
+    let mut visibility = super::visibility::Visibility::new(ctx, room, &s.user_id)?;
+    if !visibility.allows(ctx, &target)? {
+        return Err(Error::NotFound("no such event in this room".into()));
+    }
     let seq = target.int("room_seq").unwrap_or(0);
     let limit = match ctx.param("limit") {
         Some(l) => l.parse::<i64>().map_err(|_| Error::InvalidParam("limit must be a number".into()))?,
@@ -174,10 +185,18 @@ pub fn context_route(ctx: &Ctx, room: &str, event: &str) -> Result<Reply> {
     let db = ctx.db()?;
     let before = db.query(sql::EVENTS_BEFORE, vec![db::t(room), db::i(seq), db::i(before_n)])?;
     let after = db.query(sql::EVENTS_AFTER, vec![db::t(room), db::i(seq), db::i(after_n)])?;
-    let events_before: Vec<Value> =
-        before.iter().map(|r| client_event(r, Some(&s), true)).filter(|e| filter.matches(e)).collect();
-    let events_after: Vec<Value> =
-        after.iter().map(|r| client_event(r, Some(&s), true)).filter(|e| filter.matches(e)).collect();
+    let events_before: Vec<Value> = visibility
+        .filter(ctx, &before)?
+        .into_iter()
+        .map(|r| client_event(r, Some(&s), true))
+        .filter(|e| filter.matches(e))
+        .collect();
+    let events_after: Vec<Value> = visibility
+        .filter(ctx, &after)?
+        .into_iter()
+        .map(|r| client_event(r, Some(&s), true))
+        .filter(|e| filter.matches(e))
+        .collect();
     let start = before.last().and_then(|r| r.int("room_seq")).unwrap_or(seq);
     let end = after.last().and_then(|r| r.int("room_seq")).map_or(seq + 1, |n| n + 1);
     let all: Vec<Value> = events_before.iter().chain(&events_after).cloned().collect();

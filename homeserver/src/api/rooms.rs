@@ -458,6 +458,9 @@ pub fn event_route(ctx: &Ctx, room: &str, event: &str) -> Result<Reply> {
         .first(sql::EVENT_GET, vec![db::t(event)])?
         .filter(|r| r.str("room_id") == room)
         .ok_or_else(|| Error::NotFound("no such event in this room".into()))?;
+    if !super::visibility::Visibility::new(ctx, room, &s.user_id)?.allows(ctx, &row)? {
+        return Err(Error::NotFound("no such event in this room".into()));
+    }
     ok(client_event(&row, Some(&s), true))
 }
 
@@ -507,6 +510,7 @@ pub fn messages_route(ctx: &Ctx, room: &str) -> Result<Reply> {
             vec![db::t(room), db::i(from.min(ceiling.unwrap_or(i64::MAX))), db::i(limit * 2 + 1)],
         )?
     };
+    let mut visibility = super::visibility::Visibility::new(ctx, room, &s.user_id)?;
     let mut chunk = Vec::new();
     let mut last_seq = None;
     let mut exhausted = true;
@@ -521,7 +525,7 @@ pub fn messages_route(ctx: &Ctx, room: &str) -> Result<Reply> {
         }
         last_seq = Some(seq);
         let ev = client_event(r, Some(&s), true);
-        if filter.matches(&ev) {
+        if filter.matches(&ev) && visibility.allows(ctx, r)? {
             chunk.push(ev);
         }
     }

@@ -148,7 +148,9 @@ fn room_sync(
     let rows =
         ctx.db()?.query(sql::EVENTS_SINCE, vec![db::t(room), db::i(since), db::i(upto), db::i(limit + 1)])?;
     let limited = rows.len() as i64 > limit;
-    let mut kept: Vec<&Row> = rows.iter().take(limit as usize).collect();
+    let page: Vec<Row> = rows.iter().take(limit as usize).cloned().collect();
+    let mut kept: Vec<&Row> =
+        super::visibility::Visibility::new(ctx, room, &s.user_id)?.filter(ctx, &page)?;
     kept.reverse();
     let first_seq = kept.first().and_then(|r| r.int("room_seq"));
     let timeline: Vec<Value> = kept

@@ -322,6 +322,18 @@ pub const STATE_AT: Sql = sql(
     "t",
     "WITH RECURSIVE chain (g, depth) AS (SELECT ?, 0 UNION ALL SELECT s.parent, chain.depth + 1 FROM state_groups s JOIN chain ON s.group_id = chain.g WHERE s.parent IS NOT NULL) SELECT e.type, e.state_key, e.event_id, chain.depth FROM chain JOIN state_group_entries e ON e.group_id = chain.g ORDER BY chain.depth DESC",
 );
+/// One entry of the state at a group: the nearest group in the chain that sets it.
+pub const STATE_AT_KEY: Sql = sql(
+    "state_at_key",
+    "ttt",
+    "WITH RECURSIVE chain (g, depth) AS (SELECT ?, 0 UNION ALL SELECT s.parent, chain.depth + 1 FROM state_groups s JOIN chain ON s.group_id = chain.g WHERE s.parent IS NOT NULL) SELECT e.event_id FROM chain JOIN state_group_entries e ON e.group_id = chain.g WHERE e.type = ? AND e.state_key = ? ORDER BY chain.depth ASC LIMIT 1",
+);
+/// The room's history visibility events (at most two: enough to know whether it ever changed).
+pub const HISTORY_VISIBILITY_EVENTS: Sql = sql(
+    "history_visibility_events",
+    "t",
+    "SELECT json FROM events WHERE room_id = ? AND type = 'm.room.history_visibility' LIMIT 2",
+);
 pub const CURRENT_STATE_UPSERT: Sql = sql(
     "current_state_upsert",
     "tttti",
@@ -577,6 +589,8 @@ pub const ALL: &[Sql] = &[
     PUSHER_UPSERT,
     PUSHER_DELETE,
     PUSHERS_LIST,
+    STATE_AT_KEY,
+    HISTORY_VISIBILITY_EVENTS,
     RELATION_INSERT,
     RELATIONS_BACK,
     RELATIONS_BACK_REL,
