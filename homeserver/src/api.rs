@@ -286,7 +286,7 @@ fn route_client(ctx: &Ctx, version: &str) -> Result<Reply> {
         }
         ("POST", ["user", user, "filter"]) => account::create_filter_route(ctx, user),
         ("GET", ["user", user, "filter", id]) => account::filter_route(ctx, user, id),
-        ("GET", ["pushrules", ..]) => account::push_rules_route(ctx, &s[1..]),
+        ("GET" | "PUT" | "DELETE", ["pushrules", ..]) => account::push_rules_route(ctx, &s[1..]),
         ("POST", ["user_directory", "search"]) => account::user_directory_route(ctx),
         ("POST", ["createRoom"]) => rooms::create_room_route(ctx),
         ("GET", ["joined_rooms"]) => rooms::joined_rooms_route(ctx),

@@ -1,4 +1,5 @@
-//! Push rules: the default rule set, evaluated for unread notification and highlight counts.
+//! Push rules (the user's stored set, or the spec's defaults), evaluated for unread
+//! notification and highlight counts.
 
 use ruma::push::{PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset};
 use ruma::room_version_rules::RoomPowerLevelsRules;
@@ -73,7 +74,8 @@ impl std::fmt::Debug for Evaluator {
 }
 
 impl Evaluator {
-    pub fn new(user: &str, facts: &RoomFacts) -> Self {
+    /// `rules`: the user's rule set (stored, or [`Ruleset::server_default`]).
+    pub fn new(user: &str, facts: &RoomFacts, rules: Ruleset) -> Self {
         let (Ok(user_id), Ok(room_id)) = (UserId::parse(user), RoomId::parse(facts.room_id.as_str())) else {
             return Self { user: user.to_owned(), rules: Ruleset::new(), ctx: None };
         };
@@ -86,7 +88,7 @@ impl Evaluator {
         if let Some(p) = power_ctx(facts) {
             ctx = ctx.with_power_levels(p);
         }
-        Self { user: user.to_owned(), rules: Ruleset::server_default(&user_id), ctx: Some(ctx) }
+        Self { user: user.to_owned(), rules, ctx: Some(ctx) }
     }
 
     /// What the rules say about a client-format event (the user's own events never notify).

@@ -393,3 +393,84 @@ async fn history_visibility_hides_what_a_member_may_not_see() {
     }
     proxy.assert_clean();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn user_push_rules_change_notification_counts() {
+    let Some((_hs, proxy)) = start().await else { return };
+    let anon = Client::new(&proxy.url);
+    let alice = anon.register("alice", "pw-alice").await;
+    let bob = anon.register("bob", "pw-bob").await;
+    let room =
+        alice.post("/_matrix/client/v3/createRoom", json!({"preset": "public_chat"})).await.body["room_id"]
+            .as_str()
+            .expect("room")
+            .to_owned();
+    assert_eq!(bob.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), json!({})).await.status, 200);
+    // A content rule: "pizza" highlights.
+    let r = bob
+        .put(
+            "/_matrix/client/v3/pushrules/global/content/pizza",
+            json!({"pattern": "pizza", "actions": ["notify", {"set_tweak": "highlight"}]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = bob.get("/_matrix/client/v3/pushrules/global/content/pizza").await;
+    assert_eq!(r.body["pattern"], "pizza", "{:?}", r.body);
+    assert_eq!(
+        bob.get("/_matrix/client/v3/pushrules/global/content/pizza/enabled").await.body["enabled"],
+        true
+    );
+    // Errors: unknown rules, reserved ids, unknown kinds.
+    assert_eq!(bob.get("/_matrix/client/v3/pushrules/global/content/nope").await.errcode(), "M_NOT_FOUND");
+    let r =
+        bob.put("/_matrix/client/v3/pushrules/global/override/.m.rule.mine", json!({"actions": []})).await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    let r = bob.put("/_matrix/client/v3/pushrules/global/sideways/x", json!({"actions": []})).await;
+    assert_eq!(r.errcode(), "M_INVALID_PARAM", "{:?}", r.body);
+
+    let send = async |txn: &str, body: &str| {
+        let r = alice
+            .put(
+                &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(&room)),
+                json!({"msgtype": "m.text", "body": body}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    };
+    send("a", "pizza time").await;
+    send("b", "salad time").await;
+    let counts = async || {
+        let r = bob.get("/_matrix/client/v3/sync").await;
+        let n = r.body["rooms"]["join"][&room]["unread_notifications"].clone();
+        (n["notification_count"].as_u64(), n["highlight_count"].as_u64())
+    };
+    assert_eq!(counts().await, (Some(2), Some(1)));
+    // The master rule silences everything.
+    let r = bob
+        .put("/_matrix/client/v3/pushrules/global/override/.m.rule.master/enabled", json!({"enabled": true}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(counts().await, (Some(0), Some(0)));
+    assert_eq!(
+        bob.put(
+            "/_matrix/client/v3/pushrules/global/override/.m.rule.master/enabled",
+            json!({"enabled": false})
+        )
+        .await
+        .status,
+        200
+    );
+    // Deleting the content rule removes the highlight.
+    assert_eq!(
+        bob.raw("DELETE", "/_matrix/client/v3/pushrules/global/content/pizza", None).await.status,
+        200
+    );
+    assert_eq!(counts().await, (Some(2), Some(0)));
+    // The rule set reaches the client as account data.
+    let r = bob.get("/_matrix/client/v3/sync").await;
+    let rules = r.body["account_data"]["events"]
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["type"] == "m.push_rules").cloned());
+    assert!(rules.is_some_and(|r| r["content"]["global"]["override"].is_array()));
+    proxy.assert_clean();
+}

@@ -598,21 +598,147 @@ pub fn filter_route(ctx: &Ctx, user: &str, id: &str) -> Result<Reply> {
     ok(serde_json::from_str(&row.str("json")).map_err(|e| Error::Internal(e.to_string()))?)
 }
 
-/// The user's push rules: the spec's default rule set (stored changes come later).
-pub fn push_rules(user_id: &str) -> Result<Value> {
+/// The account data type push rules are kept (and delivered) as.
+pub const PUSH_RULES_TYPE: &str = "m.push_rules";
+
+/// The user's push rules: their stored rule set, or the spec's defaults.
+pub fn ruleset(ctx: &Ctx, user_id: &str) -> Result<ruma::push::Ruleset> {
     let user = ruma::UserId::parse(user_id).map_err(|e| Error::Internal(e.to_string()))?;
-    let rules = ruma::push::Ruleset::server_default(&user);
-    serde_json::to_value(rules).map_err(|e| Error::Internal(e.to_string()))
+    let stored =
+        ctx.db()?.first(sql::ACCOUNT_DATA_GET, vec![db::t(user_id), db::t(""), db::t(PUSH_RULES_TYPE)])?;
+    Ok(stored
+        .and_then(|r| serde_json::from_str::<Value>(&r.str("content")).ok())
+        .and_then(|v| serde_json::from_value(v["global"].clone()).ok())
+        .unwrap_or_else(|| ruma::push::Ruleset::server_default(&user)))
 }
 
-/// # `GET /_matrix/client/v3/pushrules/`
+/// The rule set as JSON.
+pub fn push_rules(ctx: &Ctx, user_id: &str) -> Result<Value> {
+    serde_json::to_value(ruleset(ctx, user_id)?).map_err(|e| Error::Internal(e.to_string()))
+}
+
+fn save_ruleset(ctx: &Ctx, user_id: &str, rules: &ruma::push::Ruleset) -> Result<()> {
+    let v = serde_json::to_value(rules).map_err(|e| Error::Internal(e.to_string()))?;
+    set_account_data(ctx, user_id, "", PUSH_RULES_TYPE, &json!({"global": v}))
+}
+
+fn rule_kind(kind: &str) -> Result<ruma::push::RuleKind> {
+    match kind {
+        "override" | "underride" | "sender" | "room" | "content" => Ok(ruma::push::RuleKind::from(kind)),
+        other => Err(Error::InvalidParam(format!("unknown push rule kind {other}"))),
+    }
+}
+
+/// One rule as JSON, from the serialized rule set.
+fn find_rule(rules: &Value, kind: &str, rule_id: &str) -> Result<Value> {
+    rules[kind]
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["rule_id"] == rule_id).cloned())
+        .ok_or_else(|| Error::NotFound("no such push rule".into()))
+}
+
+/// # `GET|PUT|DELETE /_matrix/client/v3/pushrules/...`
 pub fn push_rules_route(ctx: &Ctx, rest: &[&str]) -> Result<Reply> {
     let s = ctx.session()?;
-    let rules = push_rules(&s.user_id)?;
-    match rest {
-        [] => ok(json!({"global": rules})),
-        ["global"] => ok(rules),
-        _ => Err(Error::NotFound("no such push rule".into())),
+    let method = ctx.req.method.as_str();
+    match (method, rest) {
+        ("GET", [] | [""]) => return ok(json!({"global": push_rules(ctx, &s.user_id)?})),
+        ("GET", ["global"] | ["global", ""]) => return ok(push_rules(ctx, &s.user_id)?),
+        _ => {}
+    }
+    let (kind, rule_id, attr) = match rest {
+        ["global", kind, rule_id] => (*kind, *rule_id, None),
+        ["global", kind, rule_id, attr @ ("enabled" | "actions")] => (*kind, *rule_id, Some(*attr)),
+        _ => return Err(Error::Unrecognized { method_not_allowed: false }),
+    };
+    let rk = rule_kind(kind)?;
+    let mut rules = ruleset(ctx, &s.user_id)?;
+    let as_json =
+        |r: &ruma::push::Ruleset| serde_json::to_value(r).map_err(|e| Error::Internal(e.to_string()));
+    match (method, attr) {
+        ("GET", None) => ok(find_rule(&as_json(&rules)?, kind, rule_id)?),
+        ("GET", Some(a)) => {
+            let rule = find_rule(&as_json(&rules)?, kind, rule_id)?;
+            ok(json!({ a: rule[a] }))
+        }
+        ("PUT", Some("enabled")) => {
+            #[derive(Deserialize)]
+            struct Body {
+                enabled: bool,
+            }
+            let body: Body = ctx.json()?;
+            rules
+                .set_enabled(rk, rule_id, body.enabled)
+                .map_err(|_| Error::NotFound("no such push rule".into()))?;
+            save_ruleset(ctx, &s.user_id, &rules)?;
+            ok(json!({}))
+        }
+        ("PUT", Some(_)) => {
+            #[derive(Deserialize)]
+            struct Body {
+                actions: Vec<ruma::push::Action>,
+            }
+            let body: Body = ctx.json()?;
+            rules
+                .set_actions(rk, rule_id, body.actions)
+                .map_err(|_| Error::NotFound("no such push rule".into()))?;
+            save_ruleset(ctx, &s.user_id, &rules)?;
+            ok(json!({}))
+        }
+        ("PUT", None) => {
+            #[derive(Deserialize)]
+            struct Body {
+                actions: Vec<ruma::push::Action>,
+                #[serde(default)]
+                conditions: Vec<ruma::push::PushCondition>,
+                pattern: Option<String>,
+            }
+            let body: Body = ctx.json()?;
+            use ruma::push::{NewConditionalPushRule, NewPatternedPushRule, NewPushRule, NewSimplePushRule};
+            let new = match kind {
+                "override" => NewPushRule::Override(NewConditionalPushRule::new(
+                    rule_id.into(),
+                    body.conditions,
+                    body.actions,
+                )),
+                "underride" => NewPushRule::Underride(NewConditionalPushRule::new(
+                    rule_id.into(),
+                    body.conditions,
+                    body.actions,
+                )),
+                "content" => {
+                    let pattern = body
+                        .pattern
+                        .ok_or_else(|| Error::MissingParam("content rules need a pattern".into()))?;
+                    NewPushRule::Content(NewPatternedPushRule::new(rule_id.into(), pattern, body.actions))
+                }
+                "room" => {
+                    let room = ruma::RoomId::parse(rule_id)
+                        .map_err(|_| Error::InvalidParam("room rules are named by a room id".into()))?;
+                    NewPushRule::Room(NewSimplePushRule::new(room, body.actions))
+                }
+                _ => {
+                    let user = ruma::UserId::parse(rule_id)
+                        .map_err(|_| Error::InvalidParam("sender rules are named by a user id".into()))?;
+                    NewPushRule::Sender(NewSimplePushRule::new(user, body.actions))
+                }
+            };
+            rules.insert(new, ctx.param("after"), ctx.param("before")).map_err(|e| match e {
+                ruma::push::InsertPushRuleError::UnknownRuleId => Error::NotFound(e.to_string()),
+                other => Error::InvalidParam(other.to_string()),
+            })?;
+            save_ruleset(ctx, &s.user_id, &rules)?;
+            ok(json!({}))
+        }
+        ("DELETE", None) => {
+            rules.remove(rk, rule_id).map_err(|e| match e {
+                ruma::push::RemovePushRuleError::NotFound => Error::NotFound("no such push rule".into()),
+                other => Error::InvalidParam(other.to_string()),
+            })?;
+            save_ruleset(ctx, &s.user_id, &rules)?;
+            ok(json!({}))
+        }
+        _ => Err(Error::Unrecognized { method_not_allowed: true }),
     }
 }
 

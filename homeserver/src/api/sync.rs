@@ -210,7 +210,14 @@ fn stripped_state(ctx: &Ctx, room: &str, invite_event: &str) -> Result<Vec<Value
 
 /// Notification and highlight counts: events after the user's read receipt (or their join)
 /// that the push rules say notify.
-fn unread_counts(ctx: &Ctx, s: &Session, room: &str, version: &str, joined_seq: i64) -> Result<(u64, u64)> {
+fn unread_counts(
+    ctx: &Ctx,
+    s: &Session,
+    rules: &ruma::push::Ruleset,
+    room: &str,
+    version: &str,
+    joined_seq: i64,
+) -> Result<(u64, u64)> {
     let db = ctx.db()?;
     let read = db
         .first(sql::READ_UP_TO, vec![db::t(room), db::t(s.user_id.clone())])?
@@ -254,7 +261,7 @@ fn unread_counts(ctx: &Ctx, s: &Session, room: &str, version: &str, joined_seq: 
         version: version.to_owned(),
         creators,
     };
-    let evaluator = crate::push::Evaluator::new(&s.user_id, &facts);
+    let evaluator = crate::push::Evaluator::new(&s.user_id, &facts, rules.clone());
     let (mut notify, mut highlight) = (0, 0);
     for r in &rows {
         let ev = super::rooms::client_event(r, None, true);
@@ -334,6 +341,7 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
     let mut park_keys = vec![format!("user:{}", s.user_id)];
     let room_data =
         db.query(sql::ACCOUNT_DATA_SINCE, vec![db::t(s.user_id.clone()), db::i(since_pos), db::i(upto)])?;
+    let rules = super::account::ruleset(ctx, &s.user_id)?;
     let typing = db.query(sql::TYPING_FOR_USER, vec![db::t(s.user_id.clone())])?;
     let receipts =
         db.query(sql::RECEIPTS_FOR_USER, vec![db::t(s.user_id.clone()), db::i(since_pos), db::i(upto)])?;
@@ -373,8 +381,14 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
                 {
                     continue;
                 }
-                let (notes, highlights) =
-                    unread_counts(ctx, &s, &room, &m.str("room_version"), m.int("room_seq").unwrap_or(0))?;
+                let (notes, highlights) = unread_counts(
+                    ctx,
+                    &s,
+                    &rules,
+                    &room,
+                    &m.str("room_version"),
+                    m.int("room_seq").unwrap_or(0),
+                )?;
                 join.insert(
                     room.clone(),
                     json!({
@@ -413,10 +427,8 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
         .filter(|r| r.str("room_id").is_empty())
         .map(|r| json!({"type": r.str("type"), "content": serde_json::from_str::<Value>(&r.str("content")).unwrap_or_default()}))
         .collect();
-    if since.is_none() {
-        global.push(
-            json!({"type": "m.push_rules", "content": {"global": super::account::push_rules(&s.user_id)?}}),
-        );
+    if since.is_none() && !global.iter().any(|e| e["type"] == super::account::PUSH_RULES_TYPE) {
+        global.push(json!({"type": super::account::PUSH_RULES_TYPE, "content": {"global": super::account::push_rules(ctx, &s.user_id)?}}));
     }
     let empty = join.is_empty()
         && invite.is_empty()
