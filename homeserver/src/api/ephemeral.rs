@@ -4,6 +4,7 @@ use lattice_worker::bindings::lattice::bindings::signals;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::rooms::require_joined;
 use super::{Ctx, Reply, ok};
 use crate::db::{self, sql};
 use crate::error::{Error, Result};
@@ -13,13 +14,6 @@ use crate::util;
 pub const MAX_TYPING_MS: u64 = 30_000;
 /// Presence states clients may set.
 const PRESENCE_STATES: [&str; 3] = ["online", "offline", "unavailable"];
-
-fn require_joined(ctx: &Ctx, room: &str, user: &str) -> Result<()> {
-    match ctx.db()?.first(sql::MEMBERSHIP_GET, vec![db::t(room), db::t(user)])? {
-        Some(r) if r.str("membership") == "join" => Ok(()),
-        _ => Err(Error::Forbidden("you are not joined to this room".into())),
-    }
-}
 
 /// # `PUT /_matrix/client/v3/rooms/{roomId}/typing/{userId}`
 pub fn typing_route(ctx: &Ctx, room: &str, user: &str) -> Result<Reply> {

@@ -38,7 +38,7 @@ fn membership(ctx: &Ctx, room_id: &str, user: &str) -> Result<Option<Row>> {
 }
 
 /// The user is joined to the room now.
-fn require_joined(ctx: &Ctx, room_id: &str, user: &str) -> Result<()> {
+pub fn require_joined(ctx: &Ctx, room_id: &str, user: &str) -> Result<()> {
     match membership(ctx, room_id, user)? {
         Some(r) if r.str("membership") == "join" => Ok(()),
         _ => Err(Error::Forbidden("you are not joined to this room".into())),
