@@ -100,7 +100,12 @@ async fn bounded<T, E: From<BackendError>>(fut: impl Future<Output = Result<T, E
 /// Creates the tables once per process (again after a failure).
 async fn ensure_schema(cell: &OnceCell<()>, pool: &PgPool, schema: &'static str) -> Result<(), BackendError> {
     cell.get_or_try_init(|| async {
-        sqlx::raw_sql(schema).execute(pool).await.map(drop).map_err(unavailable)
+        // Two processes (or two backends of one) creating the same table at once can collide
+        // in PostgreSQL's catalog even with IF NOT EXISTS; the loser's retry finds it there.
+        match sqlx::raw_sql(schema).execute(pool).await {
+            Ok(_) => Ok(()),
+            Err(_) => sqlx::raw_sql(schema).execute(pool).await.map(drop).map_err(unavailable),
+        }
     })
     .await
     .map(drop)
@@ -391,18 +396,147 @@ fn decode_value(v: PgValueRef<'_>, column: &str) -> Result<SqlValue, String> {
 /// [`BackendError::Fenced`], and the lock holds off a concurrent `acquire_shard` until the batch
 /// commits. A shard with no row has never been acquired in this database (Durable Object storage
 /// lives elsewhere) and is not fenced here.
+///
+/// Group commit: fenced batches (the writes Durable Objects make) that arrive while another
+/// group is committing are queued and committed together, each in its own savepoint, in one
+/// transaction: one WAL flush for many batches, and each batch still commits or fails alone.
+/// Unfenced batches (reads and writes from stateless requests) run on their own connection
+/// and transaction, in parallel.
 #[derive(Debug, Clone)]
 pub struct PostgresSql {
     pool: PgPool,
     schema: std::sync::Arc<OnceCell<()>>,
+    group: std::sync::Arc<GroupCommit>,
+}
+
+/// Fenced batches one group commit carries at most.
+pub const MAX_GROUP_BATCHES: usize = 64;
+
+type BatchReply = tokio::sync::oneshot::Sender<Result<Vec<QueryOutput>, SqlError>>;
+
+struct GroupJob {
+    statements: Vec<SqlStatement>,
+    fence: Option<Fence>,
+    reply: BatchReply,
+}
+
+/// The queue of batches waiting for the next group commit, and the lock its leader holds.
+#[derive(Default)]
+struct GroupCommit {
+    queue: std::sync::Mutex<Vec<GroupJob>>,
+    leader: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for GroupCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupCommit").finish_non_exhaustive()
+    }
 }
 
 impl PostgresSql {
     /// A backend for `url` (`postgres://user@host:port/db`). Connects lazily: a database that is
     /// down makes calls fail with `Unavailable`, not this constructor.
     pub fn new(url: &str) -> Result<Self, BackendError> {
-        Ok(Self { pool: pool(url)?, schema: Default::default() })
+        Ok(Self { pool: pool(url)?, schema: Default::default(), group: Default::default() })
     }
+
+    /// Queues a batch for the next group commit; whoever takes the leader lock first commits
+    /// everything queued, so a caller either finds its answer ready or commits a group itself.
+    async fn grouped(
+        &self,
+        statements: Vec<SqlStatement>,
+        fence: Option<Fence>,
+    ) -> Result<Vec<QueryOutput>, SqlError> {
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        self.group.queue.lock().unwrap_or_else(|p| p.into_inner()).push(GroupJob {
+            statements,
+            fence,
+            reply,
+        });
+        loop {
+            let _leader = self.group.leader.lock().await;
+            match answer.try_recv() {
+                Ok(r) => return r,
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                    return Err(SqlError::Backend(unavailable(
+                        "the group commit carrying this batch failed",
+                    )));
+                }
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+            }
+            let jobs: Vec<GroupJob> = {
+                let mut q = self.group.queue.lock().unwrap_or_else(|p| p.into_inner());
+                let n = q.len().min(MAX_GROUP_BATCHES);
+                q.drain(..n).collect()
+            };
+            self.commit_group(jobs).await;
+        }
+    }
+
+    async fn commit_group(&self, jobs: Vec<GroupJob>) {
+        let fail_all = |jobs: Vec<GroupJob>, e: &BackendError| {
+            for j in jobs {
+                let _ = j.reply.send(Err(SqlError::Backend(unavailable(e.to_string()))));
+            }
+        };
+        let mut conn = match self.pool.acquire().await {
+            Ok(c) => c,
+            Err(e) => return fail_all(jobs, &unavailable(e)),
+        };
+        let mut tx = match sqlx::Connection::begin(&mut *conn).await {
+            Ok(t) => t,
+            Err(e) => return fail_all(jobs, &unavailable(e)),
+        };
+        let mut results = Vec::with_capacity(jobs.len());
+        for job in &jobs {
+            let mut retried = false;
+            let out = loop {
+                let r = run_in_savepoint(&mut tx, &job.statements, job.fence.as_ref()).await;
+                match r {
+                    Err(BatchError::StalePlan) if !retried => {
+                        retried = true;
+                        if let Err(e) = (*tx).clear_cached_statements().await {
+                            break Err(SqlError::Backend(unavailable(e)));
+                        }
+                    }
+                    Err(BatchError::StalePlan) => {
+                        break Err(SqlError::Backend(unavailable(
+                            "prepared statement still stale after a retry",
+                        )));
+                    }
+                    Err(BatchError::Sql(e)) => break Err(e),
+                    Ok(o) => break Ok(o),
+                }
+            };
+            results.push(out);
+        }
+        if let Err(e) = tx.commit().await {
+            return fail_all(jobs, &unavailable(e));
+        }
+        for (job, out) in jobs.into_iter().zip(results) {
+            let _ = job.reply.send(out);
+        }
+    }
+}
+
+/// One batch inside a group commit: its own savepoint, released on success and rolled back on
+/// failure, so it commits or fails alone.
+async fn run_in_savepoint(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    statements: &[SqlStatement],
+    fence: Option<&Fence>,
+) -> Result<Vec<QueryOutput>, BatchError> {
+    let mut sp = sqlx::Connection::begin(&mut **tx).await.map_err(unavailable)?;
+    if let Some(fence) = fence {
+        check_fence(&mut sp, fence).await?;
+    }
+    let mut outputs = Vec::with_capacity(statements.len());
+    for (index, st) in statements.iter().enumerate() {
+        // On error `sp` is dropped, which rolls back to the savepoint.
+        outputs.push(run_statement(&mut sp, index, st).await?);
+    }
+    sp.commit().await.map_err(unavailable)?;
+    Ok(outputs)
 }
 
 enum BatchError {
@@ -566,6 +700,7 @@ impl SqlBackend for PostgresSql {
         bounded(async {
             if fence.is_some() {
                 ensure_schema(&self.schema, &self.pool, SHARDS_SCHEMA).await?;
+                return self.grouped(statements, fence).await;
             }
             let mut conn = self.pool.acquire().await.map_err(unavailable)?;
             let mut retried = false;
@@ -619,7 +754,16 @@ impl PostgresObjectStorage {
         self.schema
             .get_or_try_init(|| async {
                 let schema = format!("{SHARDS_SCHEMA}{DO_SCHEMA}");
-                sqlx::raw_sql(AssertSqlSafe(schema)).execute(&self.pool).await.map(drop).map_err(unavailable)
+                // A concurrent creator can collide in the catalog; the retry finds the tables.
+                match sqlx::raw_sql(AssertSqlSafe(schema.clone())).execute(&self.pool).await {
+                    Ok(_) => Ok(()),
+                    Err(e) if !matches!(e, sqlx::Error::Database(_)) => Err(unavailable(e)),
+                    Err(_) => sqlx::raw_sql(AssertSqlSafe(schema))
+                        .execute(&self.pool)
+                        .await
+                        .map(drop)
+                        .map_err(unavailable),
+                }
             })
             .await
             .map(drop)

@@ -133,14 +133,101 @@ fn now_ms_f64(start: Instant) -> f64 {
 /// [`Fence`] is trivially satisfied. It is still checked, inside the batch's transaction, when the
 /// database file also holds [`SqliteObjectStorage`]'s shard table (`_lattice_do_shards`), i.e.
 /// when D1 and Durable Object storage share a file; a shard with no row there is not fenced.
+///
+/// Group commit: fenced batches (the writes Durable Objects make) queue up and the first to get
+/// the connection commits every queued one in one transaction, each in its own savepoint, so
+/// many batches share one fsync and each still commits or fails alone.
 #[derive(Debug, Clone)]
 pub struct SqliteSql {
     db: SqliteDb,
+    group: Arc<Mutex<Vec<GroupJob>>>,
+}
+
+struct GroupJob {
+    statements: Vec<SqlStatement>,
+    fence: Option<Fence>,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<QueryOutput>, SqlError>>,
+}
+
+impl std::fmt::Debug for GroupJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupJob").field("statements", &self.statements.len()).finish_non_exhaustive()
+    }
 }
 
 impl SqliteSql {
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, BackendError> {
-        Ok(Self { db: SqliteDb::open("sqlite", path, "").await? })
+        Ok(Self { db: SqliteDb::open("sqlite", path, "").await?, group: Default::default() })
+    }
+
+    async fn grouped(
+        &self,
+        statements: Vec<SqlStatement>,
+        fence: Option<Fence>,
+    ) -> Result<Vec<QueryOutput>, SqlError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.group.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(GroupJob {
+            statements,
+            fence,
+            reply,
+        });
+        let queue = Arc::clone(&self.group);
+        let backend = self.db.backend();
+        self.db
+            .call(move |conn| -> Result<(), SqlError> {
+                let jobs: Vec<GroupJob> =
+                    std::mem::take(&mut *queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+                if jobs.is_empty() {
+                    // An earlier caller committed this batch with its group.
+                    return Ok(());
+                }
+                commit_group(conn, jobs, backend);
+                Ok(())
+            })
+            .await?;
+        answer.await.unwrap_or_else(|_| {
+            Err(SqlError::Backend(BackendError::unavailable(
+                backend,
+                "the group commit carrying this batch failed",
+            )))
+        })
+    }
+}
+
+/// Commits queued batches in one transaction, each in a savepoint, and answers each.
+fn commit_group(conn: &mut Connection, jobs: Vec<GroupJob>, backend: &'static str) {
+    let fail_all = |jobs: Vec<GroupJob>, e: rusqlite::Error| {
+        let message = e.to_string();
+        for j in jobs {
+            let _ = j.reply.send(Err(SqlError::Backend(BackendError::unavailable(backend, message.clone()))));
+        }
+    };
+    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(t) => t,
+        Err(e) => return fail_all(jobs, e),
+    };
+    let mut results = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        let out = (|| -> Result<Vec<QueryOutput>, SqlError> {
+            let sp = tx.savepoint().map_err(unavailable(backend))?;
+            if let Some(fence) = &job.fence {
+                check_sql_fence(&sp, fence, backend)?;
+            }
+            let mut outputs = Vec::with_capacity(job.statements.len());
+            for (index, st) in job.statements.iter().enumerate() {
+                // On error the savepoint is dropped, which rolls it back.
+                outputs.push(run_statement(&sp, index, st, backend)?);
+            }
+            sp.commit().map_err(unavailable(backend))?;
+            Ok(outputs)
+        })();
+        results.push(out);
+    }
+    if let Err(e) = tx.commit() {
+        return fail_all(jobs, e);
+    }
+    for (job, out) in jobs.into_iter().zip(results) {
+        let _ = job.reply.send(out);
     }
 }
 
@@ -260,11 +347,7 @@ fn run_statement(
     Ok(QueryOutput { columns, rows: out_rows, meta })
 }
 
-fn check_sql_fence(
-    tx: &rusqlite::Transaction<'_>,
-    fence: &Fence,
-    backend: &'static str,
-) -> Result<(), BackendError> {
+fn check_sql_fence(tx: &Connection, fence: &Fence, backend: &'static str) -> Result<(), BackendError> {
     let has_table: bool = tx
         .query_row(
             "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type='table' AND name=?1)",
@@ -302,6 +385,9 @@ impl SqlBackend for SqliteSql {
         statements: Vec<SqlStatement>,
         fence: Option<Fence>,
     ) -> Result<Vec<QueryOutput>, SqlError> {
+        if fence.is_some() {
+            return self.grouped(statements, fence).await;
+        }
         let backend = self.db.backend();
         self.db
             .call(move |conn| {

@@ -730,3 +730,68 @@ async fn s3_unreachable() {
     let started = Instant::now();
     assert_unavailable(s3.get("b", "k", None).await, started, Duration::from_secs(3));
 }
+
+/// Fenced batches arriving together are committed as a group, each in its own savepoint: a
+/// batch that fails (a bad statement, a stale fence) fails alone and leaves nothing behind,
+/// the others all commit.
+async fn group_commit_contract(sql: std::sync::Arc<dyn SqlBackend>, store: &dyn ObjectStorageBackend) {
+    let ns = unique("group");
+    let epoch = store.acquire_shard(&ns, 0).await.unwrap();
+    let table = unique("grouped");
+    sql.batch(vec![st(&format!("CREATE TABLE {table} (id INTEGER PRIMARY KEY, note TEXT)"), vec![])], None)
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..40i64 {
+        let sql = sql.clone();
+        let (table, ns) = (table.clone(), ns.clone());
+        tasks.push(tokio::spawn(async move {
+            let fence = Fence { namespace: ns, shard: 0, epoch: if i == 13 { epoch + 100 } else { epoch } };
+            let mut statements = vec![st(
+                &format!("INSERT INTO {table} (id, note) VALUES (?, ?)"),
+                vec![SqlValue::Integer(i), text("x")],
+            )];
+            if i == 7 {
+                statements.push(st("SELECT * FROM no_such_table_at_all", vec![]));
+            }
+            (i, sql.batch(statements, Some(fence)).await)
+        }));
+    }
+    for t in tasks {
+        let (i, r) = t.await.unwrap();
+        match i {
+            7 => assert!(matches!(r, Err(SqlError::Statement { index: 1, .. })), "batch 7: {r:?}"),
+            13 => {
+                assert!(matches!(r, Err(SqlError::Backend(BackendError::Fenced { .. }))), "batch 13: {r:?}")
+            }
+            _ => assert!(r.is_ok(), "batch {i}: {r:?}"),
+        }
+    }
+    let rows =
+        sql.batch(vec![st(&format!("SELECT id FROM {table} ORDER BY id"), vec![])], None).await.unwrap();
+    let ids: Vec<i64> = rows[0]
+        .rows
+        .iter()
+        .map(|r| match r[0] {
+            SqlValue::Integer(n) => n,
+            _ => -1,
+        })
+        .collect();
+    let want: Vec<i64> = (0..40).filter(|i| *i != 7 && *i != 13).collect();
+    assert_eq!(ids, want, "exactly the batches that succeeded are committed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_group_commit_keeps_batches_separate() {
+    let Some(url) = postgres_url() else { return };
+    let store = PostgresObjectStorage::new(&url).unwrap();
+    group_commit_contract(std::sync::Arc::new(PostgresSql::new(&url).unwrap()), &store).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_group_commit_keeps_batches_separate() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d1.sqlite");
+    let store = SqliteObjectStorage::open(&path).await.unwrap();
+    group_commit_contract(std::sync::Arc::new(SqliteSql::open(&path).await.unwrap()), &store).await;
+}
