@@ -386,28 +386,71 @@ fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Benchmarks: in-process instantiate-and-call and TLS handshakes, backend call latency on
-/// every backend (the services are started for it), and HTTP(S) throughput with wrk, the
-/// server pinned to core 0 and wrk to core 1.
+/// Benchmarks, with the services started for them (see BENCHMARKS.md):
+///
+/// - `runtime` (in-process instantiate-and-call and TLS handshakes, backend call latency on
+///   every backend, HTTP(S) throughput with wrk, the server pinned to core 0 and wrk to core 1);
+/// - `homeserver` (`tests/benches/homeserver.rs`: event send throughput, sync wake-up latency
+///   and memory of the release runtime with the homeserver on PostgreSQL/Redis/S3).
+///
+/// `cargo xtask bench` runs both; `cargo xtask bench runtime|homeserver [args]` one of them.
+/// The homeserver benchmark's settings are environment variables (`LATTICE_BENCH_RUNS`, ...;
+/// see its file).
 fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    // Extra arguments go to the one benchmark named, else (as before) to the runtime's.
+    let (runtime, homeserver, args) = match args.first().map(String::as_str) {
+        Some("homeserver") => (false, true, &args[1..]),
+        Some("runtime") => (true, false, &args[1..]),
+        _ => (true, true, args),
+    };
+    let homeserver_args = if runtime { &[][..] } else { args };
     let guests = build_guests(root)?;
     let state = cache_dir().join("services").join(format!("bench-{}", std::process::id()));
     let services = root.join("scripts/services.sh");
     run(Command::new("bash").arg(&services).arg("start").arg(&state))?;
     let result = (|| {
         let env = read_env(&state.join("env"))?;
-        run(cargo()
-            .current_dir(root)
-            .args(["bench", "-p", "lattice-runtime", "-p", "lattice-backends"])
-            .args(args)
-            .envs(env)
-            .env("LATTICE_GUEST_DIR", &guests))?;
-        http_throughput(root, &guests)
+        if runtime {
+            run(cargo()
+                .current_dir(root)
+                .args(["bench", "-p", "lattice-runtime", "-p", "lattice-backends"])
+                .args(args)
+                .envs(env.clone())
+                .env("LATTICE_GUEST_DIR", &guests))?;
+            http_throughput(root, &guests)?;
+        }
+        if homeserver {
+            homeserver_bench(root, &guests, &env, &state, homeserver_args)?;
+        }
+        Ok(())
     })();
     if Command::new("bash").arg(&services).arg("stop").arg(&state).status().is_ok_and(|s| s.success()) {
         remove_services_state(&state);
     }
     result
+}
+
+/// The homeserver benchmark on the release runtime. The load generator is built with the dev
+/// profile (its dependencies are optimised, `[profile.dev.package."*"]`), which reuses the test
+/// build instead of compiling matrix-sdk and the rest of the test dependencies in release; the
+/// benchmark prints the load generator's own CPU share.
+fn homeserver_bench(
+    root: &Path,
+    guests: &Path,
+    env: &[(String, String)],
+    state: &Path,
+    args: &[String],
+) -> anyhow::Result<()> {
+    run(cargo().current_dir(root).args(["build", "--release", "-p", "lattice-runtime", "--bin", "lattice"]))?;
+    run(cargo()
+        .current_dir(root)
+        .args(["bench", "--profile", "dev", "-p", "lattice-e2e", "--bench", "homeserver"])
+        .args(args)
+        .envs(env.iter().cloned())
+        .env("LATTICE_BIN", target_dir(root).join("release/lattice"))
+        .env("LATTICE_GUEST_DIR", guests)
+        .env("LATTICE_TEST_SERVICES_STATE", state)
+        .env("LATTICE_REQUIRE_SERVICES", "1"))
 }
 
 fn http_throughput(root: &Path, guests: &Path) -> anyhow::Result<()> {

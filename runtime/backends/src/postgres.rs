@@ -705,7 +705,14 @@ impl SqlBackend for PostgresSql {
             let mut conn = self.pool.acquire().await.map_err(unavailable)?;
             let mut retried = false;
             loop {
-                match run_batch(&mut conn, &statements, fence.as_ref()).await {
+                // One statement needs no explicit transaction: in autocommit it is one round
+                // trip instead of three, and just as atomic.
+                let result = if statements.len() == 1 {
+                    run_statement(&mut conn, 0, &statements[0]).await.map(|o| vec![o])
+                } else {
+                    run_batch(&mut conn, &statements, fence.as_ref()).await
+                };
+                match result {
                     Ok(out) => return Ok(out),
                     Err(BatchError::Sql(e)) => return Err(e),
                     Err(BatchError::StalePlan) if !retried => {
