@@ -5,8 +5,8 @@
 //! persists it to D1. Its storage holds:
 //! - `meta`: version, last `room_seq`, forward extremities, depth, current state group;
 //! - `s\0<type>\0<state_key>`: the current state, event id and PDU;
-//! - `t\0<user>\0<device>\0<txn>`: transaction ids already used (idempotent sends);
-//! - `p\0<seq>`: events decided but not yet in D1 (the outbox).
+//! - `t\0<user>\0<device>`: the device's recent transaction ids (idempotent sends);
+//! - `p\0<seq>`: events decided but not yet in D1 (the outbox), and `o`, their index.
 //!
 //! Ordering is decided under the input gate (storage calls only), so concurrent events of the
 //! room chain one after another; the D1 write happens after, with the gate open. Each D1 write
@@ -35,6 +35,10 @@ pub const SIGNING_KEY_SECRET: &str = "signing_key";
 pub const STATE_SNAPSHOT_EVERY: i64 = 64;
 /// Outbox entries one D1 write carries at most; the rest go in the next write.
 pub const MAX_OUTBOX_PER_WRITE: u32 = 256;
+/// Transaction ids remembered per device and room (clients retry recent ones only).
+pub const TXNS_KEPT_PER_DEVICE: usize = 256;
+/// The storage key of the outbox index: the `room_seq`s of the entries not yet in D1.
+const OUTBOX_INDEX: &str = "o";
 /// When a D1 write fails, the alarm retries after this long.
 pub const OUTBOX_RETRY_MS: u64 = 1_000;
 
@@ -255,11 +259,17 @@ fn send(
             }
         }
     }
-    let txn_key = txn.as_ref().map(|(device, id)| format!("t\0{sender}\0{device}\0{id}"));
-    if let Some(k) = &txn_key
-        && let Some(ids) = get_json::<Vec<String>>(k)?
+    // One key per device holds its recent transaction ids, so a new id is a cache hit, not a
+    // storage read while the input gate is closed.
+    let txn_key = txn.as_ref().map(|(device, _)| format!("t\0{sender}\0{device}"));
+    let mut txns: Vec<(String, Vec<String>)> = match &txn_key {
+        Some(k) => get_json(k)?.unwrap_or_default(),
+        None => Vec::new(),
+    };
+    if let Some((_, id)) = &txn
+        && let Some((_, ids)) = txns.iter().find(|(t, _)| t == id)
     {
-        return Ok(RoomReply { event_ids: ids });
+        return Ok(RoomReply { event_ids: ids.clone() });
     }
     let mut meta: Meta = get_json("meta")?.ok_or_else(|| fail(404, "M_NOT_FOUND", "no such room"))?;
     let mut state = HashMap::new();
@@ -281,7 +291,16 @@ fn send(
         ids.push(id);
         writes.push(p);
     }
-    commit(&meta, &state, &writes, txn_key.map(|k| (k, ids.clone())))?;
+    let txn_record = match (txn_key, &txn) {
+        (Some(k), Some((_, id))) => {
+            txns.push((id.clone(), ids.clone()));
+            let excess = txns.len().saturating_sub(TXNS_KEPT_PER_DEVICE);
+            txns.drain(..excess);
+            Some((k, json!(txns).to_string().into_bytes()))
+        }
+        _ => None,
+    };
+    commit(&meta, &state, &writes, txn_record)?;
     finish(&meta, &writes)?;
     Ok(RoomReply { event_ids: ids })
 }
@@ -474,9 +493,12 @@ fn commit(
     meta: &Meta,
     state: &HashMap<String, StateEntry>,
     writes: &[Planned],
-    txn: Option<(String, Vec<String>)>,
+    txn: Option<(String, Vec<u8>)>,
 ) -> Result<(), RoomFailure> {
     let mut entries: Vec<(String, Vec<u8>)> = vec![("meta".into(), json!(meta).to_string().into_bytes())];
+    let mut index: Vec<i64> = get_json(OUTBOX_INDEX)?.unwrap_or_default();
+    index.extend(writes.iter().map(|w| w.seq));
+    entries.push((OUTBOX_INDEX.into(), json!(index).to_string().into_bytes()));
     for w in writes {
         if let Some(sk) = &w.state_key {
             let k = state_key(&w.kind, sk);
@@ -486,8 +508,8 @@ fn commit(
         }
         entries.push((outbox_key(w.seq), json!(w).to_string().into_bytes()));
     }
-    if let Some((k, ids)) = txn {
-        entries.push((k, json!(ids).to_string().into_bytes()));
+    if let Some(record) = txn {
+        entries.push(record);
     }
     storage::put(&entries).map_err(storage_fail)
 }
@@ -513,36 +535,38 @@ fn finish(meta: &Meta, writes: &[Planned]) -> Result<(), RoomFailure> {
 /// D1 in one transaction, then removes them from the outbox.
 fn flush(up_to: i64) -> Result<(), RoomFailure> {
     loop {
-        let page = storage::list(&storage::ListOptions {
-            start: None,
-            start_after: None,
-            end: None,
-            prefix: Some("p\0".into()),
-            reverse: false,
-            limit: Some(MAX_OUTBOX_PER_WRITE),
-        })
-        .map_err(storage_fail)?;
-        let mut planned = Vec::new();
-        for (k, v) in &page {
-            let p: Planned =
-                serde_json::from_slice(v).map_err(|e| fail(500, "M_UNKNOWN", format!("outbox: {e}")))?;
-            planned.push((k.clone(), p));
-        }
-        let Some(first) = planned.first() else { return Ok(()) };
-        if first.1.seq > up_to {
+        // The index and the entries were written by this object, so they are in its cache.
+        let index: Vec<i64> = get_json(OUTBOX_INDEX)?.unwrap_or_default();
+        let Some(first) = index.first() else { return Ok(()) };
+        if *first > up_to {
             return Ok(());
         }
+        let keys: Vec<String> =
+            index.iter().take(MAX_OUTBOX_PER_WRITE as usize).map(|s| outbox_key(*s)).collect();
+        let mut planned = Vec::new();
+        for (_, v) in storage::get(&keys).map_err(storage_fail)? {
+            let p: Planned =
+                serde_json::from_slice(&v).map_err(|e| fail(500, "M_UNKNOWN", format!("outbox: {e}")))?;
+            planned.push(p);
+        }
+        planned.sort_by_key(|p| p.seq);
         let mut batch = Vec::new();
-        for (_, p) in &planned {
+        for p in &planned {
             batch.extend(bounds(p));
         }
         let db = Db::open().map_err(db_fail)?;
         db.batch(&batch).map_err(db_fail)?;
-        let keys: Vec<String> = planned.iter().map(|(k, _)| k.clone()).collect();
-        storage::delete(&keys).map_err(storage_fail)?;
-        if planned.last().is_some_and(|(_, p)| p.seq >= up_to)
-            || planned.len() < MAX_OUTBOX_PER_WRITE as usize
-        {
+        // Others may have added to the index meanwhile: remove only what was written (and
+        // entries another flush already wrote and deleted).
+        let written: std::collections::HashSet<i64> =
+            index.iter().take(MAX_OUTBOX_PER_WRITE as usize).copied().collect();
+        let mut now: Vec<i64> = get_json(OUTBOX_INDEX)?.unwrap_or_default();
+        now.retain(|s| !written.contains(s));
+        storage::put(&[(OUTBOX_INDEX.to_owned(), json!(now).to_string().into_bytes())])
+            .map_err(storage_fail)?;
+        let done: Vec<String> = written.iter().map(|s| outbox_key(*s)).collect();
+        storage::delete(&done).map_err(storage_fail)?;
+        if planned.last().is_some_and(|p| p.seq >= up_to) || keys.len() < MAX_OUTBOX_PER_WRITE as usize {
             return Ok(());
         }
     }
