@@ -195,12 +195,6 @@ impl Db {
     pub fn schema_version(&self) -> Result<i64, DbError> {
         Ok(self.first(sql::SCHEMA_VERSION, vec![])?.and_then(|r| r.int("version")).unwrap_or(0))
     }
-
-    /// Migrates only up to `target` (tests of upgrades from each earlier version).
-    pub fn migrate_to(&self, target: i64, now_ms: i64) -> Result<(), DbError> {
-        self.batch(&[bound(sql::MIGRATIONS_TABLE, vec![]), bound(sql::MIGRATION_LOCK_TABLE, vec![])])?;
-        self.migrate_locked(now_ms, target)
-    }
 }
 
 /// How long a migration may hold the lock before another process may take it over.

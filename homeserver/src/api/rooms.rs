@@ -7,7 +7,7 @@ use super::{Ctx, Reply, Session, ok};
 use crate::db::{self, Row, sql};
 use crate::error::{Error, Result};
 use crate::room::object::{self, RoomRequest};
-use crate::room::pdu::{self, SUPPORTED_ROOM_VERSIONS, SigningKey, Template};
+use crate::room::pdu::{self, SUPPORTED_ROOM_VERSIONS, Template};
 use crate::util;
 
 /// Events one `/messages` call returns at most.
@@ -16,13 +16,6 @@ pub const DEFAULT_MESSAGES_LIMIT: i64 = 10;
 
 fn template(kind: &str, state_key: Option<&str>, content: Value) -> Template {
     Template { kind: kind.to_owned(), state_key: state_key.map(str::to_owned), content, redacts: None }
-}
-
-fn signing_key() -> Result<SigningKey> {
-    let seed = lattice_worker::bindings::lattice::bindings::config::secret(object::SIGNING_KEY_SECRET)
-        .map_err(|e| Error::Internal(format!("{e:?}")))?
-        .ok_or_else(|| Error::Internal("the server has no signing key (secret `signing_key`)".into()))?;
-    SigningKey::from_seed(&seed).map_err(|e| Error::Internal(e.to_string()))
 }
 
 /// A room known to this server: its version.
@@ -144,7 +137,7 @@ pub fn create_room_route(ctx: &Ctx) -> Result<Reply> {
     }
     let room_id_field = (!rules.authorization.room_create_event_id_as_room_id)
         .then(|| format!("!{}:{server}", util::random_alpha(18)));
-    let key = signing_key()?;
+    let key = object::server_signing_key().map_err(Error::Internal)?;
     let (create_id, create_obj) = pdu::build(
         &version,
         &server,

@@ -96,34 +96,25 @@ fn load_filter(ctx: &Ctx, user: &str) -> Result<Filter> {
     serde_json::from_str(&text).map_err(|e| Error::BadJson(format!("filter: {e}")))
 }
 
-/// The state of a room at a state group: `(type, state_key)` → event id.
-pub fn state_at_group(ctx: &Ctx, group: &str) -> Result<BTreeMap<(String, String), String>> {
+/// A room state: `(type, state_key)` → (event id, PDU JSON).
+type StateWithJson = BTreeMap<(String, String), (String, String)>;
+
+/// The state of a room at a state group, with each event's JSON (one query).
+fn state_at_group(ctx: &Ctx, group: &str) -> Result<StateWithJson> {
     let mut state = BTreeMap::new();
     for r in ctx.db()?.query(sql::STATE_AT, vec![db::t(group)])? {
-        state.insert((r.str("type"), r.str("state_key")), r.str("event_id"));
+        state.insert((r.str("type"), r.str("state_key")), (r.str("event_id"), r.str("json")));
     }
     Ok(state)
 }
 
 /// The room's state just before its event number `seq`.
-fn state_before(ctx: &Ctx, room: &str, seq: i64) -> Result<BTreeMap<(String, String), String>> {
+fn state_before(ctx: &Ctx, room: &str, seq: i64) -> Result<StateWithJson> {
     let prev = ctx.db()?.first(sql::EVENT_AT_SEQ, vec![db::t(room), db::i(seq - 1)])?;
     match prev.and_then(|r| r.text("state_group")) {
         Some(g) => state_at_group(ctx, &g),
         None => Ok(BTreeMap::new()),
     }
-}
-
-fn events_by_id(ctx: &Ctx, ids: impl Iterator<Item = String>, room: &str) -> Result<Vec<Value>> {
-    let db = ctx.db()?;
-    let mut out = Vec::new();
-    for id in ids {
-        if let Some(r) = db.first(sql::EVENT_GET, vec![db::t(id)])? {
-            let p: Value = serde_json::from_str(&r.str("json")).unwrap_or(Value::Null);
-            out.push(pdu::client_event(&r.str("event_id"), &p, room, false));
-        }
-    }
-    Ok(out)
 }
 
 struct RoomSync {
@@ -149,8 +140,11 @@ fn room_sync(
         ctx.db()?.query(sql::EVENTS_SINCE, vec![db::t(room), db::i(since), db::i(upto), db::i(limit + 1)])?;
     let limited = rows.len() as i64 > limit;
     let page: Vec<Row> = rows.iter().take(limit as usize).cloned().collect();
-    let mut kept: Vec<&Row> =
-        super::visibility::Visibility::new(ctx, room, &s.user_id)?.filter(ctx, &page)?;
+    let mut kept: Vec<&Row> = if page.is_empty() {
+        Vec::new()
+    } else {
+        super::visibility::Visibility::new(ctx, room, &s.user_id)?.filter(ctx, &page)?
+    };
     kept.reverse();
     let first_seq = kept.first().and_then(|r| r.int("room_seq"));
     let timeline: Vec<Value> = kept
@@ -158,17 +152,15 @@ fn room_sync(
         .map(|r| super::rooms::client_event(r, Some(s), false))
         .filter(|e| filter.timeline.matches(e))
         .collect();
-    let prev_batch = format!(
-        "t{}",
-        first_seq.unwrap_or_else(|| super::rooms::boundary(ctx, room, &format!("s{upto}")).unwrap_or(1))
-    );
+    // With no timeline, the sync position itself is the token (`/messages` accepts it).
+    let prev_batch = first_seq.map_or_else(|| format!("s{upto}"), |seq| format!("t{seq}"));
     let mut state = Vec::new();
     if full_state || limited {
         let map = match first_seq {
             Some(seq) => state_before(ctx, room, seq)?,
             None => super::rooms::current_state(ctx, room)?
                 .iter()
-                .map(|r| ((r.str("type"), r.str("state_key")), r.str("event_id")))
+                .map(|r| ((r.str("type"), r.str("state_key")), (r.str("event_id"), r.str("json"))))
                 .collect(),
         };
         let in_timeline: std::collections::HashSet<&str> =
@@ -176,14 +168,18 @@ fn room_sync(
         let lazy = filter.state.lazy_load_members;
         let senders: std::collections::HashSet<&str> =
             timeline.iter().filter_map(|e| e["sender"].as_str()).chain([s.user_id.as_str()]).collect();
-        let ids = map
+        state = map
             .into_iter()
-            .filter(|((t, k), id)| {
+            .filter(|((t, k), (id, _))| {
                 !in_timeline.contains(id.as_str())
                     && (!lazy || t != "m.room.member" || senders.contains(k.as_str()))
             })
-            .map(|(_, id)| id);
-        state = events_by_id(ctx, ids, room)?.into_iter().filter(|e| filter.state.matches(e)).collect();
+            .map(|(_, (id, json))| {
+                let p: Value = serde_json::from_str(&json).unwrap_or(Value::Null);
+                pdu::client_event(&id, &p, room, false)
+            })
+            .filter(|e| filter.state.matches(e))
+            .collect();
     }
     Ok(RoomSync { timeline, limited, prev_batch, state })
 }

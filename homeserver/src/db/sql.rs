@@ -320,7 +320,7 @@ pub const STATE_ENTRY_INSERT: Sql = sql(
 pub const STATE_AT: Sql = sql(
     "state_at",
     "t",
-    "WITH RECURSIVE chain (g, depth) AS (SELECT ?, 0 UNION ALL SELECT s.parent, chain.depth + 1 FROM state_groups s JOIN chain ON s.group_id = chain.g WHERE s.parent IS NOT NULL) SELECT e.type, e.state_key, e.event_id, chain.depth FROM chain JOIN state_group_entries e ON e.group_id = chain.g ORDER BY chain.depth DESC",
+    "WITH RECURSIVE chain (g, depth) AS (SELECT ?, 0 UNION ALL SELECT s.parent, chain.depth + 1 FROM state_groups s JOIN chain ON s.group_id = chain.g WHERE s.parent IS NOT NULL) SELECT e.type, e.state_key, e.event_id, chain.depth, ev.json FROM chain JOIN state_group_entries e ON e.group_id = chain.g JOIN events ev ON ev.event_id = e.event_id ORDER BY chain.depth DESC",
 );
 /// One entry of the state at a group: the nearest group in the chain that sets it.
 pub const STATE_AT_KEY: Sql = sql(

@@ -158,11 +158,16 @@ fn get_json<T: serde::de::DeserializeOwned>(key: &str) -> Result<Option<T>, Room
         .transpose()
 }
 
-fn signing_key() -> Result<SigningKey, RoomFailure> {
+/// The server's signing key, from the `signing_key` secret.
+pub fn server_signing_key() -> Result<SigningKey, String> {
     let seed = config::secret(SIGNING_KEY_SECRET)
-        .map_err(storage_fail)?
-        .ok_or_else(|| fail(500, "M_UNKNOWN", "the server has no signing key (secret `signing_key`)"))?;
-    SigningKey::from_seed(&seed).map_err(|e| fail(500, "M_UNKNOWN", e.to_string()))
+        .map_err(|e| format!("the signing key secret: {e:?}"))?
+        .ok_or_else(|| "the server has no signing key (secret `signing_key`)".to_owned())?;
+    SigningKey::from_seed(&seed).map_err(|e| e.to_string())
+}
+
+fn signing_key() -> Result<SigningKey, RoomFailure> {
+    server_signing_key().map_err(|e| fail(500, "M_UNKNOWN", e))
 }
 
 /// Handles one request to a room object.
