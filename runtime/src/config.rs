@@ -250,6 +250,9 @@ pub enum R2Binding {
         /// Path-style addressing (`endpoint/bucket/key`); most self-hosted stores need it.
         #[serde(default = "default_true")]
         path_style: bool,
+        /// Extra PEM CA certificates trusted for an `https://` endpoint, besides the system's.
+        #[serde(default)]
+        extra_ca: Vec<PathBuf>,
     },
 }
 

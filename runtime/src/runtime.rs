@@ -148,7 +148,15 @@ impl Shared {
         for (name, b) in &config.r2 {
             let backend: Arc<dyn ObjectBackend> = match b {
                 R2Binding::Fs { path } => Arc::new(lattice_backends::fs::FsObjects::open(path).await?),
-                R2Binding::S3 { endpoint, region, bucket, access_key_env, secret_key_env, path_style } => {
+                R2Binding::S3 {
+                    endpoint,
+                    region,
+                    bucket,
+                    access_key_env,
+                    secret_key_env,
+                    path_style,
+                    extra_ca,
+                } => {
                     let key = std::env::var(access_key_env).with_context(|| {
                         format!("r2.{name}: environment variable {access_key_env} is not set")
                     })?;
@@ -162,6 +170,10 @@ impl Shared {
                         access_key: key,
                         secret_key: secret,
                         path_style: *path_style,
+                        tls: Some(Arc::new(
+                            crate::tls::client_config(crate::config::PostQuantum::Preferred, extra_ca)
+                                .with_context(|| format!("r2.{name}: TLS client configuration"))?,
+                        )),
                     })?)
                 }
             };

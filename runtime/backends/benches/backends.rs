@@ -169,7 +169,8 @@ fn main() {
             var("LATTICE_TEST_S3_ACCESS_KEY"),
             var("LATTICE_TEST_S3_SECRET_KEY"),
         ) {
-            let c = S3Config { endpoint, region, bucket, access_key, secret_key, path_style: true };
+            let c =
+                S3Config { endpoint, region, bucket, access_key, secret_key, path_style: true, tls: None };
             objects(Arc::new(S3Objects::new(&c).expect("s3")), &format!("bench{tag}")).await;
         }
     });

@@ -1,9 +1,10 @@
 //! R2 on any S3 API: [`S3Objects`].
 //!
 //! Requests are presigned with `rusty-s3` (SigV4 in the query string, every `x-amz-*` header
-//! signed) and sent with hyper-util's pooled client. Only `http://` endpoints for now (a store
-//! next to the runtime, or behind a TLS-terminating proxy); `https://` is refused at
-//! construction.
+//! signed) and sent with hyper-util's pooled client over HTTP/1.1. `http://` endpoints go in
+//! the clear (a store next to the runtime); `https://` endpoints use the rustls client
+//! configuration the caller passes in [`S3Config::tls`] (the runtime passes its own: system
+//! roots plus the binding's extra CAs, PQ key exchange preferred).
 //!
 //! Layout in the configured S3 bucket:
 //! - `<r2 bucket>/<key>`: objects. One S3 bucket can back several R2 bindings; an R2 bucket name
@@ -31,6 +32,7 @@ use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -57,7 +59,7 @@ const META: &str = "x-amz-meta-lattice-";
 /// Where and how to reach the S3 store.
 #[derive(Debug, Clone)]
 pub struct S3Config {
-    /// `http://host:port`, with an optional path prefix.
+    /// `http://host:port` or `https://host:port`, with an optional path prefix.
     pub endpoint: String,
     pub region: String,
     pub bucket: String,
@@ -65,13 +67,15 @@ pub struct S3Config {
     pub secret_key: String,
     /// `http://endpoint/bucket/key` instead of `http://bucket.endpoint/key`.
     pub path_style: bool,
+    /// TLS client configuration for an `https://` endpoint; required for one.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 #[derive(Clone)]
 pub struct S3Objects {
     bucket: Bucket,
     credentials: Credentials,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     request_timeout: Duration,
 }
 
@@ -238,9 +242,26 @@ fn failure(what: &str, r: &Response) -> BackendError {
 impl S3Objects {
     pub fn new(config: &S3Config) -> Result<Self, BackendError> {
         let endpoint: Url = config.endpoint.parse().map_err(unavailable)?;
-        if endpoint.scheme() != "http" {
-            return Err(unavailable(format!("S3 endpoint {endpoint}: only http:// is supported for now")));
-        }
+        let tls = match (endpoint.scheme(), &config.tls) {
+            ("http", _) => None,
+            ("https", Some(tls)) => {
+                // The connector sets ALPN itself (http/1.1 only: this client does not speak
+                // h2) and refuses a configuration that already has some.
+                let mut tls = (**tls).clone();
+                tls.alpn_protocols.clear();
+                Some(tls)
+            }
+            ("https", None) => {
+                return Err(unavailable(format!(
+                    "S3 endpoint {endpoint}: https:// needs a TLS client configuration"
+                )));
+            }
+            (other, _) => {
+                return Err(unavailable(format!(
+                    "S3 endpoint {endpoint}: scheme {other}:// is not http or https"
+                )));
+            }
+        };
         let style = if config.path_style { UrlStyle::Path } else { UrlStyle::VirtualHost };
         let bucket = Bucket::new(endpoint, style, config.bucket.clone(), config.region.clone())
             .map_err(|e| unavailable(format!("S3 bucket: {e:?}")))?;
@@ -248,6 +269,25 @@ impl S3Objects {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         connector.set_nodelay(true);
+        connector.enforce_http(false);
+        let connector = match tls {
+            Some(tls) => HttpsConnectorBuilder::new().with_tls_config(tls).https_only(),
+            // No TLS configuration: `https_or_http` with an empty root store is never used
+            // for https, because the scheme check above refused it.
+            None => HttpsConnectorBuilder::new()
+                .with_tls_config(
+                    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                        rustls::crypto::aws_lc_rs::default_provider(),
+                    ))
+                    .with_safe_default_protocol_versions()
+                    .map_err(unavailable)?
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth(),
+                )
+                .https_or_http(),
+        }
+        .enable_http1()
+        .wrap_connector(connector);
         let client =
             Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
         Ok(Self { bucket, credentials, client, request_timeout: REQUEST_TIMEOUT })

@@ -598,6 +598,7 @@ fn s3_config() -> Option<S3Config> {
         access_key: v[3].clone(),
         secret_key: v[4].clone(),
         path_style: true,
+        tls: None,
     })
 }
 
@@ -671,6 +672,77 @@ async fn s3_objects() {
     objects_contract(&S3Objects::new(&config).unwrap()).await;
 }
 
+/// A TLS-terminating proxy in front of `upstream` with a fresh self-signed certificate for
+/// `localhost`; returns its port and a client configuration that trusts the certificate.
+fn tls_proxy(upstream: std::net::SocketAddr) -> (u16, std::sync::Arc<rustls::ClientConfig>) {
+    use std::sync::Arc;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert =
+        rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
+    let der = cert.der().clone();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![der.clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+            });
+        }
+    });
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    (port, Arc::new(client))
+}
+
+/// The same contract through `https://`: a TLS-terminating proxy in front of the real store.
+/// A client that does not trust the proxy's certificate gets `Unavailable`, and an `https://`
+/// endpoint without a TLS configuration is refused at construction.
+#[tokio::test]
+async fn s3_objects_over_https() {
+    let Some(config) = s3_config() else { return };
+    let upstream: url::Url = config.endpoint.parse().unwrap();
+    let upstream = upstream.socket_addrs(|| None).unwrap()[0];
+    let (port, tls) = tls_proxy(upstream);
+    let https = S3Config { endpoint: format!("https://localhost:{port}"), tls: Some(tls), ..config.clone() };
+    objects_contract(&S3Objects::new(&https).unwrap()).await;
+
+    let untrusted = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let s3 =
+        S3Objects::new(&S3Config { tls: Some(std::sync::Arc::new(untrusted)), ..https.clone() }).unwrap();
+    let r = s3.head("b", "k").await;
+    assert!(matches!(r, Err(BackendError::Unavailable { .. })), "{r:?}");
+
+    let r = S3Objects::new(&S3Config { tls: None, ..https });
+    assert!(matches!(r, Err(BackendError::Unavailable { .. })), "{r:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // unreachable services answer Unavailable quickly
 
@@ -720,6 +792,7 @@ async fn s3_unreachable() {
         access_key: "k".into(),
         secret_key: "s".into(),
         path_style: true,
+        tls: None,
     };
     let s3 = S3Objects::new(&config(closed_port())).unwrap();
     let started = Instant::now();

@@ -92,6 +92,7 @@ async fn services_stop_and_come_back() {
         access_key: env("LATTICE_TEST_S3_ACCESS_KEY").unwrap(),
         secret_key: env("LATTICE_TEST_S3_SECRET_KEY").unwrap(),
         path_style: true,
+        tls: None,
     })
     .unwrap();
     s3.ping().await.unwrap();
