@@ -102,10 +102,24 @@ impl Ctx {
     pub fn session(&self) -> Result<Session> {
         let token = self.access_token().ok_or(Error::MissingToken)?;
         let hash = util::token_hash(&token);
-        let row = self
-            .db()?
-            .first(sql::TOKEN_LOOKUP, vec![db::t(hash.clone())])?
-            .ok_or(Error::UnknownToken { soft_logout: false })?;
+        let lookup = |db: &Db| db.first(sql::TOKEN_LOOKUP_VERSIONED, vec![db::t(hash.clone())]);
+        let row = match self.db.get() {
+            Some(db) => lookup(db)?,
+            // The lookup also says whether the schema is current, which saves the separate
+            // check `db()` makes; when it is not (or the tables are missing), migrate first.
+            None => {
+                let db = Db::open()?;
+                match lookup(&db) {
+                    Ok(Some(row)) if row.int("schema_version").unwrap_or(0) >= db::LATEST_SCHEMA => {
+                        let _ = self.db.set(db);
+                        Some(row)
+                    }
+                    _ => lookup(self.db()?)?,
+                }
+            }
+        }
+        .filter(|row| row.text("user_id").is_some())
+        .ok_or(Error::UnknownToken { soft_logout: false })?;
         if row.int("deactivated").unwrap_or(0) != 0 {
             return Err(Error::UnknownToken { soft_logout: false });
         }

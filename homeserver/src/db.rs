@@ -153,7 +153,7 @@ impl Db {
     /// Brings the schema to the newest version, once even when many processes start together:
     /// one takes the lock and migrates, the others get [`DbError::Migrating`] and retry.
     pub fn migrate(&self, holder: &str, now_ms: i64) -> Result<(), DbError> {
-        let latest = sql::MIGRATIONS.last().map_or(0, |m| m.0);
+        let latest = LATEST_SCHEMA;
         if self.schema_version().unwrap_or(0) >= latest {
             return Ok(());
         }
@@ -196,6 +196,12 @@ impl Db {
         Ok(self.first(sql::SCHEMA_VERSION, vec![])?.and_then(|r| r.int("version")).unwrap_or(0))
     }
 }
+
+/// The newest schema version, the last of [`sql::MIGRATIONS`].
+pub const LATEST_SCHEMA: i64 = match sql::MIGRATIONS.last() {
+    Some(m) => m.0,
+    None => 0,
+};
 
 /// How long a migration may hold the lock before another process may take it over.
 pub const LOCK_LEASE_MS: i64 = 60_000;

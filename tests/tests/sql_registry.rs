@@ -95,13 +95,55 @@ async fn check_engine(fresh: impl AsyncFn() -> Box<dyn SqlBackend>, postgres: bo
     }
     // Migrating again changes nothing and does not fail.
     migrate_to(reference.as_ref(), latest).await;
-    // Every statement of the registry runs, each in its own transaction.
+    // Every statement of the registry runs, each in its own transaction (the outbox guard is
+    // meant to fail on values that name no event; it has its own check below).
     for (i, s) in ALL.iter().enumerate() {
+        if s.name == sql::OUTBOX_GUARD.name {
+            continue;
+        }
         reference
             .batch(vec![stmt(s, sample_params(i, s))], None)
             .await
             .unwrap_or_else(|e| panic!("{} on {}: {e:?}\n{}", s.name, reference.name(), s.text));
     }
+    outbox_guard(reference.as_ref()).await;
+}
+
+/// The guard fails, taking its batch with it, unless the room's event at the given position is
+/// there; it passes once it is.
+async fn outbox_guard(db: &dyn SqlBackend) {
+    let guard = |seq: i64| {
+        stmt(
+            &sql::OUTBOX_GUARD,
+            vec![SqlValue::Text("!guard".into()), SqlValue::Text("!guard".into()), SqlValue::Integer(seq)],
+        )
+    };
+    let event = |seq: i64| {
+        let mut params = sample_params(9_000 + usize::try_from(seq).expect("small"), &sql::EVENT_INSERT);
+        params[0] = SqlValue::Text(format!("$guard{seq}"));
+        params[1] = SqlValue::Text("!guard".into());
+        params[2] = SqlValue::Integer(seq);
+        stmt(&sql::EVENT_INSERT, params)
+    };
+    let newest = async || {
+        let out = db
+            .batch(
+                vec![stmt(
+                    &sql::ROOM_SEQ_AT,
+                    vec![SqlValue::Text("!guard".into()), SqlValue::Integer(i64::MAX)],
+                )],
+                None,
+            )
+            .await
+            .expect("room seq");
+        out[0].rows[0][0].clone()
+    };
+    let r = db.batch(vec![guard(1), event(2)], None).await;
+    assert!(r.is_err(), "the guard passed without event 1 on {}: {r:?}", db.name());
+    assert_eq!(newest().await, SqlValue::Null, "the failed batch left nothing");
+    db.batch(vec![event(1)], None).await.expect("event 1");
+    db.batch(vec![guard(1), event(2)], None).await.expect("the guard passes once event 1 is there");
+    assert_eq!(newest().await, SqlValue::Integer(2), "event 2 is stored after the guard passed");
 }
 
 #[tokio::test]

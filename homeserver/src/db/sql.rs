@@ -136,6 +136,13 @@ pub const V3_RELATIONS_THREADS: Sql = sql(
     "CREATE INDEX relations_room_type ON relations (room_id, rel_type, room_seq)",
 );
 
+// ---- Schema, version 4: the outbox guard ----------------------------------------------------
+pub const V4_OUTBOX_GUARD: Sql = sql(
+    "v4_outbox_guard",
+    "",
+    "CREATE TABLE outbox_guard (room_id TEXT PRIMARY KEY, room_seq INTEGER NOT NULL)",
+);
+
 /// The migration bookkeeping, created before anything else (idempotent).
 pub const MIGRATIONS_TABLE: Sql = sql(
     "migrations_table",
@@ -217,6 +224,14 @@ pub const TOKEN_LOOKUP: Sql = sql(
     "t",
     "SELECT t.user_id, t.device_id, t.expires_ms, u.deactivated FROM access_tokens t JOIN users u ON u.user_id = t.user_id WHERE t.token_hash = ?",
 );
+/// [`TOKEN_LOOKUP`] plus the applied schema version, in one row even for an unknown token
+/// (then `user_id` is NULL): an authenticated request learns the schema is current without a
+/// query of its own.
+pub const TOKEN_LOOKUP_VERSIONED: Sql = sql(
+    "token_lookup_versioned",
+    "t",
+    "SELECT (SELECT MAX(version) FROM schema_migrations) AS schema_version, t.user_id, t.device_id, t.expires_ms, u.deactivated FROM (SELECT 1 AS one) o LEFT JOIN access_tokens t ON t.token_hash = ? LEFT JOIN users u ON u.user_id = t.user_id",
+);
 pub const TOKEN_BY_REFRESH: Sql = sql(
     "token_by_refresh",
     "t",
@@ -268,6 +283,14 @@ pub const ROOMS_PUBLISHED: Sql = sql(
 );
 /// The next stream position; in the same transaction as what it orders. The row lock it takes
 /// makes positions commit in order (see ARCHITECTURE.md, "sync positions").
+/// Fails (NOT NULL) unless D1 already has the room's event at `room_seq`: a flush that leaves
+/// earlier outbox entries to a flush still in flight puts this first, so its events never land
+/// before their predecessors.
+pub const OUTBOX_GUARD: Sql = sql(
+    "outbox_guard",
+    "tti",
+    "INSERT INTO outbox_guard (room_id, room_seq) VALUES (?, (SELECT room_seq FROM events WHERE room_id = ? AND room_seq = ?)) ON CONFLICT (room_id) DO UPDATE SET room_seq = excluded.room_seq",
+);
 pub const STREAM_BUMP: Sql =
     sql("stream_bump", "", "UPDATE stream_positions SET pos = pos + 1 WHERE name = 'events'");
 pub const STREAM_MAX: Sql = sql("stream_max", "", "SELECT pos FROM stream_positions WHERE name = 'events'");
@@ -535,6 +558,7 @@ pub const ALL: &[Sql] = &[
     DEVICE_DELETE_ALL,
     TOKEN_INSERT,
     TOKEN_LOOKUP,
+    TOKEN_LOOKUP_VERSIONED,
     TOKEN_BY_REFRESH,
     TOKEN_DELETE,
     TOKEN_DELETE_DEVICE,
@@ -548,6 +572,7 @@ pub const ALL: &[Sql] = &[
     ROOM_GET,
     ROOM_SET_PUBLISHED,
     ROOMS_PUBLISHED,
+    OUTBOX_GUARD,
     STREAM_BUMP,
     STREAM_MAX,
     EVENT_INSERT,
@@ -636,4 +661,5 @@ pub const MIGRATIONS: &[(i64, &str, &[Sql])] = &[
         &[V2_TYPING, V2_RECEIPTS, V2_RECEIPTS_STREAM, V2_PRESENCE, V2_PUSHERS],
     ),
     (3, "relations", &[V3_RELATIONS, V3_RELATIONS_PARENT, V3_RELATIONS_THREADS]),
+    (4, "outbox guard", &[V4_OUTBOX_GUARD]),
 ];

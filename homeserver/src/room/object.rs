@@ -13,6 +13,13 @@
 //! carries every outbox entry up to its own, so D1 never holds an event without its
 //! predecessors, and writes of concurrent sends travel together (group commit). An outbox entry
 //! is deleted once D1 has it; an alarm retries entries whose write failed.
+//!
+//! A flush claims what it writes (`c`, the newest `room_seq` taken), so a send that arrives
+//! while an earlier flush is in flight writes only its own entries, guarded by
+//! [`sql::OUTBOX_GUARD`]: the batch fails unless D1 already has the event before its first
+//! one. When the guard fails (the earlier flush failed, or has not landed yet) the flush writes
+//! everything from the start of the outbox instead; claims only save work, never decide
+//! correctness.
 
 use std::collections::HashMap;
 
@@ -39,8 +46,13 @@ pub const MAX_OUTBOX_PER_WRITE: u32 = 256;
 pub const TXNS_KEPT_PER_DEVICE: usize = 256;
 /// The storage key of the outbox index: the `room_seq`s of the entries not yet in D1.
 const OUTBOX_INDEX: &str = "o";
+/// The storage key of the newest `room_seq` a flush has taken to write; later flushes leave
+/// entries up to it to that flush instead of writing them again.
+const OUTBOX_CLAIM: &str = "c";
 /// When a D1 write fails, the alarm retries after this long.
 pub const OUTBOX_RETRY_MS: u64 = 1_000;
+/// While D1 stays down, the alarm tries again this often.
+pub const OUTBOX_ALARM_RETRY_MS: u64 = 5_000;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Meta {
@@ -194,9 +206,18 @@ pub fn handle(request: &durable_object::Request) -> durable_object::Response {
     }
 }
 
-/// The alarm: writes outbox entries a failed D1 write left behind.
+/// The alarm: writes outbox entries a failed D1 write left behind. While D1 keeps failing it
+/// re-arms itself every [`OUTBOX_ALARM_RETRY_MS`] (instead of the runtime's bounded retries),
+/// so a quiet room's events reach D1 whenever it is back.
 pub fn alarm() -> Result<(), String> {
-    flush(i64::MAX).map_err(|f| f.error)
+    match flush(i64::MAX, false) {
+        Ok(()) => Ok(()),
+        Err(f) => {
+            storage::set_alarm(now_ms() + OUTBOX_ALARM_RETRY_MS)
+                .map_err(|e| format!("{}; re-arming the alarm failed: {e:?}", f.error))?;
+            Ok(())
+        }
+    }
 }
 
 fn create(
@@ -274,7 +295,12 @@ fn send(
     if let Some((_, id)) = &txn
         && let Some((_, ids)) = txns.iter().find(|(t, _)| t == id)
     {
-        return Ok(RoomReply { event_ids: ids.clone() });
+        // A retry: the events were decided, but their D1 write may have failed. Answer only
+        // once D1 has them, like the first time.
+        let ids = ids.clone();
+        let up_to = get_json::<Meta>("meta")?.map_or(0, |m| m.seq);
+        flush_or_retry_later(up_to)?;
+        return Ok(RoomReply { event_ids: ids });
     }
     let mut meta: Meta = get_json("meta")?.ok_or_else(|| fail(404, "M_NOT_FOUND", "no such room"))?;
     let mut state = HashMap::new();
@@ -519,35 +545,62 @@ fn commit(
     storage::put(&entries).map_err(storage_fail)
 }
 
-/// Writes the outbox to D1 up to this request's last event, then wakes the room's syncers.
+/// Writes the outbox to D1 up to this request's last event.
 fn finish(meta: &Meta, writes: &[Planned]) -> Result<(), RoomFailure> {
-    let last = writes.last().map_or(meta.seq, |w| w.seq);
-    if let Err(e) = flush(last) {
-        // The events are decided and kept; the alarm writes them once D1 is back.
+    flush_or_retry_later(writes.last().map_or(meta.seq, |w| w.seq))
+}
+
+/// [`flush`] up to `up_to`; when it fails, the events stay decided and kept, and the alarm
+/// writes them once D1 is back.
+fn flush_or_retry_later(up_to: i64) -> Result<(), RoomFailure> {
+    flush(up_to, true).inspect_err(|_| {
         let _ = storage::set_alarm(now_ms() + OUTBOX_RETRY_MS);
-        return Err(e);
+    })
+}
+
+/// Wakes the syncers of what was just written: the room's, and each membership's target.
+fn wake(planned: &[Planned]) {
+    if let Some(p) = planned.first() {
+        signals::signal(&format!("room:{}", p.room_id));
     }
-    signals::signal(&format!("room:{}", meta.room_id));
-    for w in writes {
-        if let Some((target, _)) = &w.membership {
+    for p in planned {
+        if let Some((target, _)) = &p.membership {
             signals::signal(&format!("user:{target}"));
         }
     }
-    Ok(())
 }
 
-/// Writes outbox entries (oldest first, up to `up_to` and at most [`MAX_OUTBOX_PER_WRITE`]) to
-/// D1 in one transaction, then removes them from the outbox.
-fn flush(up_to: i64) -> Result<(), RoomFailure> {
+/// Writes outbox entries (oldest first, up to `up_to`, at most [`MAX_OUTBOX_PER_WRITE`] a
+/// transaction) to D1, then removes them from the outbox. With `claims`, entries an earlier
+/// flush has claimed are left to it (see the module's documentation).
+fn flush(up_to: i64, claims: bool) -> Result<(), RoomFailure> {
+    let mut claims = claims;
     loop {
         // The index and the entries were written by this object, so they are in its cache.
         let index: Vec<i64> = get_json(OUTBOX_INDEX)?.unwrap_or_default();
-        let Some(first) = index.first() else { return Ok(()) };
-        if *first > up_to {
+        let Some(&oldest) = index.first() else { return Ok(()) };
+        if oldest > up_to {
             return Ok(());
         }
-        let keys: Vec<String> =
-            index.iter().take(MAX_OUTBOX_PER_WRITE as usize).map(|s| outbox_key(*s)).collect();
+        let claimed: i64 = if claims { get_json(OUTBOX_CLAIM)?.unwrap_or(0) } else { 0 };
+        let take: Vec<i64> = index
+            .iter()
+            .copied()
+            .filter(|s| *s > claimed && (*s <= up_to || !claims))
+            .take(MAX_OUTBOX_PER_WRITE as usize)
+            .collect();
+        let Some(&first) = take.first() else {
+            // Everything up to ours is another flush's; it can only be an entry of this very
+            // request when that flush failed, so write from the start.
+            claims = false;
+            continue;
+        };
+        if claims {
+            let last = take.last().copied().unwrap_or(first);
+            storage::put(&[(OUTBOX_CLAIM.to_owned(), json!(last).to_string().into_bytes())])
+                .map_err(storage_fail)?;
+        }
+        let keys: Vec<String> = take.iter().map(|s| outbox_key(*s)).collect();
         let mut planned = Vec::new();
         for (_, v) in storage::get(&keys).map_err(storage_fail)? {
             let p: Planned =
@@ -556,22 +609,38 @@ fn flush(up_to: i64) -> Result<(), RoomFailure> {
         }
         planned.sort_by_key(|p| p.seq);
         let mut batch = Vec::new();
+        if first != oldest
+            && let Some(p) = planned.first()
+        {
+            batch.push(bound(
+                sql::OUTBOX_GUARD,
+                vec![db::t(p.room_id.clone()), db::t(p.room_id.clone()), db::i(first - 1)],
+            ));
+        }
         for p in &planned {
             batch.extend(bounds(p));
         }
         let db = Db::open().map_err(db_fail)?;
-        db.batch(&batch).map_err(db_fail)?;
+        if let Err(e) = db.batch(&batch) {
+            if claims && first != oldest {
+                // The guard (or the write) failed: the earlier entries are not in D1 yet.
+                claims = false;
+                continue;
+            }
+            return Err(db_fail(e));
+        }
+        wake(&planned);
         // Others may have added to the index meanwhile: remove only what was written (and
         // entries another flush already wrote and deleted).
-        let written: std::collections::HashSet<i64> =
-            index.iter().take(MAX_OUTBOX_PER_WRITE as usize).copied().collect();
+        let written: std::collections::HashSet<i64> = take.iter().copied().collect();
         let mut now: Vec<i64> = get_json(OUTBOX_INDEX)?.unwrap_or_default();
         now.retain(|s| !written.contains(s));
         storage::put(&[(OUTBOX_INDEX.to_owned(), json!(now).to_string().into_bytes())])
             .map_err(storage_fail)?;
         let done: Vec<String> = written.iter().map(|s| outbox_key(*s)).collect();
         storage::delete(&done).map_err(storage_fail)?;
-        if planned.last().is_some_and(|p| p.seq >= up_to) || keys.len() < MAX_OUTBOX_PER_WRITE as usize {
+        let covered = take.last().is_some_and(|s| *s >= up_to);
+        if covered || take.len() < MAX_OUTBOX_PER_WRITE as usize && !claims {
             return Ok(());
         }
     }
