@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Private test services for the backend contract tests: PostgreSQL, Redis and an S3 server
-# (s3s-fs), each on its own free loopback port, all state under one directory.
+# Private test services: PostgreSQL, Redis and an S3 server (s3s-fs), each on its own free
+# loopback port, and a Kubernetes API (etcd + kube-apiserver, scripts/kube.sh) for the operator,
+# all state under one directory.
 #
-#   scripts/services.sh start <state-dir>              install what is missing, start all three,
+#   scripts/services.sh start <state-dir>              install what is missing, start them all,
 #                                                      write <state-dir>/env
-#   scripts/services.sh stop <state-dir>               stop all three
+#   scripts/services.sh stop <state-dir>               stop them all
 #   scripts/services.sh start-one postgres|redis|s3 <state-dir>
 #   scripts/services.sh stop-one  postgres|redis|s3 <state-dir>
 #   scripts/services.sh status <state-dir>
@@ -14,7 +15,8 @@
 # Safe to run twice: a running service is left alone. `source <state-dir>/env` exports the
 # LATTICE_TEST_* variables the tests read.
 #
-# Environment: LATTICE_CACHE (default /var/cache/lattice) holds the s3s-fs build.
+# Environment: LATTICE_CACHE (default /var/cache/lattice) holds the s3s-fs build (and kube.sh's
+# tools). LATTICE_SERVICES_KUBE=0 leaves the Kubernetes API out (benchmarks).
 set -euo pipefail
 
 LATTICE_CACHE=${LATTICE_CACHE:-/var/cache/lattice}
@@ -331,6 +333,9 @@ write_env() {
         echo "export LATTICE_TEST_S3_SECRET_KEY=$(cat "$state/s3/secret-key")"
         # For fault tests that stop and start one service with this script.
         echo "export LATTICE_TEST_SERVICES_STATE=$state"
+        if [ -s "$state/kube/kube.env" ]; then
+            grep '^export ' "$state/kube/kube.env"
+        fi
     } >"$state/env.tmp"
     mv "$state/env.tmp" "$state/env"
     log "wrote $state/env"
@@ -375,9 +380,15 @@ main() {
                     one start postgres "$state"
                     one start redis "$state"
                     one start s3 "$state"
+                    if [ "${LATTICE_SERVICES_KUBE:-1}" != 0 ]; then
+                        bash "$(dirname "${BASH_SOURCE[0]}")/kube.sh" start "$state/kube"
+                    fi
                     write_env "$state"
                     ;;
                 stop)
+                    if [ -d "$state/kube" ]; then
+                        bash "$(dirname "${BASH_SOURCE[0]}")/kube.sh" stop "$state/kube"
+                    fi
                     one stop s3 "$state"
                     one stop redis "$state"
                     one stop postgres "$state"

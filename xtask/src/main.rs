@@ -407,7 +407,8 @@ fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
     let guests = build_guests(root)?;
     let state = cache_dir().join("services").join(format!("bench-{}", std::process::id()));
     let services = root.join("scripts/services.sh");
-    run(Command::new("bash").arg(&services).arg("start").arg(&state))?;
+    // The benchmarks need no Kubernetes API.
+    run(Command::new("bash").arg(&services).arg("start").arg(&state).env("LATTICE_SERVICES_KUBE", "0"))?;
     let result = (|| {
         let env = read_env(&state.join("env"))?;
         if runtime {
