@@ -2,7 +2,13 @@
 //!
 //! Layout (the shape of kube-rs/controller-rs):
 //! - `crd` the `MatrixHomeserver` resource (`lattice.dev/v1alpha1`), the source of `crds/`.
-//! - `crdgen` writes the CRD YAML into `crds/` and the chart; `check` tells when they are stale.
+//! - `crdgen` writes the CRD YAML into `crds/` and the chart; `stale` tells when they differ.
+//! - `config` renders the runtime's config file and checks the pass-through `runtimeConfig`.
+//! - `secrets` the keys Secret: generated once, kept, never rotated.
+//! - `resources` pure builders, `desired_<object>(&MatrixHomeserver) -> <Object>`.
 
+pub mod config;
 pub mod crd;
 pub mod crdgen;
+pub mod resources;
+pub mod secrets;
