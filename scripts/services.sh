@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Private test services: PostgreSQL, Redis and an S3 server (s3s-fs), each on its own free
-# loopback port, and a Kubernetes API (etcd + kube-apiserver, scripts/kube.sh) for the operator,
+# loopback port, and a Kubernetes API (etcd, kube-apiserver and kube-controller-manager,
+# scripts/kube.sh) for the operator,
 # all state under one directory.
 #
 #   scripts/services.sh start <state-dir>              install what is missing, start them all,
