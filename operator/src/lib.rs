@@ -6,9 +6,15 @@
 //! - `config` renders the runtime's config file and checks the pass-through `runtimeConfig`.
 //! - `secrets` the keys Secret: generated once, kept, never rotated.
 //! - `resources` pure builders, `desired_<object>(&MatrixHomeserver) -> <Object>`.
+//! - `controller` the `Context`, `reconcile`, `error_policy` and `run`.
+//! - `leader` leader election on a Lease.
+//! - `metrics` reconcile counters and durations for `/metrics`.
 
 pub mod config;
+pub mod controller;
 pub mod crd;
 pub mod crdgen;
+pub mod leader;
+pub mod metrics;
 pub mod resources;
 pub mod secrets;
