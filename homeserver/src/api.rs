@@ -6,6 +6,7 @@ pub mod discovery;
 pub mod ephemeral;
 pub mod relations;
 pub mod rooms;
+pub mod search;
 pub mod sync;
 pub mod visibility;
 
@@ -302,6 +303,7 @@ fn route_client(ctx: &Ctx, version: &str) -> Result<Reply> {
         ("GET", ["user", user, "filter", id]) => account::filter_route(ctx, user, id),
         ("GET" | "PUT" | "DELETE", ["pushrules", ..]) => account::push_rules_route(ctx, &s[1..]),
         ("POST", ["user_directory", "search"]) => account::user_directory_route(ctx),
+        ("POST", ["search"]) => search::search_route(ctx),
         ("POST", ["createRoom"]) => rooms::create_room_route(ctx),
         ("GET", ["joined_rooms"]) => rooms::joined_rooms_route(ctx),
         ("POST", ["join", target]) => rooms::join_route(ctx, target),

@@ -37,6 +37,11 @@ pub fn build_engine(limits: &Limits) -> anyhow::Result<Engine> {
     config.wasm_component_model(true);
     config.epoch_interruption(true);
     config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+    // Profiling aid: `LATTICE_PERFMAP=1` writes /tmp/perf-<pid>.map so `perf report` names
+    // guest functions. Off by default; it changes nothing else.
+    if std::env::var("LATTICE_PERFMAP").as_deref() == Ok("1") {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     let mut pool = PoolingAllocationConfig::new();
     let n = limits.pool_instances;
     pool.total_component_instances(n)

@@ -474,3 +474,146 @@ async fn user_push_rules_change_notification_counts() {
     assert!(rules.is_some_and(|r| r["content"]["global"]["override"].is_array()));
     proxy.assert_clean();
 }
+
+/// Sends a text message; its event id.
+async fn say(c: &Client, room: &str, txn: &str, body: &str) -> String {
+    let r = c
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room)),
+            json!({"msgtype": "m.text", "body": body}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.body["event_id"].as_str().expect("event_id").to_owned()
+}
+
+fn found(r: &Value) -> Vec<String> {
+    r["search_categories"]["room_events"]["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|x| x["result"]["content"]["body"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn search_finds_what_the_user_may_see() {
+    let Some((_hs, proxy)) = start().await else { return };
+    let anon = Client::new(&proxy.url);
+    let alice = anon.register("alice", "pw-alice").await;
+    let bob = anon.register("bob", "pw-bob").await;
+    let carol = anon.register("carol", "pw-carol").await;
+    let create = |c: &Client, body: Value| {
+        let c = c.clone();
+        async move {
+            let r = c.post("/_matrix/client/v3/createRoom", body).await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            r.body["room_id"].as_str().expect("room").to_owned()
+        }
+    };
+    let open = create(&alice, json!({"preset": "public_chat", "name": "Lunch planning"})).await;
+    let private = create(&alice, json!({"preset": "private_chat"})).await;
+    // A room whose history new members do not see.
+    let joined_only = create(&alice, json!({"preset": "public_chat", "initial_state": [
+        {"type": "m.room.history_visibility", "state_key": "", "content": {"history_visibility": "joined"}}]}))
+    .await;
+    say(&alice, &open, "o1", "Lunch at noon?").await;
+    say(&alice, &open, "o2", "Dinner tonight").await;
+    say(&alice, &open, "o3", "lunch LUNCH lunch, the Mensa").await;
+    say(&alice, &private, "p1", "secret lunch plans").await;
+    say(&alice, &joined_only, "j1", "lunch before bob joined").await;
+    for room in [&open, &joined_only] {
+        let r = bob.post(&format!("/_matrix/client/v3/join/{}", enc(room)), json!({})).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    say(&alice, &joined_only, "j2", "lunch after bob joined").await;
+
+    let search = |c: &Client, q: Value| {
+        let c = c.clone();
+        async move {
+            let r =
+                c.post("/_matrix/client/v3/search", json!({"search_categories": {"room_events": q}})).await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            r.body
+        }
+    };
+    // By default the room's name is searched too.
+    let r = search(&bob, json!({"search_term": "lunch planning"})).await;
+    assert_eq!(r["search_categories"]["room_events"]["results"][0]["result"]["type"], "m.room.name", "{r}");
+    // Bob sees the open room's history and only what came after he joined the other; never the
+    // private room. Rank order puts the message with most matches first.
+    let r = search(&bob, json!({"search_term": "lunch", "keys": ["content.body"]})).await;
+    let bodies = found(&r);
+    assert_eq!(bodies.first().map(String::as_str), Some("lunch LUNCH lunch, the Mensa"), "{bodies:?}");
+    let mut sorted = bodies.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        vec!["Lunch at noon?", "lunch LUNCH lunch, the Mensa", "lunch after bob joined"],
+        "{r}"
+    );
+    assert_eq!(r["search_categories"]["room_events"]["highlights"], json!(["lunch"]));
+    // Every word must occur; keys and rooms narrow the search; recent order is newest first.
+    assert_eq!(found(&search(&bob, json!({"search_term": "lunch noon"})).await), vec!["Lunch at noon?"]);
+    assert!(
+        found(&search(&bob, json!({"search_term": "planning", "keys": ["content.body"]})).await).is_empty(),
+        "the name is not a body"
+    );
+    let r = search(&bob, json!({"search_term": "planning", "keys": ["content.name"]})).await;
+    assert_eq!(r["search_categories"]["room_events"]["results"][0]["result"]["type"], "m.room.name", "{r}");
+    let r = search(&bob, json!({"search_term": "lunch", "keys": ["content.body"], "order_by": "recent", "filter": {"rooms": [open.clone()]}})).await;
+    assert_eq!(found(&r), vec!["lunch LUNCH lunch, the Mensa", "Lunch at noon?"]);
+    // Carol is in no room: nothing.
+    assert!(found(&search(&carol, json!({"search_term": "lunch"})).await).is_empty());
+    // Alice sees her private room too.
+    assert_eq!(found(&search(&alice, json!({"search_term": "secret"})).await), vec!["secret lunch plans"]);
+
+    // Pages: one result at a time, following next_batch, give every result once.
+    let mut seen = Vec::new();
+    let mut next: Option<String> = None;
+    for _ in 0..10 {
+        let path = match &next {
+            Some(n) => format!("/_matrix/client/v3/search?next_batch={n}"),
+            None => "/_matrix/client/v3/search".to_owned(),
+        };
+        let r = bob
+            .post(&path, json!({"search_categories": {"room_events": {"search_term": "lunch", "keys": ["content.body"], "order_by": "recent", "filter": {"limit": 1}}}}))
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        seen.extend(found(&r.body));
+        next = r.body["search_categories"]["room_events"]["next_batch"].as_str().map(str::to_owned);
+        if next.is_none() {
+            break;
+        }
+    }
+    assert_eq!(seen, vec!["lunch after bob joined", "lunch LUNCH lunch, the Mensa", "Lunch at noon?"]);
+
+    // Context, profiles, state and groups.
+    let r = search(
+        &bob,
+        json!({"search_term": "dinner", "event_context": {"before_limit": 1, "after_limit": 1, "include_profile": true},
+               "include_state": true, "groupings": {"group_by": [{"key": "room_id"}]}}),
+    )
+    .await;
+    let events = &r["search_categories"]["room_events"];
+    let context = &events["results"][0]["context"];
+    assert_eq!(context["events_before"][0]["content"]["body"], "Lunch at noon?", "{r}");
+    assert_eq!(context["events_after"][0]["content"]["body"], "lunch LUNCH lunch, the Mensa", "{r}");
+    assert!(context["profile_info"].as_object().is_some_and(|p| p.len() == 1), "{r}");
+    assert!(
+        events["state"][&open].as_array().is_some_and(|s| s.iter().any(|e| e["type"] == "m.room.create")),
+        "{r}"
+    );
+    assert_eq!(events["groups"]["room_id"][&open]["results"].as_array().map(Vec::len), Some(1), "{r}");
+    // Bad input gets Matrix errors.
+    let r = bob
+        .post(
+            "/_matrix/client/v3/search",
+            json!({"search_categories": {"room_events": {"search_term": "x", "keys": ["content.nope"]}}}),
+        )
+        .await;
+    assert_eq!((r.status, r.errcode()), (400, "M_INVALID_PARAM"), "{:?}", r.body);
+    let r = bob.post("/_matrix/client/v3/search", json!({"search_categories": {"room_events": {}}})).await;
+    assert_eq!((r.status, r.errcode()), (400, "M_BAD_JSON"), "{:?}", r.body);
+    proxy.assert_clean();
+}

@@ -414,7 +414,7 @@ pub fn current_state(ctx: &Ctx, room: &str) -> Result<Vec<Row>> {
     Ok(ctx.db()?.query(sql::CURRENT_STATE, vec![db::t(room)])?)
 }
 
-fn state_client_event(r: &Row, room: &str) -> Value {
+pub fn state_client_event(r: &Row, room: &str) -> Value {
     let pdu: Value = serde_json::from_str(&r.str("json")).unwrap_or(Value::Null);
     pdu::client_event(&r.str("event_id"), &pdu, room, true)
 }

@@ -326,6 +326,13 @@ pub const EVENTS_AFTER: Sql = sql(
     "tii",
     "SELECT event_id, room_id, room_seq, stream_pos, json, state_group, txn_device, txn_id FROM events WHERE room_id = ? AND room_seq > ? ORDER BY room_seq ASC LIMIT ?",
 );
+/// Search candidates: the user's rooms' message, name and topic events below a stream
+/// position, newest first, whose JSON contains a lower-case pattern.
+pub const SEARCH_EVENTS: Sql = sql(
+    "search_events",
+    "titi",
+    "SELECT e.event_id, e.room_id, e.room_seq, e.stream_pos, e.json, e.state_group, e.txn_device, e.txn_id FROM events e JOIN memberships m ON m.room_id = e.room_id WHERE m.user_id = ? AND e.stream_pos < ? AND e.type IN ('m.room.message', 'm.room.name', 'm.room.topic') AND e.redacted_by IS NULL AND LOWER(e.json) LIKE ? ORDER BY e.stream_pos DESC LIMIT ?",
+);
 pub const ROOM_SEQ_AT: Sql =
     sql("room_seq_at", "ti", "SELECT MAX(room_seq) AS seq FROM events WHERE room_id = ? AND stream_pos <= ?");
 pub const STATE_GROUP_INSERT: Sql = sql(
@@ -583,6 +590,7 @@ pub const ALL: &[Sql] = &[
     EVENTS_BEFORE,
     EVENTS_AFTER,
     ROOM_SEQ_AT,
+    SEARCH_EVENTS,
     STATE_GROUP_INSERT,
     STATE_ENTRY_INSERT,
     STATE_AT,
