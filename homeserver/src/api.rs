@@ -8,6 +8,7 @@ pub mod relations;
 pub mod rooms;
 pub mod search;
 pub mod sync;
+pub mod upgrade;
 pub mod visibility;
 
 use std::cell::OnceCell;
@@ -313,6 +314,7 @@ fn route_client(ctx: &Ctx, version: &str) -> Result<Reply> {
             rooms::membership_route(ctx, room, action)
         }
         ("POST", ["rooms", room, "forget"]) => rooms::forget_route(ctx, room),
+        ("POST", ["rooms", room, "upgrade"]) => upgrade::upgrade_route(ctx, room),
         ("PUT", ["rooms", room, "send", kind, txn]) => rooms::send_route(ctx, room, kind, txn),
         ("PUT", ["rooms", room, "state", kind]) => rooms::put_state_route(ctx, room, kind, ""),
         ("PUT", ["rooms", room, "state", kind, key]) => rooms::put_state_route(ctx, room, kind, key),

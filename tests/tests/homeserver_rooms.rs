@@ -617,3 +617,97 @@ async fn search_finds_what_the_user_may_see() {
     assert_eq!((r.status, r.errcode()), (400, "M_BAD_JSON"), "{:?}", r.body);
     proxy.assert_clean();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn room_upgrade_moves_state_bans_aliases_and_members() {
+    let Some((hs, proxy)) = start().await else { return };
+    let anon = Client::new(&proxy.url);
+    let alice = anon.register("alice", "pw-alice").await;
+    let bob = anon.register("bob", "pw-bob").await;
+    anon.register("carol", "pw-carol").await;
+    let carol_id = hs.user_id("carol");
+    let alias = format!("#town:{}", hs.server_name);
+    let r = alice
+        .post(
+            "/_matrix/client/v3/createRoom",
+            json!({"preset": "public_chat", "visibility": "public", "room_alias_name": "town", "name": "Town",
+                   "topic": "the square", "room_version": "11"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let old = r.body["room_id"].as_str().expect("room").to_owned();
+    let r = bob.post(&format!("/_matrix/client/v3/join/{}", enc(&old)), json!({})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = alice
+        .post(&format!("/_matrix/client/v3/rooms/{}/ban", enc(&old)), json!({"user_id": carol_id}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+
+    // Bob (level 0) may not upgrade; unknown versions are refused.
+    let upgrade = |c: &Client, v: &str| {
+        let (c, path, v) =
+            (c.clone(), format!("/_matrix/client/v3/rooms/{}/upgrade", enc(&old)), v.to_owned());
+        async move { c.post(&path, json!({"new_version": v})).await }
+    };
+    let r = upgrade(&bob, "12").await;
+    assert_eq!((r.status, r.errcode()), (403, "M_FORBIDDEN"), "{:?}", r.body);
+    let r = upgrade(&alice, "99").await;
+    assert_eq!((r.status, r.errcode()), (400, "M_UNSUPPORTED_ROOM_VERSION"), "{:?}", r.body);
+
+    let r = upgrade(&alice, "12").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let new = r.body["replacement_room"].as_str().expect("replacement_room").to_owned();
+    assert_ne!(new, old);
+
+    let state = |c: &Client, room: &str, kind: &str, key: &str| {
+        let (c, path) =
+            (c.clone(), format!("/_matrix/client/v3/rooms/{}/state/{kind}/{}", enc(room), enc(key)));
+        async move { c.get(&path).await }
+    };
+    // The old room: tombstoned, quiet for ordinary members, its alias gone.
+    let r = state(&bob, &old, "m.room.tombstone", "").await;
+    assert_eq!(r.body["replacement_room"], json!(new), "{:?}", r.body);
+    let r = bob
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/t1", enc(&old)),
+            json!({"msgtype": "m.text", "body": "hi"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.errcode()),
+        (403, "M_FORBIDDEN"),
+        "the old room is read-only for bob: {:?}",
+        r.body
+    );
+    // The new room: version 12 with its predecessor, the copied state and bans, the alias.
+    let r = state(&alice, &new, "m.room.create", "").await;
+    assert_eq!(
+        (r.body["room_version"].as_str(), r.body["predecessor"]["room_id"].as_str()),
+        (Some("12"), Some(old.as_str())),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(state(&alice, &new, "m.room.name", "").await.body["name"], "Town");
+    assert_eq!(state(&alice, &new, "m.room.topic", "").await.body["topic"], "the square");
+    assert_eq!(state(&alice, &new, "m.room.join_rules", "").await.body["join_rule"], "public");
+    assert_eq!(state(&alice, &new, "m.room.member", &carol_id).await.body["membership"], "ban");
+    let r = state(&alice, &new, "m.room.power_levels", "").await;
+    assert!(r.body["users"].get(hs.user_id("alice")).is_none(), "v12 creators are not listed: {:?}", r.body);
+    let r = anon.get(&format!("/_matrix/client/v3/directory/room/{}", enc(&alias))).await;
+    assert_eq!(r.body["room_id"], json!(new), "the alias moved: {:?}", r.body);
+    let r = anon.get("/_matrix/client/v3/publicRooms").await;
+    let listed: Vec<&str> =
+        r.body["chunk"].as_array().expect("chunk").iter().filter_map(|e| e["room_id"].as_str()).collect();
+    assert!(listed.contains(&new.as_str()) && !listed.contains(&old.as_str()), "{listed:?}");
+    // Bob follows the tombstone; carol stays out.
+    let r = bob.post(&format!("/_matrix/client/v3/join/{}", enc(&new)), json!({})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let carol = anon.with_token(
+        anon.post("/_matrix/client/v3/login", login("carol", "pw-carol")).await.body["access_token"]
+            .as_str()
+            .expect("token"),
+    );
+    let r = carol.post(&format!("/_matrix/client/v3/join/{}", enc(&new)), json!({})).await;
+    assert_eq!((r.status, r.errcode()), (403, "M_FORBIDDEN"), "{:?}", r.body);
+    proxy.assert_clean();
+}

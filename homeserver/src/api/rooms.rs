@@ -14,12 +14,12 @@ use crate::util;
 pub const MAX_MESSAGES_LIMIT: i64 = 1000;
 pub const DEFAULT_MESSAGES_LIMIT: i64 = 10;
 
-fn template(kind: &str, state_key: Option<&str>, content: Value) -> Template {
+pub(super) fn template(kind: &str, state_key: Option<&str>, content: Value) -> Template {
     Template { kind: kind.to_owned(), state_key: state_key.map(str::to_owned), content, redacts: None }
 }
 
 /// A room known to this server: its version.
-fn room_version(ctx: &Ctx, room_id: &str) -> Result<String> {
+pub(super) fn room_version(ctx: &Ctx, room_id: &str) -> Result<String> {
     ctx.db()?
         .first(sql::ROOM_GET, vec![db::t(room_id)])?
         .map(|r| r.str("room_version"))
@@ -129,32 +129,6 @@ pub fn create_room_route(ctx: &Ctx) -> Result<Reply> {
         other => return Err(Error::InvalidParam(format!("unknown preset {other}"))),
     };
 
-    // The create event, built here because the room id of version 12 is its hash.
-    let mut create_content = body.creation_content.clone().unwrap_or_default();
-    create_content.insert("room_version".into(), json!(version));
-    if !rules.authorization.use_room_create_sender {
-        create_content.insert("creator".into(), json!(s.user_id));
-    }
-    let room_id_field = (!rules.authorization.room_create_event_id_as_room_id)
-        .then(|| format!("!{}:{server}", util::random_alpha(18)));
-    let key = object::server_signing_key().map_err(Error::Internal)?;
-    let (create_id, create_obj) = pdu::build(
-        &version,
-        &server,
-        &key,
-        &s.user_id,
-        &template("m.room.create", Some(""), Value::Object(create_content.clone())),
-        &pdu::Position {
-            room_id: room_id_field.as_deref(),
-            prev_events: &[],
-            auth_events: &[],
-            depth: 1,
-            origin_server_ts: util::now_ms(),
-        },
-    )
-    .map_err(|e| Error::BadJson(e.to_string()))?;
-    let room_id = room_id_field.unwrap_or_else(|| pdu::room_id_from_create_event_id(&create_id));
-
     // Creators (version 12) have infinite power and may not be listed in power levels.
     let creators_exempt = rules.authorization.explicitly_privilege_room_creators;
     let mut users = serde_json::Map::new();
@@ -217,17 +191,8 @@ pub fn create_room_route(ctx: &Ctx) -> Result<Reply> {
         }
         then.push(template("m.room.member", Some(u), c));
     }
-    let create_pdu = serde_json::to_value(&create_obj).map_err(|e| Error::Internal(e.to_string()))?;
-    object::call(
-        &room_id,
-        &RoomRequest::Create {
-            version,
-            create_event_id: create_id,
-            create_pdu,
-            then,
-            sender: s.user_id.clone(),
-        },
-    )?;
+    let create_content = body.creation_content.clone().unwrap_or_default();
+    let room_id = new_room(ctx, &s.user_id, &version, create_content, then)?;
     if let Some(a) = alias {
         db.execute(sql::ALIAS_INSERT, vec![db::t(a), db::t(room_id.clone()), db::t(s.user_id)])?;
     }
@@ -235,6 +200,55 @@ pub fn create_room_route(ctx: &Ctx) -> Result<Reply> {
         db.execute(sql::ROOM_SET_PUBLISHED, vec![db::i(1), db::t(room_id.clone())])?;
     }
     ok(json!({"room_id": room_id}))
+}
+
+/// Creates a room of `version` with `create_content` (the room version and, where the version
+/// wants it, the creator are added) and the events `then` from `sender`; its room id.
+pub fn new_room(
+    ctx: &Ctx,
+    sender: &str,
+    version: &str,
+    mut create_content: serde_json::Map<String, Value>,
+    then: Vec<Template>,
+) -> Result<String> {
+    let rules = pdu::rules(version).map_err(|e| Error::UnsupportedRoomVersion(e.to_string()))?;
+    let server = &ctx.settings.server_name;
+    // The create event is built here because the room id of version 12 is its hash.
+    create_content.insert("room_version".into(), json!(version));
+    if !rules.authorization.use_room_create_sender {
+        create_content.insert("creator".into(), json!(sender));
+    }
+    let room_id_field = (!rules.authorization.room_create_event_id_as_room_id)
+        .then(|| format!("!{}:{server}", util::random_alpha(18)));
+    let key = object::server_signing_key().map_err(Error::Internal)?;
+    let (create_id, create_obj) = pdu::build(
+        version,
+        server,
+        &key,
+        sender,
+        &template("m.room.create", Some(""), Value::Object(create_content)),
+        &pdu::Position {
+            room_id: room_id_field.as_deref(),
+            prev_events: &[],
+            auth_events: &[],
+            depth: 1,
+            origin_server_ts: util::now_ms(),
+        },
+    )
+    .map_err(|e| Error::BadJson(e.to_string()))?;
+    let room_id = room_id_field.unwrap_or_else(|| pdu::room_id_from_create_event_id(&create_id));
+    let create_pdu = serde_json::to_value(&create_obj).map_err(|e| Error::Internal(e.to_string()))?;
+    object::call(
+        &room_id,
+        &RoomRequest::Create {
+            version: version.to_owned(),
+            create_event_id: create_id,
+            create_pdu,
+            then,
+            sender: sender.to_owned(),
+        },
+    )?;
+    Ok(room_id)
 }
 
 /// # `GET /_matrix/client/v3/joined_rooms`
@@ -260,7 +274,7 @@ fn resolve_room(ctx: &Ctx, target: &str) -> Result<String> {
     Ok(target.to_owned())
 }
 
-fn send_events(
+pub(super) fn send_events(
     ctx: &Ctx,
     s: &Session,
     room_id: &str,
@@ -279,7 +293,12 @@ fn send_events(
     Ok(reply.event_ids)
 }
 
-fn member_content(ctx: &Ctx, user: &str, membership: &str, reason: Option<String>) -> Result<Value> {
+pub(super) fn member_content(
+    ctx: &Ctx,
+    user: &str,
+    membership: &str,
+    reason: Option<String>,
+) -> Result<Value> {
     let mut c = json!({"membership": membership});
     if membership == "join"
         && let Some(p) = ctx.db()?.first(sql::USER_GET, vec![db::t(user)])?

@@ -408,6 +408,9 @@ pub const ALIAS_INSERT: Sql = sql(
 );
 pub const ALIAS_GET: Sql = sql("alias_get", "t", "SELECT room_id, creator FROM room_aliases WHERE alias = ?");
 pub const ALIAS_DELETE: Sql = sql("alias_delete", "t", "DELETE FROM room_aliases WHERE alias = ?");
+/// Points every alias of a room at another (room upgrades).
+pub const ALIASES_MOVE: Sql =
+    sql("aliases_move", "tt", "UPDATE room_aliases SET room_id = ? WHERE room_id = ?");
 pub const ALIASES_OF_ROOM: Sql =
     sql("aliases_of_room", "t", "SELECT alias FROM room_aliases WHERE room_id = ? ORDER BY alias");
 
@@ -605,6 +608,7 @@ pub const ALL: &[Sql] = &[
     ALIAS_INSERT,
     ALIAS_GET,
     ALIAS_DELETE,
+    ALIASES_MOVE,
     ALIASES_OF_ROOM,
     ACCOUNT_DATA_UPSERT,
     ACCOUNT_DATA_GET,
