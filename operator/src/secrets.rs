@@ -23,7 +23,8 @@ pub const OAUTH_SIGNING_KEY: &str = "oauth_signing_key";
 pub const ROOMS_KEY: &str = "rooms_key";
 /// What the pods authenticate to each other with (32 bytes).
 pub const PEER_SECRET: &str = "peer_secret";
-/// The bearer token of the homeserver's admin API (text).
+/// The homeserver's admin API token (32 bytes; the bearer is their unpadded base64url, as
+/// `lattice call --bearer-secret admin_token` sends it).
 pub const ADMIN_TOKEN: &str = "admin_token";
 
 /// Every key, in the order they are listed.
@@ -36,19 +37,15 @@ const KEY_BYTES: usize = 32;
 pub fn missing_keys(existing: &BTreeMap<String, ByteString>) -> BTreeMap<String, ByteString> {
     KEYS.iter()
         .filter(|k| existing.get(**k).is_none_or(|v| v.0.is_empty()))
-        .map(|k| ((*k).to_owned(), ByteString(generate(k))))
+        .map(|k| ((*k).to_owned(), ByteString(generate())))
         .collect()
 }
 
-fn generate(key: &str) -> Vec<u8> {
+/// 32 random bytes, as the runtime's own `[secrets] generate` makes them.
+fn generate() -> Vec<u8> {
     let mut bytes = [0u8; KEY_BYTES];
     rand::rng().fill_bytes(&mut bytes);
-    if key == ADMIN_TOKEN {
-        // Sent in an `Authorization` header: printable.
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes).into_bytes()
-    } else {
-        bytes.to_vec()
-    }
+    bytes.to_vec()
 }
 
 /// The key id (`ed25519:<version>`) the homeserver derives from a signing key seed
@@ -75,18 +72,9 @@ mod tests {
         assert!(!fresh.contains_key(ROOMS_KEY), "an existing key is never replaced");
         assert_eq!(fresh.len(), KEYS.len() - 1);
         assert_eq!(fresh[SIGNING_KEY].0.len(), 32);
-        assert!(fresh[ADMIN_TOKEN].0.iter().all(u8::is_ascii_alphanumeric_or_dash), "printable token");
+        assert!(fresh.values().all(|v| v.0.len() == 32));
         existing.extend(fresh);
         assert!(missing_keys(&existing).is_empty());
-    }
-
-    trait Printable {
-        fn is_ascii_alphanumeric_or_dash(&self) -> bool;
-    }
-    impl Printable for u8 {
-        fn is_ascii_alphanumeric_or_dash(&self) -> bool {
-            self.is_ascii_alphanumeric() || *self == b'-' || *self == b'_'
-        }
     }
 
     #[test]

@@ -1,0 +1,306 @@
+//! Render and run: the operator reconciles a MatrixHomeserver on the real API server; then the
+//! runtime binary (`LATTICE_BIN`) is started locally the way the kubelet would start the front
+//! pod, from what the operator stored: the container's command and arguments, its environment
+//! (Secret references resolved), and each volume materialised at a local directory (the
+//! ConfigMap's and the keys Secret's files, an empty data directory for the claim; the image's
+//! `/opt/lattice` is `LATTICE_GUEST_DIR`, which holds the homeserver component). Two things
+//! differ from a pod, both in the way a kubelet's mounts and network namespace would: mount
+//! paths in the config file and arguments point at those local directories, and the two
+//! listeners move to free loopback ports. Then the server must answer
+//! `/_matrix/client/versions`, accept the generated admin token through `lattice call`, and
+//! create a room (which signs events with the generated signing key and places the room with
+//! the generated Durable Object key).
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, CustomResourceExt as _};
+use lattice_operator::config::COMPONENT_PATH;
+use lattice_operator::controller::{self, Context};
+use lattice_operator::crd::MatrixHomeserver;
+use lattice_operator::metrics::Metrics;
+use serde_json::json;
+
+/// The homeserver is AOT-compiled on first start; a debug build of the runtime takes a while.
+const START_TIMEOUT: Duration = Duration::from_secs(180);
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Inputs {
+    kubeconfig: String,
+    bin: PathBuf,
+    guest_dir: PathBuf,
+}
+
+fn inputs() -> Option<Inputs> {
+    let kubeconfig = std::env::var("LATTICE_TEST_KUBECONFIG").ok();
+    let bin = std::env::var_os("LATTICE_BIN").map(PathBuf::from).filter(|p| p.exists());
+    let guest_dir = std::env::var_os("LATTICE_GUEST_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.join("lattice_homeserver.wasm").exists());
+    match (kubeconfig, bin, guest_dir) {
+        (Some(kubeconfig), Some(bin), Some(guest_dir)) => Some(Inputs { kubeconfig, bin, guest_dir }),
+        (k, b, g) => {
+            let why = format!(
+                "needs LATTICE_TEST_KUBECONFIG ({}), LATTICE_BIN ({}) and LATTICE_GUEST_DIR with lattice_homeserver.wasm ({})",
+                k.is_some(),
+                b.is_some(),
+                g.is_some()
+            );
+            assert!(std::env::var_os("LATTICE_REQUIRE_SERVICES").is_none(), "{why}");
+            eprintln!("skipped: {why}");
+            None
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// One HTTP/1.0 request (so the body is never chunked); returns the status and body.
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    token: Option<&str>,
+) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split(' ').nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Some((status, body))
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_for<T, Fut: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    mut f: impl FnMut() -> Fut,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_operators_objects_start_a_serving_homeserver() {
+    let Some(inputs) = inputs() else { return };
+    let kc = Kubeconfig::read_from(&inputs.kubeconfig).expect("kubeconfig");
+    let config =
+        kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("config");
+    let client = Client::try_from(config).expect("client");
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    crds.patch(
+        MatrixHomeserver::crd_name(),
+        &PatchParams::apply("lattice-operator-tests").force(),
+        &Patch::Apply(serde_json::to_value(MatrixHomeserver::crd()).expect("crd")),
+    )
+    .await
+    .expect("CRD");
+    wait_for("the CRD", || {
+        let crds = crds.clone();
+        async move {
+            let c = crds.get(MatrixHomeserver::crd_name()).await.ok()?;
+            c.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
+        }
+    })
+    .await;
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let ns = format!("op-run-{}", nanos % 1_000_000_000);
+    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+        .expect("namespace");
+
+    // The operator renders everything.
+    let ctx =
+        Arc::new(Context::new(client.clone(), Arc::new(Metrics::default()), Some("render-and-run".into())));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let operator = tokio::spawn(controller::run(ctx, Some(ns.clone()), async move {
+        let _ = stopped.await;
+    }));
+    let hs = json!({
+        "apiVersion": "lattice.dev/v1alpha1", "kind": "MatrixHomeserver", "metadata": {"name": "matrix"},
+        "spec": {
+            "serverName": "run.example", "image": "lattice:test",
+            "database": {"embedded": {}}, "kv": {"embedded": {}}, "media": {"volume": {}},
+            "runtimeConfig": {"vars": {"login_per_minute": 0}}
+        }
+    });
+    let api = Api::<MatrixHomeserver>::namespaced(client.clone(), &ns);
+    api.patch("matrix", &PatchParams::apply("lattice-operator-tests").force(), &Patch::Apply(&hs))
+        .await
+        .expect("apply");
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+    let hs_status = wait_for("the operator to reconcile", || {
+        let api = api.clone();
+        async move {
+            let s = api.get("matrix").await.ok()?.status?;
+            (s.observed_generation == Some(1)).then_some(s)
+        }
+    })
+    .await;
+    let deployment = deployments.get("matrix").await.expect("Deployment");
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(WAIT, operator).await;
+
+    // Materialise the pod from the API server's objects.
+    let pod = deployment.spec.expect("spec").template.spec.expect("pod spec");
+    let container = pod.containers.first().expect("container").clone();
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut mounts: Vec<(String, PathBuf)> = Vec::new();
+    for (i, m) in container.volume_mounts.clone().unwrap_or_default().iter().enumerate() {
+        let volume = pod.volumes.iter().flatten().find(|v| v.name == m.name).expect("volume of a mount");
+        let dir = root.path().join(format!("volume-{i}-{}", m.name));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        if let Some(cm) = &volume.config_map {
+            let cm =
+                Api::<ConfigMap>::namespaced(client.clone(), &ns).get(&cm.name).await.expect("ConfigMap");
+            for (k, v) in cm.data.unwrap_or_default() {
+                std::fs::write(dir.join(k), v).expect("write");
+            }
+        }
+        if let Some(s) = &volume.secret {
+            let name = s.secret_name.clone().expect("secret name");
+            let secret = Api::<Secret>::namespaced(client.clone(), &ns).get(&name).await.expect("Secret");
+            for (k, v) in secret.data.unwrap_or_default() {
+                std::fs::write(dir.join(k), v.0).expect("write");
+            }
+        }
+        mounts.push((m.mount_path.clone(), dir));
+    }
+    // The image's own files: the component.
+    let image_dir = Path::new(COMPONENT_PATH).parent().expect("dir").display().to_string();
+    mounts.push((image_dir, inputs.guest_dir.clone()));
+    mounts.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+    let map = |text: &str| {
+        let mut out = text.to_owned();
+        for (from, to) in &mounts {
+            out = out.replace(&format!("\"{from}"), &format!("\"{}", to.display()));
+            if out.starts_with(from.as_str()) {
+                out = out.replacen(from.as_str(), &to.display().to_string(), 1);
+            }
+        }
+        out
+    };
+    let args: Vec<String> = container.args.clone().unwrap_or_default().iter().map(|a| map(a)).collect();
+    let config_path =
+        args.iter().skip_while(|a| *a != "--config").nth(1).expect("--config in the args").clone();
+    let (port, admin_port) = (free_port(), free_port());
+    let text = map(&std::fs::read_to_string(&config_path).expect("the ConfigMap's file"))
+        .replace("listen = \"0.0.0.0:8448\"", &format!("listen = \"127.0.0.1:{port}\""))
+        .replace("admin_listen = \"0.0.0.0:9090\"", &format!("admin_listen = \"127.0.0.1:{admin_port}\""));
+    assert!(text.contains(&format!("127.0.0.1:{port}")), "the listener moved:\n{text}");
+    std::fs::write(&config_path, &text).expect("write");
+    assert_eq!(container.command.as_deref(), Some(&["lattice".to_owned()][..]));
+    let mut env = BTreeMap::new();
+    for e in container.env.clone().unwrap_or_default() {
+        let value = match (e.value, e.value_from.and_then(|v| v.secret_key_ref)) {
+            (Some(v), _) => v,
+            (None, Some(r)) => {
+                let s =
+                    Api::<Secret>::namespaced(client.clone(), &ns).get(&r.name).await.expect("env Secret");
+                String::from_utf8(s.data.unwrap_or_default()[&r.key].0.clone()).expect("utf-8")
+            }
+            (None, None) => String::new(),
+        };
+        env.insert(e.name, value);
+    }
+    let log = std::fs::File::create(root.path().join("lattice.log")).expect("log");
+    let _server = Server(
+        Command::new(&inputs.bin)
+            .args(&args)
+            .envs(&env)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting the runtime"),
+    );
+    let started = Instant::now();
+    let versions = loop {
+        if let Some((200, body)) = http(port, "GET", "/_matrix/client/versions", None, None) {
+            break body;
+        }
+        let log = std::fs::read_to_string(root.path().join("lattice.log")).unwrap_or_default();
+        assert!(
+            started.elapsed() < START_TIMEOUT,
+            "the runtime did not serve within {START_TIMEOUT:?}; its log:\n{log}\nconfig:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(versions.contains("\"versions\""), "{versions}");
+
+    // The generated admin token works through the runtime's own CLI.
+    let out = Command::new(&inputs.bin)
+        .args([
+            "call",
+            "--config",
+            &config_path,
+            "--bearer-secret",
+            "admin_token",
+            "POST",
+            "/_lattice/admin/v1/users",
+        ])
+        .arg(json!({"username": "alice", "password": "correct horse battery"}).to_string())
+        .output()
+        .expect("lattice call");
+    assert!(
+        out.status.success(),
+        "lattice call: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A room: signed with the generated signing key, placed with the generated object key.
+    let login = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "correct horse battery"});
+    let (status, body) = http(port, "POST", "/_matrix/client/v3/login", Some(&login), None).expect("login");
+    assert_eq!(status, 200, "{body}");
+    let token = serde_json::from_str::<serde_json::Value>(&body).expect("json")["access_token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    let (status, body) =
+        http(port, "POST", "/_matrix/client/v3/createRoom", Some(&json!({"name": "ops"})), Some(&token))
+            .expect("createRoom");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"room_id\""), "{body}");
+    assert!(hs_status.signing_key_id.is_some_and(|k| k.starts_with("ed25519:")));
+}
