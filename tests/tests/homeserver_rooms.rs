@@ -289,6 +289,19 @@ async fn tokens_refresh_login_tokens_logout_all_and_account_data() {
     assert_eq!(r.body["user_id"], json!(alice_id), "{:?}", r.body);
     let r = anon.post("/_matrix/client/v3/login", json!({"type": "m.login.token", "token": t})).await;
     assert_eq!((r.status, r.errcode()), (403, "M_FORBIDDEN"), "{:?}", r.body);
+    // Concurrent logins with one token: exactly one gets in.
+    let r = fresh.post("/_matrix/client/v1/login/get_token", json!({})).await;
+    let t = r.body["login_token"].as_str().expect("login_token").to_owned();
+    let logins = (0..8).map(|_| {
+        let (anon, t) = (anon.clone(), t.clone());
+        tokio::spawn(async move {
+            anon.post("/_matrix/client/v3/login", json!({"type": "m.login.token", "token": t})).await.status
+        })
+    });
+    let statuses: Vec<u16> =
+        futures::future::join_all(logins).await.into_iter().map(|r| r.expect("login")).collect();
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 1, "{statuses:?}");
+    assert!(statuses.iter().all(|s| *s == 200 || *s == 403), "{statuses:?}");
     assert!(
         anon.get("/_matrix/client/v3/login").await.body["flows"].as_array().is_some_and(|f| f.len() == 2)
     );

@@ -1,11 +1,10 @@
 //! Accounts: registration, login, tokens, devices, profile, account data, filters, push rules.
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use lattice_worker::bindings::lattice::bindings::kv;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Ctx, KV_BINDING, Reply, Session, ok};
+use super::{Ctx, Reply, Session, ok};
 use crate::config::Registration;
 use crate::db::{self, sql};
 use crate::error::{Error, Result};
@@ -246,10 +245,6 @@ struct LoginBody {
     refresh_token: bool,
 }
 
-fn login_token_key(token: &str) -> String {
-    format!("login_token:{}", util::token_hash(token))
-}
-
 /// # `POST /_matrix/client/v3/login`
 pub fn login_route(ctx: &Ctx) -> Result<Reply> {
     let body: LoginBody = ctx.json()?;
@@ -272,16 +267,16 @@ pub fn login_route(ctx: &Ctx) -> Result<Reply> {
             user_id
         }
         "m.login.token" => {
+            // In D1, not KV: KV is eventually consistent, and a login token is good once.
             let token = body.token.clone().ok_or_else(|| Error::BadJson("token is required".into()))?;
-            let ns = kv::Namespace::open(KV_BINDING).map_err(|e| Error::Internal(format!("{e:?}")))?;
-            let key = login_token_key(&token);
-            let user = ns
-                .get(&key)
-                .map_err(|_| Error::Unavailable { retry_after_secs: 1 })?
-                .and_then(|v| String::from_utf8(v.value).ok())
-                .ok_or_else(|| Error::Forbidden("invalid or expired login token".into()))?;
-            let _ = ns.delete(&key);
-            user
+            let hash = util::token_hash(&token);
+            let db = ctx.db()?;
+            let invalid = || Error::Forbidden("invalid or expired login token".into());
+            let user = db.first(sql::LOGIN_TOKEN_GET, vec![db::t(hash.clone())])?.ok_or_else(invalid)?;
+            if db.execute(sql::LOGIN_TOKEN_TAKE, vec![db::t(hash), db::i(util::now_ms() as i64)])? != 1 {
+                return Err(invalid());
+            }
+            user.str("user_id")
         }
         other => return Err(Error::Unknown(format!("unsupported login type {other}"))),
     };
@@ -292,11 +287,17 @@ pub fn login_route(ctx: &Ctx) -> Result<Reply> {
 pub fn get_login_token_route(ctx: &Ctx) -> Result<Reply> {
     let session = ctx.session()?;
     let token = util::random_token();
-    let ns = kv::Namespace::open(KV_BINDING).map_err(|e| Error::Internal(format!("{e:?}")))?;
-    let options =
-        kv::PutOptions { expiration: None, expiration_ttl: Some(LOGIN_TOKEN_TTL_SECS), metadata: None };
-    ns.put(&login_token_key(&token), session.user_id.as_bytes(), &options)
-        .map_err(|_| Error::Unavailable { retry_after_secs: 1 })?;
+    let now = util::now_ms() as i64;
+    let db = ctx.db()?;
+    db.execute(sql::LOGIN_TOKENS_EXPIRE, vec![db::i(now)])?;
+    db.execute(
+        sql::LOGIN_TOKEN_INSERT,
+        vec![
+            db::t(util::token_hash(&token)),
+            db::t(session.user_id),
+            db::i(now + (LOGIN_TOKEN_TTL_SECS * 1000) as i64),
+        ],
+    )?;
     ok(json!({"login_token": token, "expires_in_ms": LOGIN_TOKEN_TTL_SECS * 1000}))
 }
 

@@ -143,6 +143,13 @@ pub const V4_OUTBOX_GUARD: Sql = sql(
     "CREATE TABLE outbox_guard (room_id TEXT PRIMARY KEY, room_seq INTEGER NOT NULL)",
 );
 
+// ---- Schema, version 5: single-use login tokens ----------------------------------------------
+pub const V5_LOGIN_TOKENS: Sql = sql(
+    "v5_login_tokens",
+    "",
+    "CREATE TABLE login_tokens (token_hash TEXT PRIMARY KEY, user_id TEXT NOT NULL, expires_ms INTEGER NOT NULL)",
+);
+
 /// The migration bookkeeping, created before anything else (idempotent).
 pub const MIGRATIONS_TABLE: Sql = sql(
     "migrations_table",
@@ -232,6 +239,18 @@ pub const TOKEN_LOOKUP_VERSIONED: Sql = sql(
     "t",
     "SELECT (SELECT MAX(version) FROM schema_migrations) AS schema_version, t.user_id, t.device_id, t.expires_ms, u.deactivated FROM (SELECT 1 AS one) o LEFT JOIN access_tokens t ON t.token_hash = ? LEFT JOIN users u ON u.user_id = t.user_id",
 );
+pub const LOGIN_TOKEN_INSERT: Sql = sql(
+    "login_token_insert",
+    "tti",
+    "INSERT INTO login_tokens (token_hash, user_id, expires_ms) VALUES (?, ?, ?)",
+);
+pub const LOGIN_TOKEN_GET: Sql =
+    sql("login_token_get", "t", "SELECT user_id, expires_ms FROM login_tokens WHERE token_hash = ?");
+/// Uses a login token up: of concurrent logins with one token, exactly one deletes it.
+pub const LOGIN_TOKEN_TAKE: Sql =
+    sql("login_token_take", "ti", "DELETE FROM login_tokens WHERE token_hash = ? AND expires_ms > ?");
+pub const LOGIN_TOKENS_EXPIRE: Sql =
+    sql("login_tokens_expire", "i", "DELETE FROM login_tokens WHERE expires_ms <= ?");
 pub const TOKEN_BY_REFRESH: Sql = sql(
     "token_by_refresh",
     "t",
@@ -569,6 +588,10 @@ pub const ALL: &[Sql] = &[
     TOKEN_INSERT,
     TOKEN_LOOKUP,
     TOKEN_LOOKUP_VERSIONED,
+    LOGIN_TOKEN_INSERT,
+    LOGIN_TOKEN_GET,
+    LOGIN_TOKEN_TAKE,
+    LOGIN_TOKENS_EXPIRE,
     TOKEN_BY_REFRESH,
     TOKEN_DELETE,
     TOKEN_DELETE_DEVICE,
@@ -674,4 +697,5 @@ pub const MIGRATIONS: &[(i64, &str, &[Sql])] = &[
     ),
     (3, "relations", &[V3_RELATIONS, V3_RELATIONS_PARENT, V3_RELATIONS_THREADS]),
     (4, "outbox guard", &[V4_OUTBOX_GUARD]),
+    (5, "login tokens", &[V5_LOGIN_TOKENS]),
 ];
