@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -222,6 +222,9 @@ async fn reconcile_inner(hs: &MatrixHomeserver, ctx: &Context) -> Result<Action,
     let signing_key_id = ensure_keys(hs, ctx, &ns).await?;
 
     // 3. The children, server-side applied.
+    if let Some(message) = apply_certificate(hs, client, &ns).await? {
+        return degraded(hs, ctx, "CertManagerMissing", &message).await;
+    }
     apply(client, &ns, &r::desired_service_account(hs)).await?;
     apply(client, &ns, &r::desired_role(hs)).await?;
     apply(client, &ns, &r::desired_role_binding(hs)).await?;
@@ -398,6 +401,50 @@ async fn ensure_keys(hs: &MatrixHomeserver, ctx: &Context, ns: &str) -> Result<S
         .map(|b| b.0.clone())
         .unwrap_or_default();
     Ok(secrets::signing_key_id(&seed))
+}
+
+/// Applies the cert-manager Certificate `spec.tls.issuerRef` asks for, or deletes the one a
+/// previous spec asked for. `Some(message)` when cert-manager is not installed.
+async fn apply_certificate(
+    hs: &MatrixHomeserver,
+    client: &Client,
+    ns: &str,
+) -> Result<Option<String>, Error> {
+    let ar = r::certificate_resource();
+    let api = Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ar);
+    let name = format!("{}-tls", hs.name_any());
+    match r::desired_certificate(hs) {
+        Some(cert) => {
+            let mut value = serde_json::to_value(&cert)
+                .map_err(|source| Error::Serialize { what: format!("Certificate {name}"), source })?;
+            value["apiVersion"] = ar.api_version.clone().into();
+            value["kind"] = ar.kind.clone().into();
+            match api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&value)).await {
+                Ok(_) => Ok(None),
+                Err(kube::Error::Api(e)) if e.code == 404 => Ok(Some(
+                    "spec.tls.issuerRef needs cert-manager (certificates.cert-manager.io is not served): install cert-manager, or give a Secret in spec.tls.secretName".into(),
+                )),
+                Err(source) => Err(Error::Apply { kind: "Certificate".into(), name, source }),
+            }
+        }
+        None => {
+            let existing = match api.get_opt(&name).await {
+                Ok(e) => e,
+                // cert-manager is not installed: there is nothing to delete.
+                Err(kube::Error::Api(e)) if e.code == 404 => None,
+                Err(source) => return Err(Error::Read { what: format!("Certificate {name}"), source }),
+            };
+            let uid = hs.metadata.uid.as_deref();
+            if existing.is_some_and(|c| c.owner_references().iter().any(|o| Some(o.uid.as_str()) == uid)) {
+                match api.delete(&name, &DeleteParams::background()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(source) => return Err(Error::Delete { kind: "Certificate".into(), name, source }),
+                }
+            }
+            Ok(None)
+        }
+    }
 }
 
 /// Server-side apply under `MANAGER`, forcing ownership of the fields it sets.

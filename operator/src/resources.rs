@@ -168,10 +168,48 @@ pub fn config_hash(hs: &MatrixHomeserver, rendered: &Rendered) -> String {
     hex::encode(&h.finalize()[..16])
 }
 
-/// The Secret with `tls.crt` and `tls.key` for the pods, if they serve TLS.
+/// The Secret with `tls.crt` and `tls.key` for the pods, if they serve TLS: the user's, or the
+/// one cert-manager fills for `desired_certificate`.
 pub fn tls_secret_name(hs: &MatrixHomeserver) -> Option<String> {
     let tls = hs.spec.tls.as_ref()?;
     tls.secret_name.clone().or_else(|| Some(format!("{}-tls", hs.name_any())))
+}
+
+/// cert-manager's `Certificate` kind (`cert-manager.io/v1`).
+pub fn certificate_resource() -> kube::core::ApiResource {
+    kube::core::ApiResource::from_gvk_with_plural(
+        &kube::core::GroupVersionKind::gvk("cert-manager.io", "v1", "Certificate"),
+        "certificates",
+    )
+}
+
+/// A cert-manager Certificate for the pods when `spec.tls.issuerRef` is set: the names clients,
+/// federation and the other pods use. The runtime reloads the files when cert-manager renews
+/// them.
+pub fn desired_certificate(hs: &MatrixHomeserver) -> Option<kube::api::DynamicObject> {
+    let issuer = hs.spec.tls.as_ref()?.issuer_ref.as_ref()?;
+    let name = hs.name_any();
+    let ns = hs.namespace().unwrap_or_default();
+    let mut dns = vec![hs.spec.server_name.clone()];
+    if let Some(i) = &hs.spec.ingress {
+        dns.push(i.host.clone());
+    }
+    dns.extend([format!("{name}.{ns}.svc"), format!("{name}.{ns}.svc.cluster.local")]);
+    if hs.spec.shards > 0 {
+        dns.push(format!("*.{}.{ns}.svc", shards_name(hs)));
+    }
+    dns.dedup();
+    let mut obj = kube::api::DynamicObject::new(&format!("{name}-tls"), &certificate_resource());
+    obj.metadata = meta(hs, format!("{name}-tls"), None);
+    obj.data = serde_json::json!({
+        "spec": {
+            "secretName": format!("{name}-tls"),
+            "dnsNames": dns,
+            "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
+            "issuerRef": {"name": issuer.name, "kind": issuer.kind, "group": "cert-manager.io"},
+        }
+    });
+    Some(obj)
 }
 
 fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {

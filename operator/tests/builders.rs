@@ -30,7 +30,7 @@ spec:
   database: {postgres: {secretRef: {name: matrix-db}}}
   kv: {redis: {secretRef: {name: matrix-redis, key: redis-url}}}
   media: {s3: {endpoint: "https://s3.internal:3900", bucket: media, region: garage, credentialsSecret: matrix-s3}}
-  tls: {secretName: matrix-tls}
+  tls: {issuerRef: {name: internal-ca, kind: ClusterIssuer}}
   postQuantum: required
   registration: token
   federation: {allow: [friends.org], deny: [spam.example]}
@@ -82,6 +82,9 @@ fn rendered_objects(hs: &MatrixHomeserver) -> String {
     push(&mut docs, &r::desired_role_binding(hs));
     if let Some(i) = r::desired_ingress(hs) {
         push(&mut docs, &i);
+    }
+    if let Some(c) = r::desired_certificate(hs) {
+        push(&mut docs, &c);
     }
     if let Some(c) = r::desired_data_claim(hs) {
         push(&mut docs, &c);

@@ -688,3 +688,92 @@ async fn chart_renders_and_passes_a_server_side_dry_run() {
             .is_none()
     );
 }
+
+/// `spec.tls.issuerRef`: Degraded while cert-manager is missing; a Certificate once its CRD is
+/// served (cert-manager itself does not run here: the CRD is reduced to its kind and an open
+/// schema, enough to see what the operator asks cert-manager for).
+#[tokio::test]
+async fn issuer_ref_asks_cert_manager_for_a_certificate() {
+    let Some(client) = admin().await else { return };
+    let ns = namespace(&client, "op-cert").await;
+    provide_secrets(&client, &ns).await;
+    let operator = Operator::start(client.clone(), &ns);
+    let api = Api::<MatrixHomeserver>::namespaced(client.clone(), &ns);
+    let mut spec = production_spec();
+    spec["tls"] = json!({"issuerRef": {"name": "internal-ca", "kind": "ClusterIssuer"}});
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    let served = crds.get_opt("certificates.cert-manager.io").await.expect("get CRD").is_some();
+    let g = apply_homeserver(&client, &ns, spec.clone())
+        .await
+        .expect("apply")
+        .metadata
+        .generation
+        .expect("generation");
+    if !served {
+        let hs = wait_status(&api, g, "Degraded without cert-manager", |hs| {
+            is(hs, DEGRADED, "True", "CertManagerMissing")
+        })
+        .await;
+        assert!(condition(&hs, DEGRADED).is_some_and(|c| c.message.contains("install cert-manager")));
+    }
+    let crd = json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "certificates.cert-manager.io"},
+        "spec": {
+            "group": "cert-manager.io", "scope": "Namespaced",
+            "names": {"kind": "Certificate", "plural": "certificates", "singular": "certificate"},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]
+        }
+    });
+    crds.patch(
+        "certificates.cert-manager.io",
+        &PatchParams::apply("lattice-operator-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("the Certificate CRD");
+    let certs = Api::<DynamicObject>::namespaced_with(
+        client.clone(),
+        &ns,
+        &lattice_operator::resources::certificate_resource(),
+    );
+    // Any change to the resource re-runs the reconcile; poke it until the new kind is served.
+    let cert = wait_for("the Certificate", || {
+        let (api, certs) = (api.clone(), certs.clone());
+        async move {
+            let poke = json!({"metadata": {"annotations": {"test/poke": format!("{:?}", Instant::now())}}});
+            let _ = api.patch("matrix", &PatchParams::default(), &Patch::Merge(&poke)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            certs.get_opt("matrix-tls").await.ok().flatten()
+        }
+    })
+    .await;
+    let hs = api.get("matrix").await.expect("get");
+    assert_owned(&cert, &hs);
+    assert_eq!(cert.data["spec"]["issuerRef"]["kind"], "ClusterIssuer");
+    assert_eq!(cert.data["spec"]["secretName"], "matrix-tls");
+    assert!(cert.data["spec"]["dnsNames"].as_array().is_some_and(|d| d.contains(&json!("example.org"))));
+    let d = Api::<Deployment>::namespaced(client.clone(), &ns).get("matrix").await.expect("Deployment");
+    let volumes = d.spec.and_then(|s| s.template.spec).and_then(|p| p.volumes).unwrap_or_default();
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("matrix-tls"))
+    );
+    // Back to a user-provided Secret: the Certificate goes.
+    secret(&client, &ns, "own-tls", &[("tls.crt", "x"), ("tls.key", "y")]).await;
+    spec["tls"] = json!({"secretName": "own-tls"});
+    let g =
+        apply_homeserver(&client, &ns, spec).await.expect("apply").metadata.generation.expect("generation");
+    wait_status(&api, g, "reconciled with its own Secret", |hs| is(hs, DEGRADED, "False", "AsExpected"))
+        .await;
+    assert!(
+        certs
+            .get_opt("matrix-tls")
+            .await
+            .expect("get")
+            .is_none_or(|c| c.metadata.deletion_timestamp.is_some())
+    );
+    operator.stop().await;
+}
