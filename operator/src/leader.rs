@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, PostParams};
 
-/// How long a Lease stays valid without renewal.
+/// How long a Lease stays valid without renewal (client-go's default).
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
 /// How often a follower looks whether the Lease is free.
 const RETRY: Duration = Duration::from_secs(2);
@@ -35,11 +35,19 @@ pub struct LeaderElection {
     api: Api<Lease>,
     name: String,
     identity: String,
+    duration: Duration,
 }
 
 impl LeaderElection {
     pub fn new(api: Api<Lease>, name: impl Into<String>, identity: impl Into<String>) -> Self {
-        Self { api, name: name.into(), identity: identity.into() }
+        Self { api, name: name.into(), identity: identity.into(), duration: LEASE_DURATION }
+    }
+
+    /// A Lease duration other than `LEASE_DURATION` (whole seconds, at least one).
+    #[must_use]
+    pub fn with_duration(mut self, duration: Duration) -> Self {
+        self.duration = duration.max(Duration::from_secs(1));
+        self
     }
 
     fn err(&self, source: kube::Error) -> LeaderError {
@@ -91,7 +99,7 @@ impl LeaderElection {
     pub async fn hold(&self) -> LeaderError {
         let mut last_renewed = tokio::time::Instant::now();
         loop {
-            tokio::time::sleep(LEASE_DURATION / 3).await;
+            tokio::time::sleep(self.duration / 3).await;
             match self.try_acquire().await {
                 Ok(true) => last_renewed = tokio::time::Instant::now(),
                 Ok(false) => {
@@ -105,7 +113,7 @@ impl LeaderElection {
                         .unwrap_or_default();
                     return LeaderError::Lost { name: self.name.clone(), holder };
                 }
-                Err(e) if last_renewed.elapsed() >= LEASE_DURATION => return e,
+                Err(e) if last_renewed.elapsed() >= self.duration => return e,
                 Err(e) => tracing::warn!(error = %e, "renewing the leader Lease failed; retrying"),
             }
         }
@@ -114,7 +122,7 @@ impl LeaderElection {
     fn spec(&self, acquired: Timestamp, transitions: i32, now: Timestamp) -> LeaseSpec {
         LeaseSpec {
             holder_identity: Some(self.identity.clone()),
-            lease_duration_seconds: Some(i32::try_from(LEASE_DURATION.as_secs()).unwrap_or(15)),
+            lease_duration_seconds: Some(i32::try_from(self.duration.as_secs()).unwrap_or(15)),
             acquire_time: Some(MicroTime(acquired)),
             renew_time: Some(MicroTime(now)),
             lease_transitions: Some(transitions),

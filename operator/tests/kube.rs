@@ -777,3 +777,34 @@ async fn issuer_ref_asks_cert_manager_for_a_certificate() {
     );
     operator.stop().await;
 }
+
+/// Two replicas: one leads; the other takes over only once the leader stops renewing and its
+/// Lease expires; the old leader then learns it lost.
+#[tokio::test]
+async fn leader_election_hands_over_only_after_expiry() {
+    use lattice_operator::leader::{LeaderElection, LeaderError};
+    let Some(client) = admin().await else { return };
+    let ns = namespace(&client, "op-leader").await;
+    let leases = Api::<Lease>::namespaced(client.clone(), &ns);
+    let lease_for = Duration::from_secs(2);
+    let a = LeaderElection::new(leases.clone(), "leader", "a").with_duration(lease_for);
+    let b = LeaderElection::new(leases.clone(), "leader", "b").with_duration(lease_for);
+    assert!(a.try_acquire().await.expect("a"), "a takes the free Lease");
+    assert!(!b.try_acquire().await.expect("b"), "b must not take a held Lease");
+    assert!(a.try_acquire().await.expect("a renews"), "a renews its own Lease");
+    // a stops renewing; b gets the Lease only after it expired.
+    let stopped = Instant::now();
+    b.acquire().await.expect("b takes over");
+    assert!(
+        stopped.elapsed() >= lease_for,
+        "b took the Lease {:?} after a's last renewal",
+        stopped.elapsed()
+    );
+    let lease = leases.get("leader").await.expect("Lease").spec.expect("spec");
+    assert_eq!(lease.holder_identity.as_deref(), Some("b"));
+    assert_eq!(lease.lease_transitions, Some(1));
+    match tokio::time::timeout(WAIT, a.hold()).await.expect("a learns") {
+        LeaderError::Lost { holder, .. } => assert_eq!(holder, "b"),
+        e @ LeaderError::Api { .. } => panic!("{e}"),
+    }
+}
