@@ -808,3 +808,80 @@ async fn leader_election_hands_over_only_after_expiry() {
         e @ LeaderError::Api { .. } => panic!("{e}"),
     }
 }
+
+/// The binary as the chart runs it: `lattice-operator run` with leader election, reconciling
+/// one namespace, with JSON logs, `/metrics`, `/healthz` and `/readyz`, stopping on SIGTERM.
+#[tokio::test]
+async fn the_binary_leads_reconciles_and_serves_metrics() {
+    let Some(client) = admin().await else { return };
+    let Some(kubeconfig) = kubeconfig_path() else { return };
+    let ns = namespace(&client, "op-bin").await;
+    provide_secrets(&client, &ns).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log_path = dir.path().join("operator.log");
+    let log = std::fs::File::create(&log_path).expect("log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lattice-operator"))
+        .arg("run")
+        .env("KUBECONFIG", &kubeconfig)
+        .env("LATTICE_OPERATOR_NAMESPACE", &ns)
+        .env("LATTICE_OPERATOR_WATCH_NAMESPACE", &ns)
+        .env("LATTICE_OPERATOR_METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .env("POD_NAME", "operator-0")
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("starting lattice-operator");
+    let get = |path: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.ok()?;
+        Some(out)
+    };
+    wait_for("/readyz to say it leads", || async {
+        get("/readyz").await.filter(|r| r.starts_with("HTTP/1.0 200"))
+    })
+    .await;
+    let lease = Api::<Lease>::namespaced(client.clone(), &ns)
+        .get("lattice-operator-leader")
+        .await
+        .expect("the leader Lease");
+    assert_eq!(lease.spec.and_then(|s| s.holder_identity).as_deref(), Some("operator-0"));
+
+    let g = apply_homeserver(&client, &ns, production_spec())
+        .await
+        .expect("apply")
+        .metadata
+        .generation
+        .expect("generation");
+    let api = Api::<MatrixHomeserver>::namespaced(client.clone(), &ns);
+    wait_status(&api, g, "the binary to reconcile", |hs| is(hs, PROGRESSING, "True", "RollingOut")).await;
+    let metrics = get("/metrics").await.expect("/metrics");
+    let reconciles = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("lattice_operator_reconciles_total "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("the reconcile counter");
+    assert!(reconciles >= 1, "{metrics}");
+    assert!(metrics.contains("lattice_operator_reconcile_duration_seconds_count"), "{metrics}");
+
+    let term =
+        std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(term.success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(start.elapsed() < WAIT, "lattice-operator did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+    let logs = std::fs::read_to_string(&log_path).expect("log");
+    let line = logs.lines().find(|l| l.contains("became leader")).expect("a leader log line");
+    let json: serde_json::Value = serde_json::from_str(line).expect("structured (JSON) logs");
+    assert_eq!(json["fields"]["identity"], "operator-0");
+}
