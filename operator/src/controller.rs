@@ -222,8 +222,20 @@ async fn reconcile_inner(hs: &MatrixHomeserver, ctx: &Context) -> Result<Action,
     let signing_key_id = ensure_keys(hs, ctx, &ns).await?;
 
     // 3. The children, server-side applied.
-    if let Some(message) = apply_certificate(hs, client, &ns).await? {
-        return degraded(hs, ctx, "CertManagerMissing", &message).await;
+    let cert_name = format!("{name}-tls");
+    if apply_foreign(hs, client, &ns, &r::certificate_resource(), &cert_name, r::desired_certificate(hs))
+        .await?
+        .is_some()
+    {
+        let message = "spec.tls.issuerRef needs cert-manager (certificates.cert-manager.io is not served): install cert-manager, or give a Secret in spec.tls.secretName";
+        return degraded(hs, ctx, "CertManagerMissing", message).await;
+    }
+    if apply_foreign(hs, client, &ns, &r::http_route_resource(), &name, r::desired_http_route(hs))
+        .await?
+        .is_some()
+    {
+        let message = "spec.route needs the Gateway API (httproutes.gateway.networking.k8s.io is not served): install it, or use spec.ingress";
+        return degraded(hs, ctx, "GatewayApiMissing", message).await;
     }
     apply(client, &ns, &r::desired_service_account(hs)).await?;
     apply(client, &ns, &r::desired_role(hs)).await?;
@@ -403,43 +415,46 @@ async fn ensure_keys(hs: &MatrixHomeserver, ctx: &Context, ns: &str) -> Result<S
     Ok(secrets::signing_key_id(&seed))
 }
 
-/// Applies the cert-manager Certificate `spec.tls.issuerRef` asks for, or deletes the one a
-/// previous spec asked for. `Some(message)` when cert-manager is not installed.
-async fn apply_certificate(
+/// Applies a child of a kind from another project (cert-manager's Certificate, Gateway API's
+/// HTTPRoute), or deletes the one a previous spec asked for. `Ok(Some(()))` when the kind is
+/// not served: that project is not installed.
+async fn apply_foreign(
     hs: &MatrixHomeserver,
     client: &Client,
     ns: &str,
-) -> Result<Option<String>, Error> {
-    let ar = r::certificate_resource();
-    let api = Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ar);
-    let name = format!("{}-tls", hs.name_any());
-    match r::desired_certificate(hs) {
-        Some(cert) => {
-            let mut value = serde_json::to_value(&cert)
-                .map_err(|source| Error::Serialize { what: format!("Certificate {name}"), source })?;
+    ar: &kube::core::ApiResource,
+    name: &str,
+    desired: Option<DynamicObject>,
+) -> Result<Option<()>, Error> {
+    let api = Api::<DynamicObject>::namespaced_with(client.clone(), ns, ar);
+    let what = format!("{} {name}", ar.kind);
+    match desired {
+        Some(obj) => {
+            let mut value = serde_json::to_value(&obj)
+                .map_err(|source| Error::Serialize { what: what.clone(), source })?;
             value["apiVersion"] = ar.api_version.clone().into();
             value["kind"] = ar.kind.clone().into();
-            match api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&value)).await {
+            match api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&value)).await {
                 Ok(_) => Ok(None),
-                Err(kube::Error::Api(e)) if e.code == 404 => Ok(Some(
-                    "spec.tls.issuerRef needs cert-manager (certificates.cert-manager.io is not served): install cert-manager, or give a Secret in spec.tls.secretName".into(),
-                )),
-                Err(source) => Err(Error::Apply { kind: "Certificate".into(), name, source }),
+                Err(kube::Error::Api(e)) if e.code == 404 => Ok(Some(())),
+                Err(source) => Err(Error::Apply { kind: ar.kind.clone(), name: name.into(), source }),
             }
         }
         None => {
-            let existing = match api.get_opt(&name).await {
+            let existing = match api.get_opt(name).await {
                 Ok(e) => e,
-                // cert-manager is not installed: there is nothing to delete.
+                // The kind is not served: there is nothing to delete.
                 Err(kube::Error::Api(e)) if e.code == 404 => None,
-                Err(source) => return Err(Error::Read { what: format!("Certificate {name}"), source }),
+                Err(source) => return Err(Error::Read { what, source }),
             };
             let uid = hs.metadata.uid.as_deref();
             if existing.is_some_and(|c| c.owner_references().iter().any(|o| Some(o.uid.as_str()) == uid)) {
-                match api.delete(&name, &DeleteParams::background()).await {
+                match api.delete(name, &DeleteParams::background()).await {
                     Ok(_) => {}
                     Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(source) => return Err(Error::Delete { kind: "Certificate".into(), name, source }),
+                    Err(source) => {
+                        return Err(Error::Delete { kind: ar.kind.clone(), name: name.into(), source });
+                    }
                 }
             }
             Ok(None)

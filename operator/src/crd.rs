@@ -48,6 +48,11 @@ pub const GROUP: &str = "lattice.dev";
     .message("embedded database, KV or media volume need exactly one pod: set replicas: 1 and shards: 0, or use postgres, redis and s3")
     .reason(Reason::FieldValueForbidden)
 )]
+#[x_kube(
+    validation = Rule::new("!(has(self.ingress) && has(self.route))")
+        .message("choose an Ingress (spec.ingress) or a Gateway API route (spec.route), not both")
+        .reason(Reason::FieldValueForbidden)
+)]
 #[serde(rename_all = "camelCase")]
 pub struct MatrixHomeserverSpec {
     /// The Matrix server name (the part after the colon in user ids). Immutable: every user id,
@@ -98,6 +103,9 @@ pub struct MatrixHomeserverSpec {
     /// An Ingress for clients and federation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress: Option<IngressSpec>,
+    /// A Gateway API HTTPRoute for clients and federation (instead of an Ingress).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<RouteSpec>,
     /// `/.well-known/matrix` delegation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub well_known: Option<WellKnown>,
@@ -313,6 +321,28 @@ pub struct IngressSpec {
     pub tls_secret_name: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+}
+
+/// A Gateway API `HTTPRoute` attached to existing Gateways.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteSpec {
+    /// The Gateways (and listeners) to attach to.
+    #[schemars(length(min = 1))]
+    pub parent_refs: Vec<ParentRef>,
+    /// The public host names, e.g. `matrix.example.org`; the first is the status URL.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentRef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub section_name: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, schemars::JsonSchema)]

@@ -590,7 +590,7 @@ pub fn desired_ingress(hs: &MatrixHomeserver) -> Option<Ingress> {
             rules: Some(vec![IngressRule {
                 host: Some(spec.host.clone()),
                 http: Some(HTTPIngressRuleValue {
-                    paths: ["/_matrix", "/_synapse/client", "/.well-known/matrix"]
+                    paths: PUBLIC_PATHS
                         .map(|p| HTTPIngressPath {
                             path: Some(p.into()),
                             path_type: "Prefix".into(),
@@ -614,12 +614,46 @@ pub fn desired_ingress(hs: &MatrixHomeserver) -> Option<Ingress> {
     })
 }
 
-/// Where clients reach the server: the ingress host, the well-known client URL, or the
-/// in-cluster Service.
+/// Gateway API's `HTTPRoute` kind (`gateway.networking.k8s.io/v1`).
+pub fn http_route_resource() -> kube::core::ApiResource {
+    kube::core::ApiResource::from_gvk_with_plural(
+        &kube::core::GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
+        "httproutes",
+    )
+}
+
+/// The Matrix paths, routed to the client Service.
+const PUBLIC_PATHS: [&str; 3] = ["/_matrix", "/_synapse/client", "/.well-known/matrix"];
+
+/// A Gateway API HTTPRoute when `spec.route` is set.
+pub fn desired_http_route(hs: &MatrixHomeserver) -> Option<kube::api::DynamicObject> {
+    let route = hs.spec.route.as_ref()?;
+    let mut obj = kube::api::DynamicObject::new(&hs.name_any(), &http_route_resource());
+    obj.metadata = meta(hs, hs.name_any(), None);
+    let matches: Vec<serde_json::Value> = PUBLIC_PATHS
+        .iter()
+        .map(|p| serde_json::json!({"path": {"type": "PathPrefix", "value": p}}))
+        .collect();
+    let mut spec = serde_json::json!({
+        "parentRefs": route.parent_refs,
+        "rules": [{"matches": matches, "backendRefs": [{"name": hs.name_any(), "port": PORT}]}],
+    });
+    if !route.hostnames.is_empty() {
+        spec["hostnames"] = serde_json::json!(route.hostnames);
+    }
+    obj.data = serde_json::json!({ "spec": spec });
+    Some(obj)
+}
+
+/// Where clients reach the server: the ingress or route host, the well-known client URL, or
+/// the in-cluster Service.
 pub fn public_url(hs: &MatrixHomeserver) -> String {
     if let Some(i) = &hs.spec.ingress {
         let scheme = if i.tls_secret_name.is_some() { "https" } else { "http" };
         return format!("{scheme}://{}", i.host);
+    }
+    if let Some(host) = hs.spec.route.as_ref().and_then(|r| r.hostnames.first()) {
+        return format!("https://{host}");
     }
     if let Some(url) = hs.spec.well_known.as_ref().and_then(|w| w.client_base_url.clone()) {
         return url;

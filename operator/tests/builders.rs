@@ -57,6 +57,26 @@ spec:
   media: {volume: {}}
 "#;
 
+const GATEWAY: &str = r#"
+apiVersion: lattice.dev/v1alpha1
+kind: MatrixHomeserver
+metadata: {name: gw, namespace: chat}
+spec:
+  serverName: gw.example
+  image: lattice:dev
+  replicas: 2
+  database: {postgres: {secretRef: {name: db}}}
+  kv: {redis: {secretRef: {name: redis}}}
+  media: {s3: {endpoint: "http://s3:9000", bucket: media, credentialsSecret: s3}}
+  tls: {secretName: gw-tls}
+  postQuantum: off
+  registration: open
+  federation: {enabled: false}
+  route:
+    parentRefs: [{name: public, namespace: gateways, sectionName: https}]
+    hostnames: [matrix.gw.example]
+"#;
+
 /// Every object the operator applies for `hs`, as one YAML stream.
 fn rendered_objects(hs: &MatrixHomeserver) -> String {
     let rendered = render(&hs.spec).expect("renders");
@@ -82,6 +102,9 @@ fn rendered_objects(hs: &MatrixHomeserver) -> String {
     push(&mut docs, &r::desired_role_binding(hs));
     if let Some(i) = r::desired_ingress(hs) {
         push(&mut docs, &i);
+    }
+    if let Some(route) = r::desired_http_route(hs) {
+        push(&mut docs, &route);
     }
     if let Some(c) = r::desired_certificate(hs) {
         push(&mut docs, &c);
@@ -121,6 +144,13 @@ fn production_objects_match_snapshot() {
 #[test]
 fn embedded_objects_match_snapshot() {
     check_snapshot("embedded.yaml", &rendered_objects(&homeserver(EMBEDDED)));
+}
+
+#[test]
+fn gateway_objects_match_snapshot() {
+    let hs = homeserver(GATEWAY);
+    assert_eq!(r::public_url(&hs), "https://matrix.gw.example");
+    check_snapshot("gateway.yaml", &rendered_objects(&hs));
 }
 
 #[test]

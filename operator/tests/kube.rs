@@ -716,23 +716,7 @@ async fn issuer_ref_asks_cert_manager_for_a_certificate() {
         .await;
         assert!(condition(&hs, DEGRADED).is_some_and(|c| c.message.contains("install cert-manager")));
     }
-    let crd = json!({
-        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-        "metadata": {"name": "certificates.cert-manager.io"},
-        "spec": {
-            "group": "cert-manager.io", "scope": "Namespaced",
-            "names": {"kind": "Certificate", "plural": "certificates", "singular": "certificate"},
-            "versions": [{"name": "v1", "served": true, "storage": true,
-                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]
-        }
-    });
-    crds.patch(
-        "certificates.cert-manager.io",
-        &PatchParams::apply("lattice-operator-tests").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .expect("the Certificate CRD");
+    serve_reduced_crd(&client, "cert-manager.io", "Certificate", "certificates").await;
     let certs = Api::<DynamicObject>::namespaced_with(
         client.clone(),
         &ns,
@@ -884,4 +868,83 @@ async fn the_binary_leads_reconciles_and_serves_metrics() {
     let line = logs.lines().find(|l| l.contains("became leader")).expect("a leader log line");
     let json: serde_json::Value = serde_json::from_str(line).expect("structured (JSON) logs");
     assert_eq!(json["fields"]["identity"], "operator-0");
+}
+
+/// Serves a kind of another project with a reduced CRD (its kind and an open schema): enough
+/// to see what the operator asks of it, without running that project.
+async fn serve_reduced_crd(client: &Client, group: &str, kind: &str, plural: &str) {
+    let name = format!("{plural}.{group}");
+    let crd = json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        // Groups under k8s.io need this annotation; the real Gateway API CRDs carry it.
+        "metadata": {"name": name, "annotations": {"api-approved.kubernetes.io": "https://github.com/kubernetes-sigs/gateway-api/pull/1538"}},
+        "spec": {
+            "group": group, "scope": "Namespaced",
+            "names": {"kind": kind, "plural": plural, "singular": kind.to_lowercase()},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]
+        }
+    });
+    Api::<CustomResourceDefinition>::all(client.clone())
+        .patch(&name, &PatchParams::apply("lattice-operator-tests").force(), &Patch::Apply(&crd))
+        .await
+        .expect("a reduced CRD");
+}
+
+/// `spec.route`: Degraded while the Gateway API is missing; then an HTTPRoute to the client
+/// Service, attached to the named Gateway; the status URL is its host name.
+#[tokio::test]
+async fn route_asks_the_gateway_api_for_an_http_route() {
+    let Some(client) = admin().await else { return };
+    let ns = namespace(&client, "op-route").await;
+    provide_secrets(&client, &ns).await;
+    let operator = Operator::start(client.clone(), &ns);
+    let api = Api::<MatrixHomeserver>::namespaced(client.clone(), &ns);
+    let mut spec = production_spec();
+    spec.as_object_mut().expect("spec").remove("ingress");
+    spec["route"] = json!({"parentRefs": [{"name": "public", "namespace": "gateways"}], "hostnames": ["chat.example.org"]});
+    let served = Api::<CustomResourceDefinition>::all(client.clone())
+        .get_opt("httproutes.gateway.networking.k8s.io")
+        .await
+        .expect("get CRD")
+        .is_some();
+    let g = apply_homeserver(&client, &ns, spec.clone())
+        .await
+        .expect("apply")
+        .metadata
+        .generation
+        .expect("generation");
+    if !served {
+        wait_status(&api, g, "Degraded without the Gateway API", |hs| {
+            is(hs, DEGRADED, "True", "GatewayApiMissing")
+        })
+        .await;
+    }
+    serve_reduced_crd(&client, "gateway.networking.k8s.io", "HTTPRoute", "httproutes").await;
+    let routes = Api::<DynamicObject>::namespaced_with(
+        client.clone(),
+        &ns,
+        &lattice_operator::resources::http_route_resource(),
+    );
+    let route = wait_for("the HTTPRoute", || {
+        let (api, routes) = (api.clone(), routes.clone());
+        async move {
+            let poke = json!({"metadata": {"annotations": {"test/poke": format!("{:?}", Instant::now())}}});
+            let _ = api.patch("matrix", &PatchParams::default(), &Patch::Merge(&poke)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            routes.get_opt("matrix").await.ok().flatten()
+        }
+    })
+    .await;
+    let hs =
+        wait_status(&api, g, "reconciled with the route", |hs| is(hs, DEGRADED, "False", "AsExpected")).await;
+    assert_owned(&route, &hs);
+    assert_eq!(route.data["spec"]["parentRefs"][0]["name"], "public");
+    assert_eq!(route.data["spec"]["rules"][0]["backendRefs"][0], json!({"name": "matrix", "port": 8448}));
+    assert_eq!(hs.status.and_then(|s| s.url).as_deref(), Some("https://chat.example.org"));
+    // Both an Ingress and a route: refused by the CRD.
+    spec["ingress"] = json!({"host": "x.example"});
+    let e = apply_homeserver(&client, &ns, spec).await.expect_err("ingress and route");
+    assert!(e.to_string().contains("not both"), "{e}");
+    operator.stop().await;
 }
