@@ -4,6 +4,7 @@ pub mod account;
 pub mod admin;
 pub mod discovery;
 pub mod ephemeral;
+pub mod keys;
 pub mod relations;
 pub mod rooms;
 pub mod search;
@@ -305,6 +306,10 @@ fn route_client(ctx: &Ctx, version: &str) -> Result<Reply> {
         ("GET" | "PUT" | "DELETE", ["pushrules", ..]) => account::push_rules_route(ctx, &s[1..]),
         ("POST", ["user_directory", "search"]) => account::user_directory_route(ctx),
         ("POST", ["search"]) => search::search_route(ctx),
+        ("POST", ["keys", "upload"]) => keys::upload_route(ctx),
+        ("POST", ["keys", "query"]) => keys::query_route(ctx),
+        ("POST", ["keys", "claim"]) => keys::claim_route(ctx),
+        ("GET", ["keys", "changes"]) => keys::changes_route(ctx),
         ("POST", ["createRoom"]) => rooms::create_room_route(ctx),
         ("GET", ["joined_rooms"]) => rooms::joined_rooms_route(ctx),
         ("POST", ["join", target]) => rooms::join_route(ctx, target),

@@ -15,6 +15,7 @@ pub mod api;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod keys;
 pub mod push;
 pub mod room;
 pub mod util;
@@ -44,6 +45,7 @@ mod component {
         fn fetch(class: String, _id: String, request: durable_object::Request) -> durable_object::Response {
             match class.as_str() {
                 room::object::CLASS => room::object::handle(&request),
+                crate::keys::CLASS => crate::keys::handle(&request),
                 other => durable_object::Response {
                     status: 404,
                     headers: vec![],

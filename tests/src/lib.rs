@@ -203,6 +203,12 @@ class = "Room"
 unique_key_secret = "rooms_key"
 shards = 8
 storage = {{ backend = "sqlite", path = "{d}/objects.sqlite" }}
+
+[durable_objects.USERS]
+class = "User"
+unique_key_secret = "users_key"
+shards = 8
+storage = {{ backend = "sqlite", path = "{d}/objects.sqlite" }}
 "#
             ),
             Backend::Production => {
@@ -236,6 +242,12 @@ secret_key_env = "LATTICE_HS_S3_SECRET_KEY"
 [durable_objects.ROOMS]
 class = "Room"
 unique_key_secret = "rooms_key"
+shards = 8
+storage = {{ backend = "postgres", url_env = "LATTICE_HS_POSTGRES_URL" }}
+
+[durable_objects.USERS]
+class = "User"
+unique_key_secret = "users_key"
 shards = 8
 storage = {{ backend = "postgres", url_env = "LATTICE_HS_POSTGRES_URL" }}
 
@@ -276,7 +288,7 @@ cache_dir = "{cache}"
 
 [secrets]
 dir = "{d}/secrets"
-generate = ["rooms_key", "signing_key", "admin_token"]
+generate = ["rooms_key", "users_key", "signing_key", "admin_token"]
 
 [vars]
 {vars}

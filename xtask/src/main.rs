@@ -135,7 +135,7 @@ path = "{component}"
 
 [secrets]
 dir = "{d}/data/secrets"
-generate = ["rooms_key", "signing_key", "admin_token"]
+generate = ["rooms_key", "users_key", "signing_key", "admin_token"]
 
 [vars]
 server_name = "localhost"
@@ -157,6 +157,12 @@ path = "{d}/data/media"
 [durable_objects.ROOMS]
 class = "Room"
 unique_key_secret = "rooms_key"
+shards = 8
+storage = {{ backend = "sqlite", path = "{d}/data/objects.sqlite" }}
+
+[durable_objects.USERS]
+class = "User"
+unique_key_secret = "users_key"
 shards = 8
 storage = {{ backend = "sqlite", path = "{d}/data/objects.sqlite" }}
 "#,

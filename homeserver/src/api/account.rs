@@ -306,8 +306,9 @@ pub fn logout_route(ctx: &Ctx) -> Result<Reply> {
     let s = ctx.session()?;
     ctx.db()?.batch(&[
         db::bound(sql::TOKEN_DELETE_DEVICE, vec![db::t(s.user_id.clone()), db::t(s.device_id.clone())]),
-        db::bound(sql::DEVICE_DELETE, vec![db::t(s.user_id), db::t(s.device_id)]),
+        db::bound(sql::DEVICE_DELETE, vec![db::t(s.user_id.clone()), db::t(s.device_id.clone())]),
     ])?;
+    super::keys::forget_device(ctx, &s.user_id, &s.device_id)?;
     ok(json!({}))
 }
 
@@ -476,8 +477,9 @@ pub fn delete_device_route(ctx: &Ctx, device: &str) -> Result<Reply> {
     require_password(ctx, &s, body.auth)?;
     db.batch(&[
         db::bound(sql::TOKEN_DELETE_DEVICE, vec![db::t(s.user_id.clone()), db::t(device)]),
-        db::bound(sql::DEVICE_DELETE, vec![db::t(s.user_id), db::t(device)]),
+        db::bound(sql::DEVICE_DELETE, vec![db::t(s.user_id.clone()), db::t(device)]),
     ])?;
+    super::keys::forget_device(ctx, &s.user_id, device)?;
     ok(json!({}))
 }
 

@@ -426,7 +426,13 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
     if since.is_none() && !global.iter().any(|e| e["type"] == super::account::PUSH_RULES_TYPE) {
         global.push(json!({"type": super::account::PUSH_RULES_TYPE, "content": {"global": super::account::push_rules(ctx, &s.user_id)?}}));
     }
-    let empty = join.is_empty()
+    let changed = if since.is_some() {
+        super::keys::changed_users(ctx, &s.user_id, since_pos, upto)?
+    } else {
+        Vec::new()
+    };
+    let empty = changed.is_empty()
+        && join.is_empty()
         && invite.is_empty()
         && leave.is_empty()
         && knock.is_empty()
@@ -435,13 +441,15 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
     if empty && since.is_some() && timeout > 0 && !woken_by_timeout {
         return Ok(Reply::Park { keys: park_keys, timeout_ms: u32::try_from(timeout).unwrap_or(u32::MAX) });
     }
+    let (otk_counts, fallback_types) = super::keys::counts_for_sync(ctx, &s.user_id, &s.device_id)?;
     ok(json!({
         "next_batch": format!("s{upto}"),
         "rooms": {"join": join, "invite": invite, "leave": leave, "knock": knock},
         "account_data": {"events": global},
         "presence": {"events": presence},
         "to_device": {"events": []},
-        "device_lists": {"changed": [], "left": []},
-        "device_one_time_keys_count": {},
+        "device_lists": {"changed": changed, "left": []},
+        "device_one_time_keys_count": otk_counts,
+        "device_unused_fallback_key_types": fallback_types,
     }))
 }

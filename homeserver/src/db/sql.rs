@@ -150,6 +150,20 @@ pub const V5_LOGIN_TOKENS: Sql = sql(
     "CREATE TABLE login_tokens (token_hash TEXT PRIMARY KEY, user_id TEXT NOT NULL, expires_ms INTEGER NOT NULL)",
 );
 
+// ---- Schema, version 6: end-to-end encryption keys -------------------------------------------
+pub const V6_DEVICE_KEYS: Sql = sql(
+    "v6_device_keys",
+    "",
+    "CREATE TABLE device_keys (user_id TEXT NOT NULL, device_id TEXT NOT NULL, json TEXT NOT NULL, stream_pos INTEGER NOT NULL, PRIMARY KEY (user_id, device_id))",
+);
+pub const V6_DEVICE_KEYS_STREAM: Sql =
+    sql("v6_device_keys_stream", "", "CREATE INDEX device_keys_stream ON device_keys (stream_pos)");
+pub const V6_E2E_COUNTS: Sql = sql(
+    "v6_e2e_counts",
+    "",
+    "CREATE TABLE e2e_key_counts (user_id TEXT NOT NULL, device_id TEXT NOT NULL, counts TEXT NOT NULL, fallback_unused TEXT NOT NULL, PRIMARY KEY (user_id, device_id))",
+);
+
 /// The migration bookkeeping, created before anything else (idempotent).
 pub const MIGRATIONS_TABLE: Sql = sql(
     "migrations_table",
@@ -433,6 +447,46 @@ pub const ALIASES_MOVE: Sql =
 pub const ALIASES_OF_ROOM: Sql =
     sql("aliases_of_room", "t", "SELECT alias FROM room_aliases WHERE room_id = ? ORDER BY alias");
 
+// ---- End-to-end encryption -------------------------------------------------------------------
+/// A device's keys; ordered on the stream so device-list changes never skip.
+pub const DEVICE_KEYS_UPSERT: Sql = sql(
+    "device_keys_upsert",
+    "ttt",
+    "INSERT INTO device_keys (user_id, device_id, json, stream_pos) VALUES (?, ?, ?, (SELECT pos FROM stream_positions WHERE name = 'events')) ON CONFLICT (user_id, device_id) DO UPDATE SET json = excluded.json, stream_pos = excluded.stream_pos",
+);
+pub const DEVICE_KEYS_GET: Sql =
+    sql("device_keys_get", "tt", "SELECT json FROM device_keys WHERE user_id = ? AND device_id = ?");
+/// The keys of a user's existing devices, with their display names.
+pub const DEVICE_KEYS_OF_USER: Sql = sql(
+    "device_keys_of_user",
+    "t",
+    "SELECT k.device_id, k.json, d.display_name FROM device_keys k JOIN devices d ON d.user_id = k.user_id AND d.device_id = k.device_id WHERE k.user_id = ? AND k.json <> ''",
+);
+/// A deleted device's keys: emptied, and moved on the stream so others see the change.
+pub const DEVICE_KEYS_TOMBSTONE: Sql = sql(
+    "device_keys_tombstone",
+    "tt",
+    "UPDATE device_keys SET json = '', stream_pos = (SELECT pos FROM stream_positions WHERE name = 'events') WHERE user_id = ? AND device_id = ?",
+);
+/// Users (the user and those sharing a joined room) whose device keys changed in a range.
+pub const DEVICE_LIST_CHANGES: Sql = sql(
+    "device_list_changes",
+    "iitt",
+    "SELECT DISTINCT k.user_id FROM device_keys k WHERE k.stream_pos > ? AND k.stream_pos <= ? AND (k.user_id = ? OR k.user_id IN (SELECT m2.user_id FROM memberships m1 JOIN memberships m2 ON m2.room_id = m1.room_id WHERE m1.user_id = ? AND m1.membership = 'join' AND m2.membership = 'join'))",
+);
+pub const E2E_COUNTS_UPSERT: Sql = sql(
+    "e2e_counts_upsert",
+    "tttt",
+    "INSERT INTO e2e_key_counts (user_id, device_id, counts, fallback_unused) VALUES (?, ?, ?, ?) ON CONFLICT (user_id, device_id) DO UPDATE SET counts = excluded.counts, fallback_unused = excluded.fallback_unused",
+);
+pub const E2E_COUNTS_GET: Sql = sql(
+    "e2e_counts_get",
+    "tt",
+    "SELECT counts, fallback_unused FROM e2e_key_counts WHERE user_id = ? AND device_id = ?",
+);
+pub const E2E_COUNTS_DELETE: Sql =
+    sql("e2e_counts_delete", "tt", "DELETE FROM e2e_key_counts WHERE user_id = ? AND device_id = ?");
+
 // ---- Typing, receipts, presence, pushers -----------------------------------------------------
 pub const TYPING_UPSERT: Sql = sql(
     "typing_upsert",
@@ -632,6 +686,14 @@ pub const ALL: &[Sql] = &[
     ALIAS_GET,
     ALIAS_DELETE,
     ALIASES_MOVE,
+    DEVICE_KEYS_UPSERT,
+    DEVICE_KEYS_GET,
+    DEVICE_KEYS_OF_USER,
+    DEVICE_KEYS_TOMBSTONE,
+    DEVICE_LIST_CHANGES,
+    E2E_COUNTS_UPSERT,
+    E2E_COUNTS_GET,
+    E2E_COUNTS_DELETE,
     ALIASES_OF_ROOM,
     ACCOUNT_DATA_UPSERT,
     ACCOUNT_DATA_GET,
@@ -698,4 +760,5 @@ pub const MIGRATIONS: &[(i64, &str, &[Sql])] = &[
     (3, "relations", &[V3_RELATIONS, V3_RELATIONS_PARENT, V3_RELATIONS_THREADS]),
     (4, "outbox guard", &[V4_OUTBOX_GUARD]),
     (5, "login tokens", &[V5_LOGIN_TOKENS]),
+    (6, "end-to-end encryption keys", &[V6_DEVICE_KEYS, V6_DEVICE_KEYS_STREAM, V6_E2E_COUNTS]),
 ];

@@ -1,0 +1,203 @@
+//! End-to-end encryption keys: `/keys/upload`, `/keys/query`, `/keys/claim`, `/keys/changes`.
+//!
+//! Device keys live in D1 (ordered on the stream, so device-list changes never skip); one-time
+//! and fallback keys in each user's `User` Durable Object ([`crate::keys`]), which hands each
+//! one-time key out exactly once. Users of other servers need federation: they are reported in
+//! `failures`.
+
+use std::collections::BTreeMap;
+
+use lattice_worker::bindings::lattice::bindings::signals;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{Ctx, Reply, ok};
+use crate::db::{self, bound, sql};
+use crate::error::{Error, Result};
+use crate::keys::{self, UserRequest};
+
+#[derive(Deserialize)]
+struct UploadBody {
+    device_keys: Option<Value>,
+    #[serde(default)]
+    one_time_keys: serde_json::Map<String, Value>,
+    #[serde(default)]
+    fallback_keys: serde_json::Map<String, Value>,
+}
+
+/// # `POST /_matrix/client/v3/keys/upload`
+pub fn upload_route(ctx: &Ctx) -> Result<Reply> {
+    let s = ctx.session()?;
+    let body: UploadBody = ctx.json()?;
+    if let Some(dk) = &body.device_keys {
+        if dk["user_id"].as_str() != Some(s.user_id.as_str())
+            || dk["device_id"].as_str() != Some(s.device_id.as_str())
+        {
+            return Err(Error::InvalidParam(
+                "device_keys must be this device's (user_id and device_id)".into(),
+            ));
+        }
+        if !dk["keys"].is_object() || !dk["algorithms"].is_array() {
+            return Err(Error::BadJson("device_keys needs algorithms and keys".into()));
+        }
+        let json = dk.to_string();
+        let db = ctx.db()?;
+        let same = db
+            .first(sql::DEVICE_KEYS_GET, vec![db::t(s.user_id.clone()), db::t(s.device_id.clone())])?
+            .is_some_and(|r| r.str("json") == json);
+        if !same {
+            db.batch(&[
+                bound(sql::STREAM_BUMP, vec![]),
+                bound(
+                    sql::DEVICE_KEYS_UPSERT,
+                    vec![db::t(s.user_id.clone()), db::t(s.device_id.clone()), db::t(json)],
+                ),
+            ])?;
+            wake_watchers(ctx, &s.user_id)?;
+        }
+    }
+    for k in body.one_time_keys.values().chain(body.fallback_keys.values()) {
+        let signed_object = k["key"].is_string() && k["signatures"].is_object();
+        if !(k.is_string() || signed_object) {
+            return Err(Error::BadJson("a key must be a string or an object with key and signatures".into()));
+        }
+    }
+    let reply = keys::call(
+        &s.user_id,
+        &UserRequest::Upload {
+            device: s.device_id.clone(),
+            one_time_keys: body.one_time_keys,
+            fallback_keys: body.fallback_keys,
+        },
+    )?;
+    ok(json!({"one_time_key_counts": reply.one_time_key_counts}))
+}
+
+#[derive(Deserialize)]
+struct QueryBody {
+    device_keys: BTreeMap<String, Vec<String>>,
+}
+
+fn is_local(ctx: &Ctx, user: &str) -> bool {
+    user.rsplit_once(':').is_some_and(|(_, server)| server == ctx.settings.server_name)
+}
+
+/// # `POST /_matrix/client/v3/keys/query`
+pub fn query_route(ctx: &Ctx) -> Result<Reply> {
+    ctx.session()?;
+    let body: QueryBody = ctx.json()?;
+    let db = ctx.db()?;
+    let mut device_keys = serde_json::Map::new();
+    let mut failures = serde_json::Map::new();
+    for (user, devices) in &body.device_keys {
+        if !is_local(ctx, user) {
+            failures.insert(user.rsplit_once(':').map_or(user.clone(), |(_, s)| s.to_owned()), json!({
+                "errcode": "M_UNRECOGNIZED", "error": "users of other servers need federation, which is not available yet"}));
+            continue;
+        }
+        let mut found = serde_json::Map::new();
+        for r in db.query(sql::DEVICE_KEYS_OF_USER, vec![db::t(user.clone())])? {
+            let device = r.str("device_id");
+            if !devices.is_empty() && !devices.contains(&device) {
+                continue;
+            }
+            let Ok(mut keys) = serde_json::from_str::<Value>(&r.str("json")) else { continue };
+            if let Some(name) = r.text("display_name") {
+                keys["unsigned"] = json!({"device_display_name": name});
+            }
+            found.insert(device, keys);
+        }
+        device_keys.insert(user.clone(), Value::Object(found));
+    }
+    ok(json!({"device_keys": device_keys, "failures": failures}))
+}
+
+#[derive(Deserialize)]
+struct ClaimBody {
+    one_time_keys: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// # `POST /_matrix/client/v3/keys/claim`
+pub fn claim_route(ctx: &Ctx) -> Result<Reply> {
+    ctx.session()?;
+    let body: ClaimBody = ctx.json()?;
+    let mut out = serde_json::Map::new();
+    let mut failures = serde_json::Map::new();
+    for (user, devices) in &body.one_time_keys {
+        if !is_local(ctx, user) {
+            failures.insert(user.rsplit_once(':').map_or(user.clone(), |(_, s)| s.to_owned()), json!({
+                "errcode": "M_UNRECOGNIZED", "error": "users of other servers need federation, which is not available yet"}));
+            continue;
+        }
+        let claims: Vec<(String, String)> = devices.iter().map(|(d, a)| (d.clone(), a.clone())).collect();
+        let reply = keys::call(user, &UserRequest::Claim { claims: claims.clone() })?;
+        let mut by_device = serde_json::Map::new();
+        for ((device, _), got) in claims.into_iter().zip(reply.claimed) {
+            if let Some((name, key)) = got {
+                by_device.insert(device, json!({ name: key }));
+            }
+        }
+        if !by_device.is_empty() {
+            out.insert(user.clone(), Value::Object(by_device));
+        }
+    }
+    ok(json!({"one_time_keys": out, "failures": failures}))
+}
+
+/// Users whose device lists changed between two stream positions, as seen by `user`.
+pub fn changed_users(ctx: &Ctx, user: &str, from: i64, to: i64) -> Result<Vec<String>> {
+    Ok(ctx
+        .db()?
+        .query(sql::DEVICE_LIST_CHANGES, vec![db::i(from), db::i(to), db::t(user), db::t(user)])?
+        .iter()
+        .map(|r| r.str("user_id"))
+        .collect())
+}
+
+/// # `GET /_matrix/client/v3/keys/changes`
+pub fn changes_route(ctx: &Ctx) -> Result<Reply> {
+    let s = ctx.session()?;
+    let from = super::sync::parse_since(
+        ctx.param("from").ok_or_else(|| Error::MissingParam("from is required".into()))?,
+    )?;
+    let to = super::sync::parse_since(
+        ctx.param("to").ok_or_else(|| Error::MissingParam("to is required".into()))?,
+    )?;
+    ok(json!({"changed": changed_users(ctx, &s.user_id, from, to)?, "left": []}))
+}
+
+/// The device's one-time key counts and unused fallback key types, for `/sync`.
+pub fn counts_for_sync(ctx: &Ctx, user: &str, device: &str) -> Result<(Value, Value)> {
+    let row = ctx.db()?.first(sql::E2E_COUNTS_GET, vec![db::t(user), db::t(device)])?;
+    Ok(match row {
+        Some(r) => (
+            serde_json::from_str(&r.str("counts")).unwrap_or_else(|_| json!({})),
+            serde_json::from_str(&r.str("fallback_unused")).unwrap_or_else(|_| json!([])),
+        ),
+        None => (json!({}), json!([])),
+    })
+}
+
+/// Forgets a deleted device's keys: its device keys (moved on the stream, so others see the
+/// change) and its one-time and fallback keys.
+pub fn forget_device(ctx: &Ctx, user: &str, device: &str) -> Result<()> {
+    ctx.db()?.batch(&[
+        bound(sql::STREAM_BUMP, vec![]),
+        bound(sql::DEVICE_KEYS_TOMBSTONE, vec![db::t(user), db::t(device)]),
+    ])?;
+    wake_watchers(ctx, user)?;
+    keys::call(user, &UserRequest::DropDevice { device: device.to_owned() })?;
+    Ok(())
+}
+
+/// Wakes the syncers who see `user`'s device list: the user's own and those of the rooms the
+/// user is joined to.
+fn wake_watchers(ctx: &Ctx, user: &str) -> Result<()> {
+    signals::signal(&format!("user:{user}"));
+    for m in ctx.db()?.query(sql::USER_MEMBERSHIPS, vec![db::t(user)])? {
+        if m.str("membership") == "join" {
+            signals::signal(&format!("room:{}", m.str("room_id")));
+        }
+    }
+    Ok(())
+}

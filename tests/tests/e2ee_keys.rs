@@ -1,0 +1,199 @@
+//! End-to-end encryption keys through the client-server API, every response validated
+//! against the spec: device keys uploaded and queried, device-list changes in `/sync` and
+//! `/keys/changes`, one-time key counts, and one-time keys handed out exactly once under
+//! concurrent claims (the rest get the fallback key), on the embedded backend and on
+//! PostgreSQL.
+
+use std::collections::{HashMap, HashSet};
+
+use lattice_e2e::proxy::ValidatingProxy;
+use lattice_e2e::{Backend, Client, Homeserver, Options};
+use serde_json::{Value, json};
+
+const KEYS: usize = 20;
+const CLAIMS: usize = 50;
+const ALG: &str = "signed_curve25519";
+
+fn device_keys(user: &str, device: &str, n: u8) -> Value {
+    json!({
+        "user_id": user, "device_id": device,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": {format!("curve25519:{device}"): format!("curve{n}"), format!("ed25519:{device}"): format!("ed{n}")},
+        "signatures": {user: {format!("ed25519:{device}"): format!("sig{n}")}},
+    })
+}
+
+fn otk(id: usize) -> Value {
+    json!({"key": format!("otk-{id}"), "signatures": {"@x:y": {"ed25519:D": "s"}}})
+}
+
+async fn whoami(c: &Client) -> (String, String) {
+    let r = c.get("/_matrix/client/v3/account/whoami").await;
+    (
+        r.body["user_id"].as_str().expect("user_id").to_owned(),
+        r.body["device_id"].as_str().expect("device_id").to_owned(),
+    )
+}
+
+async fn sync(c: &Client, since: Option<&str>) -> Value {
+    let path = match since {
+        Some(s) => format!("/_matrix/client/v3/sync?since={s}&timeout=0"),
+        None => "/_matrix/client/v3/sync".to_owned(),
+    };
+    let r = c.get(&path).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.body
+}
+
+async fn keys_end_to_end(backend: Backend) {
+    let Some(hs) = Homeserver::start(Options::new(backend)).await else { return };
+    let proxy = ValidatingProxy::start(&hs.url).await;
+    let anon = Client::new(&proxy.url);
+    let alice = anon.register("alice", "pw-alice").await;
+    let bob = anon.register("bob", "pw-bob").await;
+    let (alice_id, alice_dev) = whoami(&alice).await;
+    let r = alice.post("/_matrix/client/v3/createRoom", json!({"preset": "public_chat"})).await;
+    let room = r.body["room_id"].as_str().expect("room_id").to_owned();
+    let r = bob.post(&format!("/_matrix/client/v3/join/{}", lattice_e2e::enc(&room)), json!({})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let bob_since = sync(&bob, None).await["next_batch"].as_str().expect("next_batch").to_owned();
+
+    // Upload: device keys, 20 one-time keys and a fallback key.
+    let one_time: serde_json::Map<String, Value> =
+        (0..KEYS).map(|i| (format!("{ALG}:K{i:03}"), otk(i))).collect();
+    let r = alice
+        .post(
+            "/_matrix/client/v3/keys/upload",
+            json!({"device_keys": device_keys(&alice_id, &alice_dev, 1), "one_time_keys": one_time,
+                   "fallback_keys": {format!("{ALG}:F1"): {"key": "fallback-1", "fallback": true, "signatures": {"@x:y": {"ed25519:D": "s"}}}}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["one_time_key_counts"][ALG], KEYS, "{:?}", r.body);
+    // Uploading the same keys again changes nothing; one id with other content is refused.
+    let r = alice
+        .post("/_matrix/client/v3/keys/upload", json!({"one_time_keys": {format!("{ALG}:K000"): otk(0)}}))
+        .await;
+    assert_eq!(r.body["one_time_key_counts"][ALG], KEYS, "{:?}", r.body);
+    let r = alice
+        .post("/_matrix/client/v3/keys/upload", json!({"one_time_keys": {format!("{ALG}:K000"): otk(999)}}))
+        .await;
+    assert_eq!((r.status, r.errcode()), (400, "M_INVALID_PARAM"), "{:?}", r.body);
+    // Keys must be strings or signed key objects.
+    let r = alice
+        .post(
+            "/_matrix/client/v3/keys/upload",
+            json!({"one_time_keys": {format!("{ALG}:BAD"): {"key": "x"}}}),
+        )
+        .await;
+    assert_eq!((r.status, r.errcode()), (400, "M_BAD_JSON"), "{:?}", r.body);
+    // Another user's device keys are refused.
+    let r = bob
+        .post("/_matrix/client/v3/keys/upload", json!({"device_keys": device_keys(&alice_id, &alice_dev, 2)}))
+        .await;
+    assert_eq!((r.status, r.errcode()), (400, "M_INVALID_PARAM"), "{:?}", r.body);
+
+    // Bob sees the change in sync and in /keys/changes, and queries the keys.
+    let body = sync(&bob, Some(&bob_since)).await;
+    assert!(
+        body["device_lists"]["changed"].as_array().is_some_and(|c| c.contains(&json!(alice_id))),
+        "{body}"
+    );
+    let r = bob
+        .get(&format!(
+            "/_matrix/client/v3/keys/changes?from={bob_since}&to={}",
+            body["next_batch"].as_str().expect("nb")
+        ))
+        .await;
+    assert!(r.body["changed"].as_array().is_some_and(|c| c.contains(&json!(alice_id))), "{:?}", r.body);
+    let r = bob.post("/_matrix/client/v3/keys/query", json!({"device_keys": {alice_id.clone(): []}})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        r.body["device_keys"][&alice_id][&alice_dev]["keys"][format!("ed25519:{alice_dev}")],
+        "ed1",
+        "{:?}",
+        r.body
+    );
+    let r = bob
+        .post("/_matrix/client/v3/keys/query", json!({"device_keys": {"@carol:elsewhere.example": []}}))
+        .await;
+    assert!(r.body["failures"]["elsewhere.example"].is_object(), "{:?}", r.body);
+
+    // 50 concurrent claims: each one-time key goes out once, the rest get the fallback key.
+    let claims = (0..CLAIMS).map(|_| {
+        let (bob, alice_id, alice_dev) = (bob.clone(), alice_id.clone(), alice_dev.clone());
+        tokio::spawn(async move {
+            let r = bob
+                .post(
+                    "/_matrix/client/v3/keys/claim",
+                    json!({"one_time_keys": {alice_id.clone(): {alice_dev.clone(): ALG}}}),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            let got = r.body["one_time_keys"][&alice_id][&alice_dev].as_object().cloned().unwrap_or_default();
+            assert_eq!(got.len(), 1, "one key per claim: {:?}", r.body);
+            got.into_iter().next().expect("a key")
+        })
+    });
+    let results: Vec<(String, Value)> =
+        futures::future::join_all(claims).await.into_iter().map(|r| r.expect("claim")).collect();
+    let mut by_id: HashMap<&str, usize> = HashMap::new();
+    for (id, _) in &results {
+        *by_id.entry(id.as_str()).or_default() += 1;
+    }
+    let one_time_ids: HashSet<&str> = by_id.keys().copied().filter(|id| *id != format!("{ALG}:F1")).collect();
+    assert_eq!(one_time_ids.len(), KEYS, "every one-time key went out: {by_id:?}");
+    assert!(one_time_ids.iter().all(|id| by_id[id] == 1), "no one-time key twice: {by_id:?}");
+    assert_eq!(
+        by_id.get(format!("{ALG}:F1").as_str()),
+        Some(&(CLAIMS - KEYS)),
+        "the rest got the fallback key: {by_id:?}"
+    );
+    for (id, key) in &results {
+        if id.ends_with(":F1") {
+            assert_eq!(key["key"], "fallback-1");
+        } else {
+            let n: usize = id.trim_start_matches(&format!("{ALG}:K")).parse().expect("id");
+            assert_eq!(key, &otk(n), "the key that was uploaded under {id}");
+        }
+    }
+
+    // Alice's sync: no one-time keys left, the fallback key used.
+    let body = sync(&alice, None).await;
+    assert_eq!(body["device_one_time_keys_count"][ALG], 0, "{body}");
+    assert_eq!(body["device_unused_fallback_key_types"], json!([]), "{body}");
+    let r = alice.post("/_matrix/client/v3/keys/upload", json!({"fallback_keys": {format!("{ALG}:F2"): {"key": "fallback-2", "fallback": true, "signatures": {"@x:y": {"ed25519:D": "s"}}}}})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let body = sync(&alice, None).await;
+    assert_eq!(body["device_unused_fallback_key_types"], json!([ALG]), "{body}");
+
+    // Logging out forgets the device's keys, and bob hears of it.
+    let since = sync(&bob, None).await["next_batch"].as_str().expect("nb").to_owned();
+    let r = alice.post("/_matrix/client/v3/logout", json!({})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = bob.post("/_matrix/client/v3/keys/query", json!({"device_keys": {alice_id.clone(): []}})).await;
+    assert_eq!(r.body["device_keys"][&alice_id], json!({}), "{:?}", r.body);
+    let body = sync(&bob, Some(&since)).await;
+    assert!(
+        body["device_lists"]["changed"].as_array().is_some_and(|c| c.contains(&json!(alice_id))),
+        "{body}"
+    );
+    let r = bob
+        .post(
+            "/_matrix/client/v3/keys/claim",
+            json!({"one_time_keys": {alice_id.clone(): {alice_dev.clone(): ALG}}}),
+        )
+        .await;
+    assert_eq!(r.body["one_time_keys"], json!({}), "{:?}", r.body);
+    proxy.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_embedded() {
+    keys_end_to_end(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_production() {
+    keys_end_to_end(Backend::Production).await;
+}
