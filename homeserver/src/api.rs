@@ -310,6 +310,7 @@ fn route_client(ctx: &Ctx, version: &str) -> Result<Reply> {
         ("POST", ["keys", "query"]) => keys::query_route(ctx),
         ("POST", ["keys", "claim"]) => keys::claim_route(ctx),
         ("GET", ["keys", "changes"]) => keys::changes_route(ctx),
+        ("PUT", ["sendToDevice", kind, txn]) => keys::send_to_device_route(ctx, kind, txn),
         ("POST", ["createRoom"]) => rooms::create_room_route(ctx),
         ("GET", ["joined_rooms"]) => rooms::joined_rooms_route(ctx),
         ("POST", ["join", target]) => rooms::join_route(ctx, target),

@@ -28,6 +28,10 @@ pub struct Settings {
     pub access_token_lifetime_ms: u64,
     /// Longest `/sync` long-poll (clients ask for up to this).
     pub max_sync_timeout_ms: u64,
+    /// One-time keys a device may have stored per algorithm.
+    pub max_one_time_keys_per_device: u64,
+    /// To-device messages waiting for one device before senders get `M_LIMIT_EXCEEDED`.
+    pub max_to_device_queue: u64,
 }
 
 /// JSON request bodies above this are refused with `M_TOO_LARGE` before parsing; events are
@@ -41,6 +45,10 @@ pub const DEFAULT_REGISTER_PER_MINUTE: u64 = 60;
 pub const DEFAULT_SEND_PER_MINUTE: u64 = 0;
 /// One hour, Synapse's default for refreshable access tokens.
 pub const DEFAULT_ACCESS_TOKEN_LIFETIME_MS: u64 = 60 * 60 * 1000;
+/// Clients keep about 50 one-time keys uploaded; this stops a runaway client.
+pub const DEFAULT_MAX_ONE_TIME_KEYS_PER_DEVICE: u64 = 1_000;
+/// A device that never syncs stops receiving once this many messages wait for it.
+pub const DEFAULT_MAX_TO_DEVICE_QUEUE: u64 = 10_000;
 /// Clients commonly ask for 30 s; a little more is allowed.
 pub const DEFAULT_MAX_SYNC_TIMEOUT_MS: u64 = 60_000;
 
@@ -66,6 +74,11 @@ impl Settings {
             send_per_minute: var("send_per_minute", DEFAULT_SEND_PER_MINUTE),
             access_token_lifetime_ms: var("access_token_lifetime_ms", DEFAULT_ACCESS_TOKEN_LIFETIME_MS),
             max_sync_timeout_ms: var("max_sync_timeout_ms", DEFAULT_MAX_SYNC_TIMEOUT_MS),
+            max_one_time_keys_per_device: var(
+                "max_one_time_keys_per_device",
+                DEFAULT_MAX_ONE_TIME_KEYS_PER_DEVICE,
+            ),
+            max_to_device_queue: var("max_to_device_queue", DEFAULT_MAX_TO_DEVICE_QUEUE),
         }
     }
 }

@@ -20,8 +20,6 @@ use crate::db::{self, Db, sql};
 
 pub const BINDING: &str = "USERS";
 pub const CLASS: &str = "User";
-/// One-time keys one device may have stored at once (clients keep about 50).
-pub const MAX_ONE_TIME_KEYS_PER_DEVICE: u64 = 1_000;
 
 /// What the front asks of a user's object.
 #[derive(Debug, Serialize, Deserialize)]
@@ -148,6 +146,7 @@ fn upload(
     one_time_keys: &serde_json::Map<String, Value>,
     fallback_keys: &serde_json::Map<String, Value>,
 ) -> Result<UserReply, UserFailure> {
+    let cap = crate::config::Settings::load().max_one_time_keys_per_device;
     let mut n = counts(device)?;
     let mut writes: Vec<(String, Vec<u8>)> = Vec::new();
     for (name, key) in one_time_keys {
@@ -166,12 +165,12 @@ fn upload(
         }
         let c = n.entry(algorithm.to_owned()).or_default();
         *c += 1;
-        if *c > MAX_ONE_TIME_KEYS_PER_DEVICE {
+        if *c > cap {
             return Err(fail(
                 400,
                 "M_INVALID_PARAM",
                 format!(
-                    "a device may store at most {MAX_ONE_TIME_KEYS_PER_DEVICE} one-time keys per algorithm"
+                    "a device may store at most {cap} one-time keys per algorithm (max_one_time_keys_per_device)"
                 ),
             ));
         }

@@ -13,10 +13,12 @@ use matrix_sdk::room::MessagesOptions;
 use matrix_sdk::ruma::api::client::account::register;
 use matrix_sdk::ruma::api::client::room::create_room;
 use matrix_sdk::ruma::api::client::uiaa::{AuthData, AuthType, Dummy};
+use matrix_sdk::ruma::events::room::encryption::RoomEncryptionEventContent;
 use matrix_sdk::ruma::events::room::member::MembershipState;
 use matrix_sdk::ruma::events::room::message::RoomMessageEventContent;
 use matrix_sdk::ruma::events::{
-    AnySyncMessageLikeEvent, AnySyncStateEvent, AnySyncTimelineEvent, SyncMessageLikeEvent, SyncStateEvent,
+    AnySyncMessageLikeEvent, AnySyncStateEvent, AnySyncTimelineEvent, EmptyStateKey, InitialStateEvent,
+    SyncMessageLikeEvent, SyncStateEvent,
 };
 use matrix_sdk::ruma::serde::Raw;
 use matrix_sdk::ruma::{OwnedUserId, RoomId, UInt, UserId};
@@ -106,6 +108,8 @@ struct Syncer {
     timelines: BTreeMap<String, Vec<Seen>>,
     invited: BTreeSet<String>,
     left: BTreeSet<String>,
+    /// Bodies of messages that arrived encrypted and were decrypted.
+    decrypted: Vec<String>,
 }
 
 impl Syncer {
@@ -118,6 +122,7 @@ impl Syncer {
             timelines: BTreeMap::new(),
             invited: BTreeSet::new(),
             left: BTreeSet::new(),
+            decrypted: Vec::new(),
         }
     }
 
@@ -141,7 +146,13 @@ impl Syncer {
                 .chain(rooms.left.iter().map(|(id, r)| (id, &r.timeline)));
             for (id, timeline) in timelines {
                 let events = self.timelines.entry(id.to_string()).or_default();
-                events.extend(timeline.events.iter().map(|e| seen(e.raw())));
+                for e in &timeline.events {
+                    let s = seen(e.raw());
+                    if let (Some(_), Seen::Message { body, .. }) = (e.encryption_info(), &s) {
+                        self.decrypted.push(body.clone());
+                    }
+                    events.push(s);
+                }
             }
             self.invited.extend(rooms.invited.keys().map(|id| id.to_string()));
             self.left.extend(rooms.left.keys().map(|id| id.to_string()));
@@ -309,6 +320,74 @@ async fn flow(backend: Backend) {
     );
     assert!(proxy.validated() > 0, "the responses went through the validating proxy");
     proxy.assert_clean();
+}
+
+/// Two users on matrix-sdk's crypto (vodozemac) in an encrypted room: device and one-time keys
+/// are uploaded, queried and claimed, Olm sessions carry the Megolm room keys as to-device
+/// messages, and each side decrypts the other's messages.
+async fn encrypted(backend: Backend) {
+    let Some(hs) = Homeserver::start(Options::new(backend)).await else { return };
+    let proxy = ValidatingProxy::start(&hs.url).await;
+    let url = proxy.url.clone();
+    let password = "correct horse battery staple";
+    let alice = client(&url).await;
+    let alice_id = register(&alice, &format!("alice{}", lattice_e2e::unique()), password).await.user_id;
+    let bob = client(&url).await;
+    let bob_id = register(&bob, &format!("bob{}", lattice_e2e::unique()), password).await.user_id;
+    // The first syncs upload each device's keys.
+    let mut alice_sync = Syncer::start(alice.clone()).await;
+    let mut bob_sync = Syncer::start(bob.clone()).await;
+
+    let mut create = create_room::v3::Request::new();
+    create.invite = vec![bob_id.clone()];
+    create.initial_state = vec![
+        InitialStateEvent::new(EmptyStateKey, RoomEncryptionEventContent::with_recommended_defaults())
+            .to_raw_any(),
+    ];
+    let room = alice.create_room(create).await.expect("create an encrypted room");
+    let room_id = room.room_id().to_owned();
+    bob_sync.until("the invite", |s| s.invited.contains(room_id.as_str())).await;
+    let bob_room = bob.get_room(&room_id).expect("bob knows the room");
+    bob_room.join().await.expect("bob joins");
+    let bob_joined = member(&bob_id, &bob_id, MembershipState::Join);
+    alice_sync.until("bob's join", |s| s.timeline(&room_id).contains(&bob_joined)).await;
+    assert!(room.latest_encryption_state().await.expect("encryption state").is_encrypted());
+
+    for (sending, sender, body) in [
+        (&room, &alice_id, "a secret for bob"),
+        (&bob_room, &bob_id, "a secret for alice"),
+        (&room, &alice_id, "still secret"),
+    ] {
+        let result = sending.send(RoomMessageEventContent::text_plain(body)).await.expect("send encrypted");
+        assert!(result.encryption_info.is_some(), "{body:?} was sent encrypted");
+        let (receiver, name) =
+            if *sender == alice_id { (&mut bob_sync, "bob") } else { (&mut alice_sync, "alice") };
+        receiver
+            .until(&format!("{body:?} decrypted at {name}"), |s| s.decrypted.iter().any(|b| b == body))
+            .await;
+    }
+    // What the server stored is ciphertext.
+    let raw = lattice_e2e::Client::new(&hs.url)
+        .with_token(bob.access_token().expect("bob's token").as_str())
+        .get(&format!(
+            "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=20",
+            lattice_e2e::enc(room_id.as_str())
+        ))
+        .await;
+    let chunk = raw.body["chunk"].as_array().expect("chunk");
+    assert!(chunk.iter().any(|e| e["type"] == "m.room.encrypted"), "{:?}", raw.body);
+    assert!(!raw.body.to_string().contains("a secret for"), "no plaintext on the server");
+    proxy.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn matrix_sdk_encrypted_embedded() {
+    encrypted(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn matrix_sdk_encrypted_production() {
+    encrypted(Backend::Production).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -197,3 +197,81 @@ async fn keys_embedded() {
 async fn keys_production() {
     keys_end_to_end(Backend::Production).await;
 }
+
+const QUEUE_CAP: usize = 130;
+
+async fn to_device_end_to_end(backend: Backend) {
+    let options = Options::new(backend).var("max_to_device_queue", &QUEUE_CAP.to_string());
+    let Some(hs) = Homeserver::start(options).await else { return };
+    let proxy = ValidatingProxy::start(&hs.url).await;
+    let anon = Client::new(&proxy.url);
+    let alice = anon.register("alice", "pw-alice").await;
+    let bob = anon.register("bob", "pw-bob").await;
+    let (alice_id, alice_dev) = whoami(&alice).await;
+    let mut since = sync(&alice, None).await["next_batch"].as_str().expect("nb").to_owned();
+    let send = |txn: String, device: String, n: usize| {
+        let (bob, alice_id) = (bob.clone(), alice_id.clone());
+        async move {
+            bob.put(
+                &format!("/_matrix/client/v3/sendToDevice/org.example.ping/{txn}"),
+                json!({"messages": {alice_id: {device: {"n": n}}}}),
+            )
+            .await
+        }
+    };
+    // In order, once each (a retried transaction adds nothing), wildcard included; a long
+    // queue comes over several syncs without a gap.
+    for n in 0..QUEUE_CAP - 1 {
+        let r = send(format!("t{n}"), alice_dev.clone(), n).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let r = send("t0".into(), alice_dev.clone(), 0).await;
+    assert_eq!(r.status, 200, "a retry is accepted: {:?}", r.body);
+    let r = send("star".into(), "*".into(), QUEUE_CAP - 1).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    // The queue is full now.
+    let r = send("full".into(), alice_dev.clone(), 999).await;
+    assert_eq!((r.status, r.errcode()), (429, "M_LIMIT_EXCEEDED"), "{:?}", r.body);
+    assert!(r.body["retry_after_ms"].is_u64(), "{:?}", r.body);
+
+    let mut got = Vec::new();
+    let mut syncs = 0;
+    while got.len() < QUEUE_CAP {
+        syncs += 1;
+        assert!(syncs < 10, "the queue never drained: {got:?}");
+        let body = sync(&alice, Some(&since)).await;
+        since = body["next_batch"].as_str().expect("nb").to_owned();
+        for e in body["to_device"]["events"].as_array().expect("to_device events") {
+            assert_eq!(
+                (e["sender"].as_str(), e["type"].as_str()),
+                (Some(hs.user_id("bob").as_str()), Some("org.example.ping"))
+            );
+            got.push(e["content"]["n"].as_u64().expect("n") as usize);
+        }
+    }
+    assert!(syncs >= 2, "more than one sync's worth came in several syncs");
+    assert_eq!(got, (0..QUEUE_CAP).collect::<Vec<_>>(), "in order, each once");
+    // Acknowledged messages are gone: the next sync has none, and there is room again.
+    let body = sync(&alice, Some(&since)).await;
+    assert_eq!(body["to_device"]["events"], json!([]), "{body}");
+    let r = send("again".into(), alice_dev.clone(), 1000).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = bob
+        .put(
+            "/_matrix/client/v3/sendToDevice/x/bad",
+            json!({"messages": {alice_id.clone(): {alice_dev.clone(): "nope"}}}),
+        )
+        .await;
+    assert_eq!((r.status, r.errcode()), (400, "M_BAD_JSON"), "{:?}", r.body);
+    proxy.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn to_device_embedded() {
+    to_device_end_to_end(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn to_device_production() {
+    to_device_end_to_end(Backend::Production).await;
+}

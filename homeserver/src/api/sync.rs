@@ -325,8 +325,14 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
     let woken_by_timeout = ctx.req.header("lattice-wake").as_deref() == Some("timeout");
     let filter = load_filter(ctx, &s.user_id)?;
     let db = ctx.db()?;
-    let upto = db.first(sql::STREAM_MAX, vec![])?.and_then(|r| r.int("pos")).unwrap_or(0);
+    let mut upto = db.first(sql::STREAM_MAX, vec![])?.and_then(|r| r.int("pos")).unwrap_or(0);
     let since_pos = since.unwrap_or(0);
+    // To-device messages first: when there are more than one sync carries, everything else
+    // stops where they stop, so the next since token acknowledges only what was delivered.
+    let (to_device, stop) = super::keys::to_device_for_sync(ctx, &s.user_id, &s.device_id, since, upto)?;
+    if let Some(stop) = stop {
+        upto = stop;
+    }
     let memberships = db.query(sql::USER_MEMBERSHIPS, vec![db::t(s.user_id.clone())])?;
     let wanted = |room: &str| {
         filter.room.rooms.as_ref().is_none_or(|r| r.iter().any(|x| x == room))
@@ -432,6 +438,7 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
         Vec::new()
     };
     let empty = changed.is_empty()
+        && to_device.is_empty()
         && join.is_empty()
         && invite.is_empty()
         && leave.is_empty()
@@ -447,7 +454,7 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
         "rooms": {"join": join, "invite": invite, "leave": leave, "knock": knock},
         "account_data": {"events": global},
         "presence": {"events": presence},
-        "to_device": {"events": []},
+        "to_device": {"events": to_device},
         "device_lists": {"changed": changed, "left": []},
         "device_one_time_keys_count": otk_counts,
         "device_unused_fallback_key_types": fallback_types,

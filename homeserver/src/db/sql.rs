@@ -164,6 +164,18 @@ pub const V6_E2E_COUNTS: Sql = sql(
     "CREATE TABLE e2e_key_counts (user_id TEXT NOT NULL, device_id TEXT NOT NULL, counts TEXT NOT NULL, fallback_unused TEXT NOT NULL, PRIMARY KEY (user_id, device_id))",
 );
 
+// ---- Schema, version 7: to-device messages ---------------------------------------------------
+pub const V7_TO_DEVICE: Sql = sql(
+    "v7_to_device",
+    "",
+    "CREATE TABLE to_device (user_id TEXT NOT NULL, device_id TEXT NOT NULL, stream_pos INTEGER NOT NULL, sender TEXT NOT NULL, type TEXT NOT NULL, content TEXT NOT NULL, PRIMARY KEY (user_id, device_id, stream_pos))",
+);
+pub const V7_TO_DEVICE_TXNS: Sql = sql(
+    "v7_to_device_txns",
+    "",
+    "CREATE TABLE to_device_txns (sender TEXT NOT NULL, device_id TEXT NOT NULL, txn_id TEXT NOT NULL, created_ms INTEGER NOT NULL, PRIMARY KEY (sender, device_id, txn_id))",
+);
+
 /// The migration bookkeeping, created before anything else (idempotent).
 pub const MIGRATIONS_TABLE: Sql = sql(
     "migrations_table",
@@ -487,6 +499,42 @@ pub const E2E_COUNTS_GET: Sql = sql(
 pub const E2E_COUNTS_DELETE: Sql =
     sql("e2e_counts_delete", "tt", "DELETE FROM e2e_key_counts WHERE user_id = ? AND device_id = ?");
 
+/// A to-device message, unless the sender's device already used this transaction id; ordered
+/// on the stream (bumped just before) so a device's queue never skips.
+pub const TO_DEVICE_INSERT: Sql = sql(
+    "to_device_insert",
+    "tttttttt",
+    "INSERT INTO to_device (user_id, device_id, stream_pos, sender, type, content) SELECT ?, ?, (SELECT pos FROM stream_positions WHERE name = 'events'), ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM to_device_txns WHERE sender = ? AND device_id = ? AND txn_id = ?)",
+);
+pub const TO_DEVICE_TXN_INSERT: Sql = sql(
+    "to_device_txn_insert",
+    "ttti",
+    "INSERT INTO to_device_txns (sender, device_id, txn_id, created_ms) VALUES (?, ?, ?, ?) ON CONFLICT (sender, device_id, txn_id) DO NOTHING",
+);
+pub const TO_DEVICE_TXN_GET: Sql = sql(
+    "to_device_txn_get",
+    "ttt",
+    "SELECT created_ms FROM to_device_txns WHERE sender = ? AND device_id = ? AND txn_id = ?",
+);
+pub const TO_DEVICE_QUEUE_LEN: Sql = sql(
+    "to_device_queue_len",
+    "tt",
+    "SELECT COUNT(*) AS n FROM to_device WHERE user_id = ? AND device_id = ?",
+);
+pub const TO_DEVICE_FOR_DEVICE: Sql = sql(
+    "to_device_for_device",
+    "ttii",
+    "SELECT stream_pos, sender, type, content FROM to_device WHERE user_id = ? AND device_id = ? AND stream_pos <= ? ORDER BY stream_pos LIMIT ?",
+);
+/// Deletes what a device acknowledged by syncing with a later since token.
+pub const TO_DEVICE_ACK: Sql = sql(
+    "to_device_ack",
+    "tti",
+    "DELETE FROM to_device WHERE user_id = ? AND device_id = ? AND stream_pos <= ?",
+);
+pub const TO_DEVICE_DROP_DEVICE: Sql =
+    sql("to_device_drop_device", "tt", "DELETE FROM to_device WHERE user_id = ? AND device_id = ?");
+
 // ---- Typing, receipts, presence, pushers -----------------------------------------------------
 pub const TYPING_UPSERT: Sql = sql(
     "typing_upsert",
@@ -694,6 +742,13 @@ pub const ALL: &[Sql] = &[
     E2E_COUNTS_UPSERT,
     E2E_COUNTS_GET,
     E2E_COUNTS_DELETE,
+    TO_DEVICE_INSERT,
+    TO_DEVICE_TXN_INSERT,
+    TO_DEVICE_TXN_GET,
+    TO_DEVICE_QUEUE_LEN,
+    TO_DEVICE_FOR_DEVICE,
+    TO_DEVICE_ACK,
+    TO_DEVICE_DROP_DEVICE,
     ALIASES_OF_ROOM,
     ACCOUNT_DATA_UPSERT,
     ACCOUNT_DATA_GET,
@@ -761,4 +816,5 @@ pub const MIGRATIONS: &[(i64, &str, &[Sql])] = &[
     (4, "outbox guard", &[V4_OUTBOX_GUARD]),
     (5, "login tokens", &[V5_LOGIN_TOKENS]),
     (6, "end-to-end encryption keys", &[V6_DEVICE_KEYS, V6_DEVICE_KEYS_STREAM, V6_E2E_COUNTS]),
+    (7, "to-device messages", &[V7_TO_DEVICE, V7_TO_DEVICE_TXNS]),
 ];
