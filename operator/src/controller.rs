@@ -221,57 +221,78 @@ async fn reconcile_inner(hs: &MatrixHomeserver, ctx: &Context) -> Result<Action,
     // 2. The keys: generated once, kept.
     let signing_key_id = ensure_keys(hs, ctx, &ns).await?;
 
-    // 3. The children, server-side applied.
+    // 3. The children, server-side applied; independent ones concurrently (a reconcile is a
+    //    dozen round trips to the API server).
     let cert_name = format!("{name}-tls");
-    if apply_foreign(hs, client, &ns, &r::certificate_resource(), &cert_name, r::desired_certificate(hs))
-        .await?
-        .is_some()
-    {
+    let (cert_kind, route_kind) = (r::certificate_resource(), r::http_route_resource());
+    let (cert, route) = tokio::try_join!(
+        apply_foreign(hs, client, &ns, &cert_kind, &cert_name, r::desired_certificate(hs)),
+        apply_foreign(hs, client, &ns, &route_kind, &name, r::desired_http_route(hs)),
+    )?;
+    if cert.is_some() {
         let message = "spec.tls.issuerRef needs cert-manager (certificates.cert-manager.io is not served): install cert-manager, or give a Secret in spec.tls.secretName";
         return degraded(hs, ctx, "CertManagerMissing", message).await;
     }
-    if apply_foreign(hs, client, &ns, &r::http_route_resource(), &name, r::desired_http_route(hs))
-        .await?
-        .is_some()
-    {
+    if route.is_some() {
         let message = "spec.route needs the Gateway API (httproutes.gateway.networking.k8s.io is not served): install it, or use spec.ingress";
         return degraded(hs, ctx, "GatewayApiMissing", message).await;
     }
-    apply(client, &ns, &r::desired_service_account(hs)).await?;
-    apply(client, &ns, &r::desired_role(hs)).await?;
-    apply(client, &ns, &r::desired_role_binding(hs)).await?;
-    apply(client, &ns, &r::desired_config_map(hs, &rendered)).await?;
-    if let Some(claim) = r::desired_data_claim(hs) {
-        ensure_created(client, &ns, &claim).await?;
-    }
-    apply(client, &ns, &r::desired_service(hs)).await?;
-    apply(client, &ns, &r::desired_network_policy(hs)).await?;
-    let pdbs = r::desired_pdbs(hs);
-    for pdb in &pdbs {
-        apply(client, &ns, pdb).await?;
-    }
-    let deployment = apply(client, &ns, &r::desired_deployment(hs, &rendered)).await?;
     let shards_name = r::shards_name(hs);
-    let stateful_set = match r::desired_stateful_set(hs, &rendered) {
-        Some(s) => {
-            if let Some(svc) = r::desired_shards_service(hs) {
-                apply(client, &ns, &svc).await?;
-            }
-            Some(apply(client, &ns, &s).await?)
-        }
-        None => {
-            delete_owned::<StatefulSet>(client, &ns, &shards_name, hs).await?;
-            delete_owned::<Service>(client, &ns, &shards_name, hs).await?;
-            delete_owned::<PodDisruptionBudget>(client, &ns, &shards_name, hs).await?;
-            None
+    let rbac = async {
+        apply(client, &ns, &r::desired_service_account(hs)).await?;
+        // A RoleBinding is checked against its Role (escalation prevention): Role first.
+        apply(client, &ns, &r::desired_role(hs)).await?;
+        apply(client, &ns, &r::desired_role_binding(hs)).await
+    };
+    let claim = async {
+        match r::desired_data_claim(hs) {
+            Some(claim) => ensure_created(client, &ns, &claim).await,
+            None => Ok(()),
         }
     };
-    match r::desired_ingress(hs) {
-        Some(i) => {
-            apply(client, &ns, &i).await?;
+    let ns_ref = ns.as_str();
+    let pdbs = futures::future::try_join_all(
+        r::desired_pdbs(hs).into_iter().map(|pdb| async move { apply(client, ns_ref, &pdb).await }),
+    );
+    let shards = async {
+        match r::desired_stateful_set(hs, &rendered) {
+            Some(s) => {
+                if let Some(svc) = r::desired_shards_service(hs) {
+                    apply(client, &ns, &svc).await?;
+                }
+                Ok(Some(apply(client, &ns, &s).await?))
+            }
+            None => {
+                delete_owned::<StatefulSet>(client, &ns, &shards_name, hs).await?;
+                delete_owned::<Service>(client, &ns, &shards_name, hs).await?;
+                delete_owned::<PodDisruptionBudget>(client, &ns, &shards_name, hs).await?;
+                Ok::<_, Error>(None)
+            }
         }
-        None => delete_owned::<Ingress>(client, &ns, &name, hs).await?,
-    }
+    };
+    let ingress = async {
+        match r::desired_ingress(hs) {
+            Some(i) => apply(client, &ns, &i).await.map(|_| ()),
+            None => delete_owned::<Ingress>(client, &ns, &name, hs).await,
+        }
+    };
+    let (config_map, service, policy, deployment) = (
+        r::desired_config_map(hs, &rendered),
+        r::desired_service(hs),
+        r::desired_network_policy(hs),
+        r::desired_deployment(hs, &rendered),
+    );
+    let (_, _, _, _, _, _, deployment, stateful_set, _) = tokio::try_join!(
+        rbac,
+        claim,
+        apply(client, &ns, &config_map),
+        apply(client, &ns, &service),
+        apply(client, &ns, &policy),
+        pdbs,
+        apply(client, &ns, &deployment),
+        shards,
+        ingress,
+    )?;
 
     // 4. Status from what the workloads report.
     let ready_replicas = deployment.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
