@@ -2,6 +2,7 @@
 
 pub mod account;
 pub mod admin;
+pub mod cross_signing;
 pub mod discovery;
 pub mod ephemeral;
 pub mod keys;
@@ -310,6 +311,8 @@ fn route_client(ctx: &Ctx, version: &str) -> Result<Reply> {
         ("POST", ["keys", "query"]) => keys::query_route(ctx),
         ("POST", ["keys", "claim"]) => keys::claim_route(ctx),
         ("GET", ["keys", "changes"]) => keys::changes_route(ctx),
+        ("POST", ["keys", "device_signing", "upload"]) => cross_signing::device_signing_upload_route(ctx),
+        ("POST", ["keys", "signatures", "upload"]) => cross_signing::signatures_upload_route(ctx),
         ("PUT", ["sendToDevice", kind, txn]) => keys::send_to_device_route(ctx, kind, txn),
         ("POST", ["createRoom"]) => rooms::create_room_route(ctx),
         ("GET", ["joined_rooms"]) => rooms::joined_rooms_route(ctx),

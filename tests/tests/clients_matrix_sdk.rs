@@ -6,6 +6,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use serde_json::json;
+
 use lattice_e2e::proxy::ValidatingProxy;
 use lattice_e2e::{Backend, Homeserver, Options};
 use matrix_sdk::config::{RequestConfig, SyncSettings};
@@ -366,6 +368,73 @@ async fn encrypted(backend: Backend) {
             .until(&format!("{body:?} decrypted at {name}"), |s| s.decrypted.iter().any(|b| b == body))
             .await;
     }
+    // Cross-signing: both bootstrap (their own devices get signed by their self-signing keys),
+    // then Alice verifies Bob's identity with her user-signing key, after which Bob's device
+    // is verified for her. Every signature goes through the server's checks.
+    alice.encryption().bootstrap_cross_signing(None).await.expect("alice bootstraps cross-signing");
+    bob.encryption().bootstrap_cross_signing(None).await.expect("bob bootstraps cross-signing");
+    let raw_alice =
+        lattice_e2e::Client::new(&hs.url).with_token(alice.access_token().expect("token").as_str());
+    let r = raw_alice
+        .post("/_matrix/client/v3/keys/query", json!({"device_keys": {alice_id.as_str(): []}}))
+        .await;
+    let ssk = r.body["self_signing_keys"][alice_id.as_str()]["keys"]
+        .as_object()
+        .and_then(|k| k.keys().next().cloned());
+    let ssk = ssk.unwrap_or_else(|| panic!("alice's self-signing key is published: {:?}", r.body));
+    let alice_device = alice.device_id().expect("device").to_string();
+    assert!(
+        r.body["device_keys"][alice_id.as_str()][&alice_device]["signatures"][alice_id.as_str()][&ssk]
+            .is_string(),
+        "bootstrapping signed alice's device with her self-signing key: {:?}",
+        r.body
+    );
+    assert!(
+        r.body["user_signing_keys"][alice_id.as_str()].is_object(),
+        "her user-signing key, to herself: {:?}",
+        r.body
+    );
+    let started = Instant::now();
+    let bob_identity = loop {
+        if let Some(identity) = alice.encryption().request_user_identity(&bob_id).await.expect("/keys/query")
+        {
+            break identity;
+        }
+        assert!(started.elapsed() < DEADLINE, "alice never sees bob's cross-signing identity");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!bob_identity.is_verified(), "not verified yet");
+    bob_identity.verify().await.expect("alice signs bob's master key");
+    let bob_device = bob.device_id().expect("bob's device").to_owned();
+    let started = Instant::now();
+    loop {
+        // Alice's client learns of the new signature from the device-list change in /sync.
+        let response = alice
+            .sync_once(
+                SyncSettings::new().token(alice_sync.token.clone()).timeout(Duration::from_millis(500)),
+            )
+            .await
+            .expect("sync");
+        alice_sync.token = response.next_batch;
+        let identity =
+            alice.encryption().get_user_identity(&bob_id).await.expect("store").expect("bob's identity");
+        let device =
+            alice.encryption().get_device(&bob_id, &bob_device).await.expect("store").expect("bob's device");
+        if identity.is_verified() && device.is_verified() {
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "bob's device never became verified for alice");
+    }
+    // A forged signature is refused.
+    let forged = json!({&*bob_id: {bob_device.as_str(): {"user_id": bob_id, "device_id": bob_device, "algorithms": [], "keys": {},
+        "signatures": {bob_id.as_str(): {"ed25519:AAAA": "bm90IGEgc2lnbmF0dXJl"}}}}});
+    let r = lattice_e2e::Client::new(&hs.url)
+        .with_token(bob.access_token().expect("bob's token").as_str())
+        .post("/_matrix/client/v3/keys/signatures/upload", forged)
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(r.body["failures"][bob_id.as_str()][bob_device.as_str()]["errcode"].is_string(), "{:?}", r.body);
+
     // What the server stored is ciphertext.
     let raw = lattice_e2e::Client::new(&hs.url)
         .with_token(bob.access_token().expect("bob's token").as_str())

@@ -167,6 +167,34 @@ async fn keys_end_to_end(backend: Backend) {
     let body = sync(&alice, None).await;
     assert_eq!(body["device_unused_fallback_key_types"], json!([ALG]), "{body}");
 
+    // Cross-signing: the first master key needs no password, replacing it does; a
+    // self-signing key the master key did not sign is refused.
+    let master =
+        |k: &str| json!({"user_id": alice_id, "usage": ["master"], "keys": {format!("ed25519:{k}"): k}});
+    let r = alice
+        .post("/_matrix/client/v3/keys/device_signing/upload", json!({"master_key": master("AAAA")}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = alice
+        .post("/_matrix/client/v3/keys/device_signing/upload", json!({"master_key": master("BBBB")}))
+        .await;
+    assert_eq!(r.status, 401, "replacing needs auth: {:?}", r.body);
+    let r = alice
+        .post(
+            "/_matrix/client/v3/keys/device_signing/upload",
+            json!({"master_key": master("BBBB"), "auth": {"type": "m.login.password", "password": "pw-alice",
+                   "identifier": {"type": "m.id.user", "user": alice_id}}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let ssk = json!({"user_id": alice_id, "usage": ["self_signing"], "keys": {"ed25519:CCCC": "CCCC"}});
+    let r =
+        alice.post("/_matrix/client/v3/keys/device_signing/upload", json!({"self_signing_key": ssk})).await;
+    assert_eq!((r.status, r.errcode()), (400, "M_INVALID_PARAM"), "{:?}", r.body);
+    let r = bob.post("/_matrix/client/v3/keys/query", json!({"device_keys": {alice_id.clone(): []}})).await;
+    assert_eq!(r.body["master_keys"][&alice_id]["keys"]["ed25519:BBBB"], "BBBB", "{:?}", r.body);
+    assert!(r.body["user_signing_keys"].get(&alice_id).is_none(), "{:?}", r.body);
+
     // Logging out forgets the device's keys, and bob hears of it.
     let since = sync(&bob, None).await["next_batch"].as_str().expect("nb").to_owned();
     let r = alice.post("/_matrix/client/v3/logout", json!({})).await;

@@ -148,6 +148,11 @@ fn error_statuses() {
     expect_violation("GET", "/_matrix/client/versions", 500, &json!({ "errcode": 1 }), &["errcode"]);
     // An undocumented success status is a violation.
     expect_violation("GET", "/_matrix/client/versions", 201, &json!({ "versions": [] }), &["201"]);
+    // An operation that uses UIA without documenting its 401 gets the UIA challenge shape.
+    let signing = "/_matrix/client/v3/keys/device_signing/upload";
+    let challenge = json!({ "flows": [{ "stages": ["m.login.password"] }], "params": {}, "session": "s" });
+    assert_eq!(validate("POST", signing, 401, &challenge), Ok(true));
+    expect_violation("POST", signing, 401, &json!({ "session": "s" }), &["flows"]);
 }
 
 #[test]

@@ -99,7 +99,7 @@ fn new_session(
 }
 
 #[derive(Deserialize)]
-struct AuthData {
+pub(super) struct AuthData {
     #[serde(rename = "type")]
     kind: Option<String>,
     session: Option<String>,
@@ -347,7 +347,7 @@ pub fn whoami_route(ctx: &Ctx) -> Result<Reply> {
 }
 
 /// User-interactive authentication with the account's password, for sensitive operations.
-fn require_password(ctx: &Ctx, s: &Session, auth: Option<AuthData>) -> Result<()> {
+pub(super) fn require_password(ctx: &Ctx, s: &Session, auth: Option<AuthData>) -> Result<()> {
     let flows: &[&[&str]] = &[&["m.login.password"]];
     let Some(auth) = auth else { return Err(uia(flows, None, &[], None)) };
     if auth.kind.as_deref() != Some("m.login.password") {

@@ -84,7 +84,7 @@ fn is_local(ctx: &Ctx, user: &str) -> bool {
 
 /// # `POST /_matrix/client/v3/keys/query`
 pub fn query_route(ctx: &Ctx) -> Result<Reply> {
-    ctx.session()?;
+    let s = ctx.session()?;
     let body: QueryBody = ctx.json()?;
     let db = ctx.db()?;
     let mut device_keys = serde_json::Map::new();
@@ -109,7 +109,25 @@ pub fn query_route(ctx: &Ctx) -> Result<Reply> {
         }
         device_keys.insert(user.clone(), Value::Object(found));
     }
-    ok(json!({"device_keys": device_keys, "failures": failures}))
+    let (mut master_keys, mut self_signing_keys, mut user_signing_keys) =
+        (serde_json::Map::new(), serde_json::Map::new(), serde_json::Map::new());
+    for user in body.device_keys.keys().filter(|u| is_local(ctx, u)) {
+        let keys = super::cross_signing::keys_of(ctx, user)?;
+        if let Some(k) = keys.get("master") {
+            master_keys.insert(user.clone(), k.clone());
+        }
+        if let Some(k) = keys.get("self_signing") {
+            self_signing_keys.insert(user.clone(), k.clone());
+        }
+        // A user-signing key is shown to its owner only.
+        if *user == s.user_id
+            && let Some(k) = keys.get("user_signing")
+        {
+            user_signing_keys.insert(user.clone(), k.clone());
+        }
+    }
+    ok(json!({"device_keys": device_keys, "failures": failures, "master_keys": master_keys,
+              "self_signing_keys": self_signing_keys, "user_signing_keys": user_signing_keys}))
 }
 
 #[derive(Deserialize)]
@@ -193,7 +211,7 @@ pub fn forget_device(ctx: &Ctx, user: &str, device: &str) -> Result<()> {
 
 /// Wakes the syncers who see `user`'s device list: the user's own and those of the rooms the
 /// user is joined to.
-fn wake_watchers(ctx: &Ctx, user: &str) -> Result<()> {
+pub(super) fn wake_watchers(ctx: &Ctx, user: &str) -> Result<()> {
     signals::signal(&format!("user:{user}"));
     for m in ctx.db()?.query(sql::USER_MEMBERSHIPS, vec![db::t(user)])? {
         if m.str("membership") == "join" {

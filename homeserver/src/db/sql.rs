@@ -176,6 +176,18 @@ pub const V7_TO_DEVICE_TXNS: Sql = sql(
     "CREATE TABLE to_device_txns (sender TEXT NOT NULL, device_id TEXT NOT NULL, txn_id TEXT NOT NULL, created_ms INTEGER NOT NULL, PRIMARY KEY (sender, device_id, txn_id))",
 );
 
+// ---- Schema, version 8: cross-signing keys --------------------------------------------------
+pub const V8_CROSS_SIGNING: Sql = sql(
+    "v8_cross_signing",
+    "",
+    "CREATE TABLE cross_signing_keys (user_id TEXT NOT NULL, kind TEXT NOT NULL, json TEXT NOT NULL, stream_pos INTEGER NOT NULL, PRIMARY KEY (user_id, kind))",
+);
+pub const V8_CROSS_SIGNING_STREAM: Sql = sql(
+    "v8_cross_signing_stream",
+    "",
+    "CREATE INDEX cross_signing_keys_stream ON cross_signing_keys (stream_pos)",
+);
+
 /// The migration bookkeeping, created before anything else (idempotent).
 pub const MIGRATIONS_TABLE: Sql = sql(
     "migrations_table",
@@ -480,12 +492,21 @@ pub const DEVICE_KEYS_TOMBSTONE: Sql = sql(
     "tt",
     "UPDATE device_keys SET json = '', stream_pos = (SELECT pos FROM stream_positions WHERE name = 'events') WHERE user_id = ? AND device_id = ?",
 );
-/// Users (the user and those sharing a joined room) whose device keys changed in a range.
+/// Users (the user and those sharing a joined room) whose device or cross-signing keys
+/// changed in a range.
 pub const DEVICE_LIST_CHANGES: Sql = sql(
     "device_list_changes",
     "iitt",
-    "SELECT DISTINCT k.user_id FROM device_keys k WHERE k.stream_pos > ? AND k.stream_pos <= ? AND (k.user_id = ? OR k.user_id IN (SELECT m2.user_id FROM memberships m1 JOIN memberships m2 ON m2.room_id = m1.room_id WHERE m1.user_id = ? AND m1.membership = 'join' AND m2.membership = 'join'))",
+    "SELECT DISTINCT k.user_id FROM (SELECT user_id, stream_pos FROM device_keys UNION ALL SELECT user_id, stream_pos FROM cross_signing_keys) k WHERE k.stream_pos > ? AND k.stream_pos <= ? AND (k.user_id = ? OR k.user_id IN (SELECT m2.user_id FROM memberships m1 JOIN memberships m2 ON m2.room_id = m1.room_id WHERE m1.user_id = ? AND m1.membership = 'join' AND m2.membership = 'join'))",
 );
+/// A cross-signing key (`master`, `self_signing`, `user_signing`), moved on the stream.
+pub const CROSS_SIGNING_UPSERT: Sql = sql(
+    "cross_signing_upsert",
+    "ttt",
+    "INSERT INTO cross_signing_keys (user_id, kind, json, stream_pos) VALUES (?, ?, ?, (SELECT pos FROM stream_positions WHERE name = 'events')) ON CONFLICT (user_id, kind) DO UPDATE SET json = excluded.json, stream_pos = excluded.stream_pos",
+);
+pub const CROSS_SIGNING_OF_USER: Sql =
+    sql("cross_signing_of_user", "t", "SELECT kind, json FROM cross_signing_keys WHERE user_id = ?");
 pub const E2E_COUNTS_UPSERT: Sql = sql(
     "e2e_counts_upsert",
     "tttt",
@@ -739,6 +760,8 @@ pub const ALL: &[Sql] = &[
     DEVICE_KEYS_OF_USER,
     DEVICE_KEYS_TOMBSTONE,
     DEVICE_LIST_CHANGES,
+    CROSS_SIGNING_UPSERT,
+    CROSS_SIGNING_OF_USER,
     E2E_COUNTS_UPSERT,
     E2E_COUNTS_GET,
     E2E_COUNTS_DELETE,
@@ -817,4 +840,5 @@ pub const MIGRATIONS: &[(i64, &str, &[Sql])] = &[
     (5, "login tokens", &[V5_LOGIN_TOKENS]),
     (6, "end-to-end encryption keys", &[V6_DEVICE_KEYS, V6_DEVICE_KEYS_STREAM, V6_E2E_COUNTS]),
     (7, "to-device messages", &[V7_TO_DEVICE, V7_TO_DEVICE_TXNS]),
+    (8, "cross-signing keys", &[V8_CROSS_SIGNING, V8_CROSS_SIGNING_STREAM]),
 ];
