@@ -435,6 +435,21 @@ async fn reconciles_a_homeserver_through_its_life() {
     .await;
     assert!(operator.metrics.reconciles() >= 5);
 
+    // What the operator did, as Kubernetes Events on the MatrixHomeserver.
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns);
+    let reasons: Vec<String> = events
+        .list(&Default::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("matrix"))
+        .filter_map(|e| e.reason)
+        .collect();
+    for want in ["KeysGenerated", "SecretMissing", "InvalidSpec"] {
+        assert!(reasons.iter().any(|r| r == want), "no {want} Event in {reasons:?}");
+    }
+
     // Deletion: children go by owner reference (kube-controller-manager's garbage collector);
     // the keys stay.
     operator.stop().await;
