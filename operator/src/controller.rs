@@ -649,3 +649,40 @@ async fn publish(
         tracing::warn!(error = %e, reason, "could not record an Event");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn homeserver(name: &str) -> Arc<MatrixHomeserver> {
+        let mut hs: MatrixHomeserver = serde_json::from_value(serde_json::json!({
+            "apiVersion": "lattice.dev/v1alpha1", "kind": "MatrixHomeserver",
+            "metadata": {"name": name, "namespace": "n"},
+            "spec": {"serverName": "a.example", "image": "i", "database": {"embedded": {}}, "kv": {"embedded": {}}, "media": {"volume": {}}}
+        }))
+        .expect("sample");
+        hs.metadata.uid = Some(name.into());
+        Arc::new(hs)
+    }
+
+    #[tokio::test]
+    async fn error_policy_backs_off_per_object_and_resets() {
+        // A client that is never used: error_policy does no I/O.
+        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("url"));
+        let client = Client::try_from(config).expect("client");
+        let ctx = Arc::new(Context::new(client, Arc::new(Metrics::default()), None));
+        let err = Error::NoNamespace("x".into());
+        let (a, b) = (homeserver("a"), homeserver("b"));
+        let delays: Vec<Action> = (0..4).map(|_| error_policy(a.clone(), &err, ctx.clone())).collect();
+        let secs = |s| Action::requeue(Duration::from_secs(s));
+        assert_eq!(delays, [secs(1), secs(2), secs(4), secs(8)]);
+        assert_eq!(error_policy(b.clone(), &err, ctx.clone()), secs(1), "another object has its own count");
+        for _ in 0..20 {
+            error_policy(a.clone(), &err, ctx.clone());
+        }
+        assert_eq!(error_policy(a.clone(), &err, ctx.clone()), Action::requeue(MAX_BACKOFF));
+        ctx.reset_failures(&a);
+        assert_eq!(error_policy(a, &err, ctx.clone()), secs(1), "a success resets the backoff");
+        assert!(ctx.metrics.render().contains("lattice_operator_reconcile_errors_total 27"));
+    }
+}
