@@ -5,7 +5,8 @@
 //! Needs `LATTICE_TEST_KUBECONFIG`; without it each test prints why and passes, unless
 //! `LATTICE_REQUIRE_SERVICES` is set (CI), where it fails. No scheduler or kubelet runs, so pods
 //! stay Pending: the tests assert `Progressing`, not `Ready`. Owner-reference garbage
-//! collection needs kube-controller-manager; the clean-up assertion runs only when it is there.
+//! collection needs kube-controller-manager; the clean-up assertion runs only when it is there
+//! (and says so when it is skipped).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -244,15 +245,11 @@ fn assert_owned<K: Resource>(obj: &K, hs: &MatrixHomeserver) {
     );
 }
 
-/// Whether kube-controller-manager runs (it holds its leader Lease): owner-reference garbage
-/// collection needs it.
-async fn controller_manager_runs(client: &Client) -> bool {
-    Api::<Lease>::namespaced(client.clone(), "kube-system")
-        .get_opt("kube-controller-manager")
-        .await
-        .ok()
-        .flatten()
-        .is_some()
+/// Whether kube-controller-manager runs (owner-reference garbage collection needs it): its
+/// service-account controller gives every namespace a `default` ServiceAccount soon after it is
+/// created (`scripts/kube.sh` runs it without leader election, so there is no Lease to look at).
+async fn controller_manager_runs(client: &Client, ns: &str) -> bool {
+    Api::<ServiceAccount>::namespaced(client.clone(), ns).get_opt("default").await.ok().flatten().is_some()
 }
 
 /// The whole life of one MatrixHomeserver: children, status, a spec change, a missing Secret,
@@ -454,7 +451,7 @@ async fn reconciles_a_homeserver_through_its_life() {
     // the keys stay.
     operator.stop().await;
     api.delete("matrix", &DeleteParams::foreground()).await.expect("deleting the MatrixHomeserver");
-    if controller_manager_runs(&client).await {
+    if controller_manager_runs(&client, &ns).await {
         wait_for("the children to be garbage-collected", || {
             let deployments = deployments.clone();
             async move { deployments.get_opt("matrix").await.ok()?.is_none().then_some(()) }
