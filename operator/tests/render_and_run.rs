@@ -1,4 +1,5 @@
-//! Render and run: the operator reconciles a MatrixHomeserver on the real API server; then the
+//! Render and run, for an embedded and a production (PostgreSQL, Redis, S3) MatrixHomeserver:
+//! the operator reconciles it on the real API server; then the
 //! runtime binary (`LATTICE_BIN`) is started locally the way the kubelet would start the front
 //! pod, from what the operator stored: the container's command and arguments, its environment
 //! (Secret references resolved), and each volume materialised at a local directory (the
@@ -118,8 +119,65 @@ async fn wait_for<T, Fut: std::future::Future<Output = Option<T>>>(
 }
 
 #[tokio::test]
-async fn the_operators_objects_start_a_serving_homeserver() {
+async fn embedded_homeserver_serves_from_the_operators_objects() {
     let Some(inputs) = inputs() else { return };
+    let spec = json!({
+        "serverName": "run.example", "image": "lattice:test",
+        "database": {"embedded": {}}, "kv": {"embedded": {}}, "media": {"volume": {}},
+        "runtimeConfig": {"vars": {"login_per_minute": 0}}
+    });
+    render_and_run(&inputs, spec, &[]).await;
+}
+
+/// PostgreSQL (a fresh database), Redis and S3 from `scripts/services.sh`, reached through the
+/// Secrets the spec names, as environment variables the operator maps them to.
+#[tokio::test]
+async fn production_homeserver_serves_from_the_operators_objects() {
+    let Some(inputs) = inputs() else { return };
+    let var = |k: &str| std::env::var(k).ok();
+    let (Some(pg), Some(redis), Some(endpoint), Some(region), Some(bucket), Some(access), Some(secret)) = (
+        var("LATTICE_TEST_POSTGRES_URL"),
+        var("LATTICE_TEST_REDIS_URL"),
+        var("LATTICE_TEST_S3_ENDPOINT"),
+        var("LATTICE_TEST_S3_REGION"),
+        var("LATTICE_TEST_S3_BUCKET"),
+        var("LATTICE_TEST_S3_ACCESS_KEY"),
+        var("LATTICE_TEST_S3_SECRET_KEY"),
+    ) else {
+        assert!(
+            std::env::var_os("LATTICE_REQUIRE_SERVICES").is_none(),
+            "the services' variables are missing"
+        );
+        eprintln!("skipped: PostgreSQL, Redis and S3 are not configured (scripts/services.sh)");
+        return;
+    };
+    // A fresh database: the homeserver migrates it from scratch.
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let db = format!("op_run_{}", nanos % 1_000_000_000);
+    let created = Command::new("psql")
+        .arg(&pg)
+        .args(["-v", "ON_ERROR_STOP=1", "-c", &format!("CREATE DATABASE {db}")])
+        .output();
+    assert!(created.as_ref().is_ok_and(|o| o.status.success()), "psql CREATE DATABASE: {created:?}");
+    let (base, _) = pg.rsplit_once('/').expect("a database in the URL");
+    let url = format!("{base}/{db}");
+    let spec = json!({
+        "serverName": "prod.example", "image": "lattice:test", "replicas": 2,
+        "database": {"postgres": {"secretRef": {"name": "db"}}},
+        "kv": {"redis": {"secretRef": {"name": "redis", "key": "redis-url"}}},
+        "media": {"s3": {"endpoint": endpoint, "region": region, "bucket": bucket, "credentialsSecret": "s3"}},
+        "runtimeConfig": {"vars": {"login_per_minute": 0}}
+    });
+    let secrets = [
+        ("db", vec![("url", url)]),
+        ("redis", vec![("redis-url", redis)]),
+        ("s3", vec![("accessKeyId", access), ("secretAccessKey", secret)]),
+    ];
+    render_and_run(&inputs, spec, &secrets).await;
+}
+
+async fn render_and_run(inputs: &Inputs, spec: serde_json::Value, secrets: &[(&str, Vec<(&str, String)>)]) {
     let kc = Kubeconfig::read_from(&inputs.kubeconfig).expect("kubeconfig");
     let config =
         kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("config");
@@ -149,6 +207,16 @@ async fn the_operators_objects_start_a_serving_homeserver() {
         .await
         .expect("namespace");
 
+    for (name, data) in secrets {
+        let data: BTreeMap<&str, &String> = data.iter().map(|(k, v)| (*k, v)).collect();
+        let secret: Secret =
+            serde_json::from_value(json!({"metadata": {"name": name}, "stringData": data})).expect("secret");
+        Api::<Secret>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &secret)
+            .await
+            .expect("Secret");
+    }
+
     // The operator renders everything.
     let ctx =
         Arc::new(Context::new(client.clone(), Arc::new(Metrics::default()), Some("render-and-run".into())));
@@ -158,11 +226,7 @@ async fn the_operators_objects_start_a_serving_homeserver() {
     }));
     let hs = json!({
         "apiVersion": "lattice.dev/v1alpha1", "kind": "MatrixHomeserver", "metadata": {"name": "matrix"},
-        "spec": {
-            "serverName": "run.example", "image": "lattice:test",
-            "database": {"embedded": {}}, "kv": {"embedded": {}}, "media": {"volume": {}},
-            "runtimeConfig": {"vars": {"login_per_minute": 0}}
-        }
+        "spec": spec,
     });
     let api = Api::<MatrixHomeserver>::namespaced(client.clone(), &ns);
     api.patch("matrix", &PatchParams::apply("lattice-operator-tests").force(), &Patch::Apply(&hs))
