@@ -2,6 +2,7 @@
 
 pub mod account;
 pub mod admin;
+pub mod backup;
 pub mod cross_signing;
 pub mod discovery;
 pub mod ephemeral;
@@ -313,6 +314,26 @@ fn route_client(ctx: &Ctx, version: &str) -> Result<Reply> {
         ("GET", ["keys", "changes"]) => keys::changes_route(ctx),
         ("POST", ["keys", "device_signing", "upload"]) => cross_signing::device_signing_upload_route(ctx),
         ("POST", ["keys", "signatures", "upload"]) => cross_signing::signatures_upload_route(ctx),
+        ("POST", ["room_keys", "version"]) => backup::create_version_route(ctx),
+        ("GET", ["room_keys", "version"]) => backup::get_version_route(ctx, None),
+        ("GET", ["room_keys", "version", v]) => backup::get_version_route(ctx, Some(v)),
+        ("PUT", ["room_keys", "version", v]) => backup::update_version_route(ctx, v),
+        ("DELETE", ["room_keys", "version", v]) => backup::delete_version_route(ctx, v),
+        ("PUT", ["room_keys", "keys"]) => backup::put_keys_route(ctx, None, None),
+        ("PUT", ["room_keys", "keys", room]) => backup::put_keys_route(ctx, Some(room), None),
+        ("PUT", ["room_keys", "keys", room, session]) => {
+            backup::put_keys_route(ctx, Some(room), Some(session))
+        }
+        ("GET", ["room_keys", "keys"]) => backup::get_keys_route(ctx, None, None),
+        ("GET", ["room_keys", "keys", room]) => backup::get_keys_route(ctx, Some(room), None),
+        ("GET", ["room_keys", "keys", room, session]) => {
+            backup::get_keys_route(ctx, Some(room), Some(session))
+        }
+        ("DELETE", ["room_keys", "keys"]) => backup::delete_keys_route(ctx, None, None),
+        ("DELETE", ["room_keys", "keys", room]) => backup::delete_keys_route(ctx, Some(room), None),
+        ("DELETE", ["room_keys", "keys", room, session]) => {
+            backup::delete_keys_route(ctx, Some(room), Some(session))
+        }
         ("PUT", ["sendToDevice", kind, txn]) => keys::send_to_device_route(ctx, kind, txn),
         ("POST", ["createRoom"]) => rooms::create_room_route(ctx),
         ("GET", ["joined_rooms"]) => rooms::joined_rooms_route(ctx),

@@ -48,6 +48,9 @@ pub enum Error {
     Uia(Value),
     #[error("storage is unavailable")]
     Unavailable { retry_after_secs: u32 },
+    /// A key-backup write names a version that is not the current one.
+    #[error("wrong backup version; the current one is {current_version}")]
+    WrongRoomKeysVersion { current_version: String },
     #[error("{0}")]
     Unknown(String),
     #[error("internal error: {0}")]
@@ -77,6 +80,12 @@ impl Error {
                 );
             }
             Error::MissingToken => (401, "M_MISSING_TOKEN"),
+            Error::WrongRoomKeysVersion { current_version } => {
+                return (
+                    403,
+                    json!({"errcode": "M_WRONG_ROOM_KEYS_VERSION", "error": msg, "current_version": current_version}),
+                );
+            }
             Error::NotJson(_) => (400, "M_NOT_JSON"),
             Error::BadJson(_) => (400, "M_BAD_JSON"),
             Error::InvalidParam(_) => (400, "M_INVALID_PARAM"),

@@ -333,7 +333,8 @@ async fn encrypted(backend: Backend) {
     let url = proxy.url.clone();
     let password = "correct horse battery staple";
     let alice = client(&url).await;
-    let alice_id = register(&alice, &format!("alice{}", lattice_e2e::unique()), password).await.user_id;
+    let alice_local = format!("alice{}", lattice_e2e::unique());
+    let alice_id = register(&alice, &alice_local, password).await.user_id;
     let bob = client(&url).await;
     let bob_id = register(&bob, &format!("bob{}", lattice_e2e::unique()), password).await.user_id;
     // The first syncs upload each device's keys.
@@ -434,6 +435,49 @@ async fn encrypted(backend: Backend) {
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert!(r.body["failures"][bob_id.as_str()][bob_device.as_str()]["errcode"].is_string(), "{:?}", r.body);
+
+    // Key backup: Alice enables recovery (secret storage in her account data, a backup
+    // version, her room keys uploaded); a new device of hers recovers with the recovery key,
+    // downloads the room's keys from the backup and decrypts the history.
+    let recovery_key = alice
+        .encryption()
+        .recovery()
+        .enable()
+        .wait_for_backups_to_upload()
+        .await
+        .expect("alice enables recovery and backs up her keys");
+    let alice2 = client(&url).await;
+    alice2.matrix_auth().login_username(&alice_local, password).send().await.expect("alice logs in again");
+    alice2
+        .sync_once(SyncSettings::new().timeout(Duration::ZERO))
+        .await
+        .expect("first sync of the new device");
+    alice2.encryption().recovery().recover(&recovery_key).await.expect("recover with the recovery key");
+    alice2
+        .encryption()
+        .backups()
+        .download_room_keys_for_room(&room_id)
+        .await
+        .expect("download the room's keys");
+    let history = alice2.get_room(&room_id).expect("the new device knows the room");
+    let mut options = MessagesOptions::backward();
+    options.limit = UInt::from(50_u32);
+    let page = history.messages(options).await.expect("/messages on the new device");
+    let decrypted: Vec<String> = page
+        .chunk
+        .iter()
+        .filter(|e| e.encryption_info().is_some())
+        .filter_map(|e| match seen(e.raw()) {
+            Seen::Message { body, .. } => Some(body),
+            _ => None,
+        })
+        .collect();
+    for body in ["a secret for bob", "a secret for alice", "still secret"] {
+        assert!(
+            decrypted.iter().any(|b| b == body),
+            "the new device decrypts {body:?} from the backup: {decrypted:?}"
+        );
+    }
 
     // What the server stored is ciphertext.
     let raw = lattice_e2e::Client::new(&hs.url)

@@ -303,3 +303,137 @@ async fn to_device_embedded() {
 async fn to_device_production() {
     to_device_end_to_end(Backend::Production).await;
 }
+
+fn backup_data(verified: bool, index: u64, forwarded: u64, tag: &str) -> Value {
+    json!({"first_message_index": index, "forwarded_count": forwarded, "is_verified": verified,
+           "session_data": {"ephemeral": tag, "ciphertext": tag, "mac": tag}})
+}
+
+async fn key_backup_end_to_end(backend: Backend) {
+    let Some(hs) = Homeserver::start(Options::new(backend)).await else { return };
+    let proxy = ValidatingProxy::start(&hs.url).await;
+    let anon = Client::new(&proxy.url);
+    let alice = anon.register("alice", "pw-alice").await;
+    let bob = anon.register("bob", "pw-bob").await;
+    let algorithm = "m.megolm_backup.v1.curve25519-aes-sha2";
+    let r = alice.get("/_matrix/client/v3/room_keys/version").await;
+    assert_eq!((r.status, r.errcode()), (404, "M_NOT_FOUND"), "{:?}", r.body);
+    let create = json!({"algorithm": algorithm, "auth_data": {"public_key": "pk1", "signatures": {}}});
+    let r = alice.post("/_matrix/client/v3/room_keys/version", create.clone()).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let v1 = r.body["version"].as_str().expect("version").to_owned();
+    let r = alice.post("/_matrix/client/v3/room_keys/version", create).await;
+    let v2 = r.body["version"].as_str().expect("version").to_owned();
+    assert_ne!(v1, v2);
+    let r = alice.get("/_matrix/client/v3/room_keys/version").await;
+    assert_eq!(
+        (r.body["version"].as_str(), r.body["count"].as_u64()),
+        (Some(v2.as_str()), Some(0)),
+        "{:?}",
+        r.body
+    );
+    let etag0 = r.body["etag"].as_str().expect("etag").to_owned();
+    // Bob sees none of it.
+    assert_eq!(bob.get("/_matrix/client/v3/room_keys/version").await.status, 404);
+
+    // Keys at all three levels, into the current version only.
+    let room = "!r:example.org";
+    let put = |path: String, body: Value| {
+        let alice = alice.clone();
+        async move { alice.put(&path, body).await }
+    };
+    let r = put(format!("/_matrix/client/v3/room_keys/keys?version={v1}"), json!({"rooms": {}})).await;
+    assert_eq!((r.status, r.errcode()), (403, "M_WRONG_ROOM_KEYS_VERSION"), "{:?}", r.body);
+    assert_eq!(r.body["current_version"], json!(v2));
+    let r = put(
+        format!("/_matrix/client/v3/room_keys/keys?version={v2}"),
+        json!({"rooms": {room: {"sessions": {"s1": backup_data(false, 5, 1, "a"), "s2": backup_data(false, 0, 0, "b")}}}}),
+    )
+    .await;
+    assert_eq!((r.status, r.body["count"].as_u64()), (200, Some(2)), "{:?}", r.body);
+    assert_ne!(r.body["etag"].as_str(), Some(etag0.as_str()), "the etag moved");
+    let enc_room = lattice_e2e::enc(room);
+    let r = put(
+        format!("/_matrix/client/v3/room_keys/keys/{enc_room}?version={v2}"),
+        json!({"sessions": {"s3": backup_data(true, 0, 0, "c")}}),
+    )
+    .await;
+    assert_eq!(r.body["count"], 3, "{:?}", r.body);
+    // A worse session does not replace a better one; a better one does.
+    let r = put(
+        format!("/_matrix/client/v3/room_keys/keys/{enc_room}/s2?version={v2}"),
+        backup_data(false, 3, 0, "worse"),
+    )
+    .await;
+    let etag_before = r.body["etag"].clone();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = alice.get(&format!("/_matrix/client/v3/room_keys/keys/{enc_room}/s2?version={v2}")).await;
+    assert_eq!(r.body["session_data"]["ciphertext"], "b", "kept the better session: {:?}", r.body);
+    let r = put(
+        format!("/_matrix/client/v3/room_keys/keys/{enc_room}/s1?version={v2}"),
+        backup_data(true, 5, 1, "verified"),
+    )
+    .await;
+    assert_ne!(r.body["etag"], etag_before, "{:?}", r.body);
+    let r = alice.get(&format!("/_matrix/client/v3/room_keys/keys?version={v2}")).await;
+    assert_eq!(
+        r.body["rooms"][room]["sessions"]["s1"]["session_data"]["ciphertext"], "verified",
+        "{:?}",
+        r.body
+    );
+    assert_eq!(r.body["rooms"][room]["sessions"].as_object().map(serde_json::Map::len), Some(3));
+    let r = put(
+        format!("/_matrix/client/v3/room_keys/keys/{enc_room}/s9?version={v2}"),
+        json!({"first_message_index": 0}),
+    )
+    .await;
+    assert_eq!((r.status, r.errcode()), (400, "M_BAD_JSON"), "{:?}", r.body);
+
+    // Delete one, then the room, then the version.
+    let r = alice
+        .raw("DELETE", &format!("/_matrix/client/v3/room_keys/keys/{enc_room}/s1?version={v2}"), None)
+        .await;
+    assert_eq!(r.body["count"], 2, "{:?}", r.body);
+    let r = alice
+        .raw("DELETE", &format!("/_matrix/client/v3/room_keys/keys/{enc_room}?version={v2}"), None)
+        .await;
+    assert_eq!(r.body["count"], 0, "{:?}", r.body);
+    let r = alice
+        .put(
+            &format!("/_matrix/client/v3/room_keys/version/{v2}"),
+            json!({"algorithm": "other", "auth_data": {}}),
+        )
+        .await;
+    assert_eq!((r.status, r.errcode()), (400, "M_INVALID_PARAM"), "{:?}", r.body);
+    let r = alice
+        .put(
+            &format!("/_matrix/client/v3/room_keys/version/{v2}"),
+            json!({"algorithm": algorithm, "auth_data": {"public_key": "pk2"}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        alice.get(&format!("/_matrix/client/v3/room_keys/version/{v2}")).await.body["auth_data"]["public_key"],
+        "pk2"
+    );
+    let r = alice.raw("DELETE", &format!("/_matrix/client/v3/room_keys/version/{v2}"), None).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = alice.get("/_matrix/client/v3/room_keys/version").await;
+    assert_eq!(r.body["version"], json!(v1), "the older version is current again: {:?}", r.body);
+    let r = alice
+        .post("/_matrix/client/v3/room_keys/version", json!({"algorithm": algorithm, "auth_data": {}}))
+        .await;
+    let v3: u64 = r.body["version"].as_str().expect("version").parse().expect("number");
+    assert!(v3 > v2.parse::<u64>().expect("number"), "a deleted version's number is not reused");
+    proxy.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn key_backup_embedded() {
+    key_backup_end_to_end(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn key_backup_production() {
+    key_backup_end_to_end(Backend::Production).await;
+}

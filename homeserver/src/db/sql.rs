@@ -188,6 +188,18 @@ pub const V8_CROSS_SIGNING_STREAM: Sql = sql(
     "CREATE INDEX cross_signing_keys_stream ON cross_signing_keys (stream_pos)",
 );
 
+// ---- Schema, version 9: server-side key backup -----------------------------------------------
+pub const V9_BACKUP_VERSIONS: Sql = sql(
+    "v9_backup_versions",
+    "",
+    "CREATE TABLE key_backup_versions (user_id TEXT NOT NULL, version INTEGER NOT NULL, algorithm TEXT NOT NULL, auth_data TEXT NOT NULL, etag INTEGER NOT NULL, deleted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (user_id, version))",
+);
+pub const V9_BACKUP_SESSIONS: Sql = sql(
+    "v9_backup_sessions",
+    "",
+    "CREATE TABLE key_backup_sessions (user_id TEXT NOT NULL, version INTEGER NOT NULL, room_id TEXT NOT NULL, session_id TEXT NOT NULL, json TEXT NOT NULL, PRIMARY KEY (user_id, version, room_id, session_id))",
+);
+
 /// The migration bookkeeping, created before anything else (idempotent).
 pub const MIGRATIONS_TABLE: Sql = sql(
     "migrations_table",
@@ -507,6 +519,68 @@ pub const CROSS_SIGNING_UPSERT: Sql = sql(
 );
 pub const CROSS_SIGNING_OF_USER: Sql =
     sql("cross_signing_of_user", "t", "SELECT kind, json FROM cross_signing_keys WHERE user_id = ?");
+/// A new backup version: one more than any the user ever had (deleted ones included).
+pub const BACKUP_VERSION_CREATE: Sql = sql(
+    "backup_version_create",
+    "tttt",
+    "INSERT INTO key_backup_versions (user_id, version, algorithm, auth_data, etag) VALUES (?, (SELECT COALESCE(MAX(version), 0) + 1 FROM key_backup_versions WHERE user_id = ?), ?, ?, 0)",
+);
+pub const BACKUP_VERSION_LATEST: Sql = sql(
+    "backup_version_latest",
+    "t",
+    "SELECT version, algorithm, auth_data, etag, (SELECT COUNT(*) FROM key_backup_sessions s WHERE s.user_id = v.user_id AND s.version = v.version) AS count FROM key_backup_versions v WHERE v.user_id = ? AND v.deleted = 0 ORDER BY v.version DESC LIMIT 1",
+);
+pub const BACKUP_VERSION_GET: Sql = sql(
+    "backup_version_get",
+    "ti",
+    "SELECT version, algorithm, auth_data, etag, (SELECT COUNT(*) FROM key_backup_sessions s WHERE s.user_id = v.user_id AND s.version = v.version) AS count FROM key_backup_versions v WHERE v.user_id = ? AND v.version = ? AND v.deleted = 0",
+);
+pub const BACKUP_VERSION_UPDATE: Sql = sql(
+    "backup_version_update",
+    "tti",
+    "UPDATE key_backup_versions SET auth_data = ? WHERE user_id = ? AND version = ? AND deleted = 0",
+);
+pub const BACKUP_VERSION_DELETE: Sql = sql(
+    "backup_version_delete",
+    "ti",
+    "UPDATE key_backup_versions SET deleted = 1 WHERE user_id = ? AND version = ? AND deleted = 0",
+);
+/// Moves the version's etag on: its stored keys changed.
+pub const BACKUP_ETAG_BUMP: Sql = sql(
+    "backup_etag_bump",
+    "ti",
+    "UPDATE key_backup_versions SET etag = etag + 1 WHERE user_id = ? AND version = ?",
+);
+pub const BACKUP_SESSION_UPSERT: Sql = sql(
+    "backup_session_upsert",
+    "tittt",
+    "INSERT INTO key_backup_sessions (user_id, version, room_id, session_id, json) VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_id, version, room_id, session_id) DO UPDATE SET json = excluded.json",
+);
+pub const BACKUP_SESSION_GET: Sql = sql(
+    "backup_session_get",
+    "titt",
+    "SELECT json FROM key_backup_sessions WHERE user_id = ? AND version = ? AND room_id = ? AND session_id = ?",
+);
+pub const BACKUP_SESSIONS_ALL: Sql = sql(
+    "backup_sessions_all",
+    "ti",
+    "SELECT room_id, session_id, json FROM key_backup_sessions WHERE user_id = ? AND version = ?",
+);
+pub const BACKUP_SESSIONS_DELETE_ALL: Sql = sql(
+    "backup_sessions_delete_all",
+    "ti",
+    "DELETE FROM key_backup_sessions WHERE user_id = ? AND version = ?",
+);
+pub const BACKUP_SESSIONS_DELETE_ROOM: Sql = sql(
+    "backup_sessions_delete_room",
+    "tit",
+    "DELETE FROM key_backup_sessions WHERE user_id = ? AND version = ? AND room_id = ?",
+);
+pub const BACKUP_SESSIONS_DELETE_ONE: Sql = sql(
+    "backup_sessions_delete_one",
+    "titt",
+    "DELETE FROM key_backup_sessions WHERE user_id = ? AND version = ? AND room_id = ? AND session_id = ?",
+);
 pub const E2E_COUNTS_UPSERT: Sql = sql(
     "e2e_counts_upsert",
     "tttt",
@@ -762,6 +836,18 @@ pub const ALL: &[Sql] = &[
     DEVICE_LIST_CHANGES,
     CROSS_SIGNING_UPSERT,
     CROSS_SIGNING_OF_USER,
+    BACKUP_VERSION_CREATE,
+    BACKUP_VERSION_LATEST,
+    BACKUP_VERSION_GET,
+    BACKUP_VERSION_UPDATE,
+    BACKUP_VERSION_DELETE,
+    BACKUP_ETAG_BUMP,
+    BACKUP_SESSION_UPSERT,
+    BACKUP_SESSION_GET,
+    BACKUP_SESSIONS_ALL,
+    BACKUP_SESSIONS_DELETE_ALL,
+    BACKUP_SESSIONS_DELETE_ROOM,
+    BACKUP_SESSIONS_DELETE_ONE,
     E2E_COUNTS_UPSERT,
     E2E_COUNTS_GET,
     E2E_COUNTS_DELETE,
@@ -841,4 +927,5 @@ pub const MIGRATIONS: &[(i64, &str, &[Sql])] = &[
     (6, "end-to-end encryption keys", &[V6_DEVICE_KEYS, V6_DEVICE_KEYS_STREAM, V6_E2E_COUNTS]),
     (7, "to-device messages", &[V7_TO_DEVICE, V7_TO_DEVICE_TXNS]),
     (8, "cross-signing keys", &[V8_CROSS_SIGNING, V8_CROSS_SIGNING_STREAM]),
+    (9, "key backup", &[V9_BACKUP_VERSIONS, V9_BACKUP_SESSIONS]),
 ];
