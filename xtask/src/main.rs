@@ -9,6 +9,8 @@
 //! - `guests`: build the guest components and print where they are.
 //! - `bench`: the runtime's benchmarks (see BENCHMARKS.md).
 //! - `check-invariants`: the architecture invariants that a grep can check.
+//! - `crdgen`: regenerate the CRD YAML (`crds/` and the chart's copy) from the operator's types;
+//!   `operator/tests/crdgen.rs` fails when they are stale.
 //!
 //! Slow builds are cached outside the clone: `CARGO_TARGET_DIR` defaults to
 //! `/var/cache/lattice/target` (set in `.cargo/config.toml`), tools to `/var/cache/lattice/tools`.
@@ -32,7 +34,11 @@ fn main() -> anyhow::Result<()> {
         }
         Some("bench") => bench(&root, &args[1..]),
         Some("check-invariants") => check_invariants(&root),
-        _ => bail!("usage: cargo xtask <dev|ci|guests|bench|check-invariants>"),
+        Some("crdgen") => run(cargo()
+            .current_dir(&root)
+            .args(["run", "--quiet", "-p", "lattice-operator", "--", "crdgen"])
+            .arg(&root)),
+        _ => bail!("usage: cargo xtask <dev|ci|guests|bench|check-invariants|crdgen>"),
     }
 }
 
