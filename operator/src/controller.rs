@@ -305,6 +305,8 @@ async fn reconcile_inner(hs: &MatrixHomeserver, ctx: &Context) -> Result<Action,
         "{ready_replicas} of {want_replicas} front pods ready ({updated} updated), {ready_shards} of {want_shards} shard pods ready"
     );
     let selector = format!("app.kubernetes.io/instance={name}");
+    let stuck = rollout_problem(&deployment)
+        .map(|p| format!("{p}; kubectl describe pods -n {ns} -l {selector}, and kubectl get events -n {ns}"));
     let conditions = [
         if all_ready {
             cond(READY, true, "AllPodsReady", &pods)
@@ -322,11 +324,29 @@ async fn reconcile_inner(hs: &MatrixHomeserver, ctx: &Context) -> Result<Action,
         },
         if all_ready {
             cond(PROGRESSING, false, "RolledOut", "every child is applied and every pod is ready")
+        } else if stuck.is_some() {
+            cond(
+                PROGRESSING,
+                false,
+                "RolloutStuck",
+                "the front pods stopped progressing: see the Degraded condition",
+            )
         } else {
             cond(PROGRESSING, true, "RollingOut", &format!("children applied; waiting for pods: {pods}"))
         },
-        cond(DEGRADED, false, "AsExpected", "the spec is valid and every referenced Secret exists"),
+        match &stuck {
+            Some(message) => cond(DEGRADED, true, "RolloutStuck", message),
+            None => {
+                cond(DEGRADED, false, "AsExpected", "the spec is valid and every referenced Secret exists")
+            }
+        },
     ];
+    if let Some(message) = &stuck {
+        let was = hs.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == DEGRADED));
+        if was.is_none_or(|c| c.reason != "RolloutStuck") {
+            publish(ctx, hs, EventType::Warning, "RolloutStuck", "Rollout", message).await;
+        }
+    }
     let status = MatrixHomeserverStatus {
         conditions: merge_conditions(hs, conditions.to_vec()),
         observed_generation: hs.metadata.generation,
@@ -337,6 +357,30 @@ async fn reconcile_inner(hs: &MatrixHomeserver, ctx: &Context) -> Result<Action,
     };
     write_status(hs, ctx, status).await?;
     Ok(Action::requeue(if all_ready { RESYNC } else { WAIT_RECHECK }))
+}
+
+/// What the Deployment controller reports as stuck for the current template (a progress
+/// deadline passed, or pods cannot be created), once it has observed that template.
+fn rollout_problem(d: &Deployment) -> Option<String> {
+    let status = d.status.as_ref()?;
+    if status.observed_generation < d.metadata.generation {
+        return None;
+    }
+    let conditions = status.conditions.as_deref().unwrap_or_default();
+    conditions
+        .iter()
+        .find(|c| {
+            (c.type_ == "ReplicaFailure" && c.status == "True")
+                || (c.type_ == "Progressing" && c.status == "False")
+        })
+        .map(|c| {
+            format!(
+                "Deployment {}: {} ({})",
+                d.metadata.name.as_deref().unwrap_or_default(),
+                c.message.as_deref().unwrap_or("no message"),
+                c.reason.as_deref().unwrap_or("no reason")
+            )
+        })
 }
 
 fn invalid_spec_message(e: &SpecError) -> String {

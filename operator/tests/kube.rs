@@ -960,3 +960,43 @@ async fn route_asks_the_gateway_api_for_an_http_route() {
     assert!(e.to_string().contains("not both"), "{e}");
     operator.stop().await;
 }
+
+/// A rollout the Deployment controller gives up on (here: its progress deadline, shortened by
+/// another field manager, passes while the pods stay Pending without a scheduler) becomes
+/// `Degraded` with the Deployment's own message. Needs kube-controller-manager.
+#[tokio::test]
+async fn a_stuck_rollout_is_degraded() {
+    let Some(client) = admin().await else { return };
+    let ns = namespace(&client, "op-stuck").await;
+    provide_secrets(&client, &ns).await;
+    let operator = Operator::start(client.clone(), &ns);
+    let api = Api::<MatrixHomeserver>::namespaced(client.clone(), &ns);
+    let g = apply_homeserver(&client, &ns, production_spec())
+        .await
+        .expect("apply")
+        .metadata
+        .generation
+        .expect("generation");
+    wait_status(&api, g, "children applied", |hs| is(hs, PROGRESSING, "True", "RollingOut")).await;
+    if !controller_manager_runs(&client, &ns).await {
+        eprintln!("skipped: no kube-controller-manager runs, so no Deployment reports progress");
+        operator.stop().await;
+        return;
+    }
+    // A field the operator does not set, owned by another manager: the operator's apply keeps it.
+    let deadline = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "matrix"}, "spec": {"progressDeadlineSeconds": 1}});
+    Api::<Deployment>::namespaced(client.clone(), &ns)
+        .patch("matrix", &PatchParams::apply("impatient-admin"), &Patch::Apply(&deadline))
+        .await
+        .expect("shortening the progress deadline");
+    let hs =
+        wait_status(&api, g, "Degraded for the stuck rollout", |hs| is(hs, DEGRADED, "True", "RolloutStuck"))
+            .await;
+    let message = &condition(&hs, DEGRADED).expect("Degraded").message;
+    assert!(
+        message.contains("Deployment matrix") && message.contains("ProgressDeadlineExceeded"),
+        "{message}"
+    );
+    assert!(is(&hs, PROGRESSING, "False", "RolloutStuck"));
+    operator.stop().await;
+}
