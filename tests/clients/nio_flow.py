@@ -4,13 +4,16 @@
 Two users, alice and bob, drive it through nio's AsyncClient: register, a second login with the
 password (checked with whoami), create a room, invite, join, messages both ways received through
 /sync long-polls with since tokens, back and forward pagination with room_messages, leave, and
-error paths (wrong password, sending to a room one is not in, a logged-out token).
+error paths (wrong password, sending to a room one is not in, a logged-out token). With
+--e2ee-store, two more clients with encryption on exchange messages in an encrypted room and
+decrypt each other's.
 
 Every wait is a sync long-poll bounded by a deadline; nothing sleeps. Any failure prints
 `FAIL [step]: reason` with the last HTTP exchange of the client involved and exits 1; success
 prints `nio flow: OK` and exits 0.
 
 Usage: nio_flow.py --homeserver URL --server-name NAME [--suffix S] [--deadline SECONDS]
+                   [--e2ee-store DIR]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -30,6 +34,8 @@ from nio import (
     AsyncClientConfig,
     ErrorResponse,
     JoinResponse,
+    KeysQueryResponse,
+    KeysUploadResponse,
     LoginResponse,
     LogoutResponse,
     MessageDirection,
@@ -68,10 +74,17 @@ class Client(AsyncClient):
     # Responses received by all clients.
     exchanges = 0
 
-    def __init__(self, homeserver: str, label: str, user: str = "") -> None:
+    def __init__(self, homeserver: str, label: str, user: str = "", store: str | None = None) -> None:
         # Fail fast: no retries on 429 or on timeouts, so a server fault shows as a failure.
-        config = AsyncClientConfig(max_limit_exceeded=0, max_timeouts=0, request_timeout=60)
-        super().__init__(homeserver, user=user, config=config)
+        # With a store directory the client does end-to-end encryption (vodozemac).
+        config = AsyncClientConfig(
+            max_limit_exceeded=0,
+            max_timeouts=0,
+            request_timeout=60,
+            encryption_enabled=store is not None,
+            store_sync_tokens=False,
+        )
+        super().__init__(homeserver, user=user, config=config, store_path=store or "")
         self.label = label
         self.last_exchange: str = "(none)"
 
@@ -538,6 +551,77 @@ async def run(hs: str, server_name: str, suffix: str) -> None:
             await c.close()
 
 
+async def run_e2ee(hs: str, server_name: str, suffix: str, store: str) -> None:
+    """Two nio clients with encryption on: an encrypted room, messages both ways, each
+    decrypted by the other side (keys uploaded, queried and claimed, Olm sessions carrying the
+    Megolm session keys as to-device messages)."""
+    clients: list[Client] = []
+    try:
+        step = begin("e2ee: register")
+        users = {}
+        for name in ("alice", "bob"):
+            c = Client(hs, f"{name}(e2ee)", store=f"{store}/{name}")
+            clients.append(c)
+            os.makedirs(f"{store}/{name}", exist_ok=True)
+            local = f"nio_e2ee_{name}_{suffix}"
+            r = expect(step, await c.register(local, f"{name}-pw-{suffix}", f"nio e2ee {name}"), RegisterResponse, c)
+            users[name] = (c, r.user_id)
+        (alice, alice_id), (bob, bob_id) = users["alice"], users["bob"]
+
+        step = begin("e2ee: upload keys")
+        for c in (alice, bob):
+            await sync_once(step, c, 0)
+            if c.should_upload_keys:
+                expect(step, await c.keys_upload(), KeysUploadResponse, c)
+            check(step, not c.should_upload_keys, f"{c.label} still has keys to upload", c)
+
+        step = begin("e2ee: encrypted room")
+        r = expect(
+            step,
+            await alice.room_create(
+                name="nio e2ee",
+                invite=[bob_id],
+                initial_state=[{"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}],
+            ),
+            RoomCreateResponse,
+            alice,
+        )
+        room_id = r.room_id
+        await sync_until(step, bob, "the invite", lambda resp: True if room_id in resp.rooms.invite else None)
+        expect(step, await bob.join(room_id), JoinResponse, bob)
+        await sync_until(
+            step, alice, "bob's join", lambda resp: member_event(joined_timeline(resp, room_id), bob_id, "join")
+        )
+
+        async def send_encrypted(sender: Client, receiver: Client, body: str) -> None:
+            step = begin(f"e2ee: {sender.label} sends {body!r}")
+            await sync_once(step, sender, 0)
+            if sender.should_query_keys:
+                expect(step, await sender.keys_query(), KeysQueryResponse, sender)
+            resp = await sender.room_send(
+                room_id, "m.room.message", {"msgtype": "m.text", "body": body}, ignore_unverified_devices=True
+            )
+            sent = expect(step, resp, RoomSendResponse, sender)
+
+            def decrypted(resp: SyncResponse) -> RoomMessageText | None:
+                for ev in joined_timeline(resp, room_id):
+                    if getattr(ev, "event_id", None) == sent.event_id:
+                        check(step, isinstance(ev, RoomMessageText), f"not decrypted: {describe(ev)}", receiver)
+                        return ev
+                return None
+
+            ev = await sync_until(step, receiver, f"{body!r} decrypted", decrypted)
+            check(step, ev.body == body, f"decrypted body {ev.body!r}, wanted {body!r}", receiver)
+            check(step, ev.decrypted, f"{body!r} did not arrive encrypted", receiver)
+
+        await send_encrypted(alice, bob, "a secret from nio alice")
+        await send_encrypted(bob, alice, "a secret from nio bob")
+        await send_encrypted(alice, bob, "and another")
+    finally:
+        for c in clients:
+            await c.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--homeserver", required=True, help="client API base URL, e.g. http://127.0.0.1:8008")
@@ -547,6 +631,7 @@ def main() -> int:
     ap.add_argument("--suffix", default=uuid.uuid4().hex[:10], help="makes user names unique")
     ap.add_argument("--deadline", type=float, default=300.0, help="seconds for the whole flow")
     ap.add_argument("--trace", action="store_true", help="print every HTTP exchange to stderr")
+    ap.add_argument("--e2ee-store", help="also run the encrypted flow, keeping the clients' stores here")
     args = ap.parse_args()
     global TRACE
     TRACE = args.trace
@@ -556,6 +641,13 @@ def main() -> int:
         asyncio.run(
             asyncio.wait_for(run(args.homeserver.rstrip("/"), args.server_name, args.suffix), args.deadline)
         )
+        if args.e2ee_store:
+            asyncio.run(
+                asyncio.wait_for(
+                    run_e2ee(args.homeserver.rstrip("/"), args.server_name, args.suffix, args.e2ee_store),
+                    args.deadline,
+                )
+            )
     except FlowError as e:
         print(f"FAIL [{e.step}]: {e}", file=sys.stderr)
         if e.client is not None:

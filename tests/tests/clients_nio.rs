@@ -2,7 +2,9 @@
 //! `tests/clients/nio_flow.py` registers two users, logs in again with a password (checked with
 //! whoami), creates a room, invites, joins, sends messages both ways received through `/sync`
 //! long-polls, paginates back and forward with `/messages`, leaves, and checks error paths
-//! (wrong password, sending to a room one is not in, a logged-out token).
+//! (wrong password, sending to a room one is not in, a logged-out token); then two nio clients
+//! with encryption on (vodozemac) exchange messages in an encrypted room, each decrypting the
+//! other's.
 //!
 //! The script runs in a venv with `tests/clients/requirements-nio.txt`, kept under
 //! `/var/cache/lattice/tools` (see `common/python.rs`).
@@ -40,11 +42,14 @@ async fn nio_flow(backend: Backend) {
 
     let proxy = ValidatingProxy::start(&hs.url).await;
     let script = clients_dir().join("nio_flow.py");
+    let stores = tempfile::tempdir().expect("a directory for the clients' crypto stores");
     let started = Instant::now();
     let child = Command::new(&python)
         .arg(&script)
         .args(["--homeserver", &proxy.url, "--server-name", &hs.server_name])
         .args(["--suffix", &lattice_e2e::unique(), "--deadline", &SCRIPT_DEADLINE.as_secs().to_string()])
+        .arg("--e2ee-store")
+        .arg(stores.path())
         .env("PYTHONUNBUFFERED", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
