@@ -4,6 +4,7 @@ pub mod account;
 pub mod admin;
 pub mod backup;
 pub mod cross_signing;
+pub mod dehydrated;
 pub mod discovery;
 pub mod ephemeral;
 pub mod keys;
@@ -230,6 +231,7 @@ fn handle(req: Request, settings: Settings) -> Result<Reply> {
         [".well-known", "matrix", ..] => (2, Area::WellKnown),
         ["_matrix", "client", "versions"] => (2, Area::Versions),
         ["_matrix", "client", "v3" | "r0" | "v1", ..] => (3, Area::Client),
+        ["_matrix", "client", "unstable", "org.matrix.msc3814.v1", ..] => (4, Area::Dehydrated),
         ["_lattice", "admin", "v1", ..] => (3, Area::Admin),
         _ => return Err(Error::Unrecognized { method_not_allowed: false }),
     };
@@ -241,6 +243,7 @@ fn handle(req: Request, settings: Settings) -> Result<Reply> {
         Area::Versions => discovery::versions(&ctx),
         Area::Admin => admin::route(&ctx),
         Area::Client => route_client(&ctx, &version),
+        Area::Dehydrated => route_dehydrated(&ctx),
     }
 }
 
@@ -248,7 +251,20 @@ enum Area {
     WellKnown,
     Versions,
     Client,
+    /// MSC3814 under its unstable prefix.
+    Dehydrated,
     Admin,
+}
+
+fn route_dehydrated(ctx: &Ctx) -> Result<Reply> {
+    let s: Vec<&str> = ctx.segments.iter().map(String::as_str).collect();
+    match (ctx.req.method.as_str(), s.as_slice()) {
+        ("PUT", ["dehydrated_device"]) => dehydrated::put_route(ctx),
+        ("GET", ["dehydrated_device"]) => dehydrated::get_route(ctx),
+        ("DELETE", ["dehydrated_device"]) => dehydrated::delete_route(ctx),
+        ("POST", ["dehydrated_device", device, "events"]) => dehydrated::events_route(ctx, device),
+        _ => Err(unrecognized(ctx)),
+    }
 }
 
 fn route_client(ctx: &Ctx, version: &str) -> Result<Reply> {

@@ -437,3 +437,103 @@ async fn key_backup_embedded() {
 async fn key_backup_production() {
     key_backup_end_to_end(Backend::Production).await;
 }
+
+const MSC3814: &str = "/_matrix/client/unstable/org.matrix.msc3814.v1";
+
+async fn dehydrated_end_to_end(backend: Backend) {
+    let Some(hs) = Homeserver::start(Options::new(backend)).await else { return };
+    let proxy = ValidatingProxy::start(&hs.url).await;
+    let anon = Client::new(&proxy.url);
+    let alice = anon.register("alice", "pw-alice").await;
+    let bob = anon.register("bob", "pw-bob").await;
+    let (alice_id, _) = whoami(&alice).await;
+    let r = anon.get("/_matrix/client/versions").await;
+    assert_eq!(r.body["unstable_features"]["org.matrix.msc3814"], true, "{:?}", r.body);
+    let r = alice.get(&format!("{MSC3814}/dehydrated_device")).await;
+    assert_eq!((r.status, r.errcode()), (404, "M_NOT_FOUND"), "{:?}", r.body);
+
+    let put = |device: &str, data: &str| {
+        let (alice, alice_id, device, data) =
+            (alice.clone(), alice_id.clone(), device.to_owned(), data.to_owned());
+        async move {
+            let mut keys = device_keys(&alice_id, &device, 7);
+            keys["dehydrated"] = json!(true);
+            alice
+                .put(
+                    &format!("{MSC3814}/dehydrated_device"),
+                    json!({"device_id": device, "initial_device_display_name": "dehydrated", "device_data": {"algorithm": "x", "data": data},
+                           "device_keys": keys, "one_time_keys": {format!("{ALG}:D1"): otk(1)}}),
+                )
+                .await
+        }
+    };
+    let r = put("DEHY1", "first").await;
+    assert_eq!((r.status, r.body["device_id"].as_str()), (200, Some("DEHY1")), "{:?}", r.body);
+    let r = alice.get(&format!("{MSC3814}/dehydrated_device")).await;
+    assert_eq!(r.body["device_data"]["data"], "first", "{:?}", r.body);
+    // Others see it as a device with keys, and can claim its one-time key.
+    let r = bob
+        .post("/_matrix/client/v3/keys/query", json!({"device_keys": {alice_id.clone(): ["DEHY1"]}}))
+        .await;
+    assert_eq!(r.body["device_keys"][&alice_id]["DEHY1"]["dehydrated"], true, "{:?}", r.body);
+    let r = bob
+        .post("/_matrix/client/v3/keys/claim", json!({"one_time_keys": {alice_id.clone(): {"DEHY1": ALG}}}))
+        .await;
+    assert!(r.body["one_time_keys"][&alice_id]["DEHY1"][format!("{ALG}:D1")].is_object(), "{:?}", r.body);
+
+    // While alice is offline, bob sends to all her devices; the dehydrated one collects them.
+    for n in 0..3 {
+        let r = bob
+            .put(
+                &format!("/_matrix/client/v3/sendToDevice/m.room.encrypted/d{n}"),
+                json!({"messages": {alice_id.clone(): {"*": {"n": n}}}}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let events = |next: Option<String>| {
+        let alice = alice.clone();
+        async move {
+            let body = match next {
+                Some(n) => json!({"next_batch": n}),
+                None => json!({}),
+            };
+            alice.post(&format!("{MSC3814}/dehydrated_device/DEHY1/events"), body).await
+        }
+    };
+    let r = events(None).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let got: Vec<u64> = r.body["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["content"]["n"].as_u64().expect("n"))
+        .collect();
+    assert_eq!(got, vec![0, 1, 2], "{:?}", r.body);
+    let next = r.body["next_batch"].as_str().expect("next_batch").to_owned();
+    let r = events(Some(next.clone())).await;
+    assert_eq!(r.body["events"], json!([]), "acknowledged messages are gone: {:?}", r.body);
+    let r = alice.post(&format!("{MSC3814}/dehydrated_device/NOTMINE/events"), json!({})).await;
+    assert_eq!((r.status, r.errcode()), (403, "M_FORBIDDEN"), "{:?}", r.body);
+
+    // A new dehydrated device replaces the old one, which disappears with its keys.
+    let r = put("DEHY2", "second").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = bob.post("/_matrix/client/v3/keys/query", json!({"device_keys": {alice_id.clone(): []}})).await;
+    let devices = r.body["device_keys"][&alice_id].as_object().cloned().unwrap_or_default();
+    assert!(devices.contains_key("DEHY2") && !devices.contains_key("DEHY1"), "{:?}", r.body);
+    let r = alice.raw("DELETE", &format!("{MSC3814}/dehydrated_device"), None).await;
+    assert_eq!(r.body["device_id"], "DEHY2", "{:?}", r.body);
+    assert_eq!(alice.get(&format!("{MSC3814}/dehydrated_device")).await.status, 404);
+    proxy.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dehydrated_device_embedded() {
+    dehydrated_end_to_end(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dehydrated_device_production() {
+    dehydrated_end_to_end(Backend::Production).await;
+}

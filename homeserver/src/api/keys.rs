@@ -313,9 +313,8 @@ pub fn send_to_device_route(ctx: &Ctx, kind: &str, txn: &str) -> Result<Reply> {
 }
 
 /// The device's to-device messages up to `upto` (at most [`TO_DEVICE_PER_SYNC`]), after
-/// deleting those the since token acknowledges; with the stream position the sync must stop
-/// at when there are more.
-pub fn to_device_for_sync(
+/// deleting those `since` acknowledges; with the stream position of the last one.
+pub fn to_device_page(
     ctx: &Ctx,
     user: &str,
     device: &str,
@@ -330,9 +329,7 @@ pub fn to_device_for_sync(
         sql::TO_DEVICE_FOR_DEVICE,
         vec![db::t(user), db::t(device), db::i(upto), db::i(TO_DEVICE_PER_SYNC)],
     )?;
-    let stop = (rows.len() as i64 == TO_DEVICE_PER_SYNC)
-        .then(|| rows.last().and_then(|r| r.int("stream_pos")))
-        .flatten();
+    let last = rows.last().and_then(|r| r.int("stream_pos"));
     let events = rows
         .iter()
         .map(|r| {
@@ -343,5 +340,19 @@ pub fn to_device_for_sync(
             })
         })
         .collect();
+    Ok((events, last))
+}
+
+/// [`to_device_page`] for `/sync`, with the stream position the sync must stop at when there
+/// are more than one response carries.
+pub fn to_device_for_sync(
+    ctx: &Ctx,
+    user: &str,
+    device: &str,
+    since: Option<i64>,
+    upto: i64,
+) -> Result<(Vec<Value>, Option<i64>)> {
+    let (events, last) = to_device_page(ctx, user, device, since, upto)?;
+    let stop = (events.len() as i64 == TO_DEVICE_PER_SYNC).then_some(last).flatten();
     Ok((events, stop))
 }

@@ -200,6 +200,13 @@ pub const V9_BACKUP_SESSIONS: Sql = sql(
     "CREATE TABLE key_backup_sessions (user_id TEXT NOT NULL, version INTEGER NOT NULL, room_id TEXT NOT NULL, session_id TEXT NOT NULL, json TEXT NOT NULL, PRIMARY KEY (user_id, version, room_id, session_id))",
 );
 
+// ---- Schema, version 10: dehydrated devices (MSC3814) ----------------------------------------
+pub const V10_DEHYDRATED: Sql = sql(
+    "v10_dehydrated",
+    "",
+    "CREATE TABLE dehydrated_devices (user_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, device_data TEXT NOT NULL)",
+);
+
 /// The migration bookkeeping, created before anything else (idempotent).
 pub const MIGRATIONS_TABLE: Sql = sql(
     "migrations_table",
@@ -581,6 +588,15 @@ pub const BACKUP_SESSIONS_DELETE_ONE: Sql = sql(
     "titt",
     "DELETE FROM key_backup_sessions WHERE user_id = ? AND version = ? AND room_id = ? AND session_id = ?",
 );
+pub const DEHYDRATED_UPSERT: Sql = sql(
+    "dehydrated_upsert",
+    "ttt",
+    "INSERT INTO dehydrated_devices (user_id, device_id, device_data) VALUES (?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET device_id = excluded.device_id, device_data = excluded.device_data",
+);
+pub const DEHYDRATED_GET: Sql =
+    sql("dehydrated_get", "t", "SELECT device_id, device_data FROM dehydrated_devices WHERE user_id = ?");
+pub const DEHYDRATED_DELETE: Sql =
+    sql("dehydrated_delete", "t", "DELETE FROM dehydrated_devices WHERE user_id = ?");
 pub const E2E_COUNTS_UPSERT: Sql = sql(
     "e2e_counts_upsert",
     "tttt",
@@ -848,6 +864,9 @@ pub const ALL: &[Sql] = &[
     BACKUP_SESSIONS_DELETE_ALL,
     BACKUP_SESSIONS_DELETE_ROOM,
     BACKUP_SESSIONS_DELETE_ONE,
+    DEHYDRATED_UPSERT,
+    DEHYDRATED_GET,
+    DEHYDRATED_DELETE,
     E2E_COUNTS_UPSERT,
     E2E_COUNTS_GET,
     E2E_COUNTS_DELETE,
@@ -928,4 +947,5 @@ pub const MIGRATIONS: &[(i64, &str, &[Sql])] = &[
     (7, "to-device messages", &[V7_TO_DEVICE, V7_TO_DEVICE_TXNS]),
     (8, "cross-signing keys", &[V8_CROSS_SIGNING, V8_CROSS_SIGNING_STREAM]),
     (9, "key backup", &[V9_BACKUP_VERSIONS, V9_BACKUP_SESSIONS]),
+    (10, "dehydrated devices", &[V10_DEHYDRATED]),
 ];
