@@ -426,6 +426,17 @@ async fn encrypted(backend: Backend) {
         }
         assert!(started.elapsed() < DEADLINE, "bob's device never became verified for alice");
     }
+    // And Bob verifies Alice.
+    let alice_identity = bob
+        .encryption()
+        .request_user_identity(&alice_id)
+        .await
+        .expect("/keys/query")
+        .expect("alice's identity");
+    alice_identity.verify().await.expect("bob signs alice's master key");
+    let again =
+        bob.encryption().request_user_identity(&alice_id).await.expect("/keys/query").expect("identity");
+    assert!(again.is_verified(), "bob has verified alice");
     // A forged signature is refused.
     let forged = json!({&*bob_id: {bob_device.as_str(): {"user_id": bob_id, "device_id": bob_device, "algorithms": [], "keys": {},
         "signatures": {bob_id.as_str(): {"ed25519:AAAA": "bm90IGEgc2lnbmF0dXJl"}}}}});

@@ -195,6 +195,22 @@ async fn keys_end_to_end(backend: Backend) {
     assert_eq!(r.body["master_keys"][&alice_id]["keys"]["ed25519:BBBB"], "BBBB", "{:?}", r.body);
     assert!(r.body["user_signing_keys"].get(&alice_id).is_none(), "{:?}", r.body);
 
+    // Bob leaves the only room he shares with alice: her device list tracking drops him.
+    let since_leave = sync(&alice, None).await["next_batch"].as_str().expect("nb").to_owned();
+    let r = bob.post(&format!("/_matrix/client/v3/rooms/{}/leave", lattice_e2e::enc(&room)), json!({})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let body = sync(&alice, Some(&since_leave)).await;
+    assert_eq!(body["device_lists"]["left"], json!([hs.user_id("bob")]), "{body}");
+    let r = alice
+        .get(&format!(
+            "/_matrix/client/v3/keys/changes?from={since_leave}&to={}",
+            body["next_batch"].as_str().expect("nb")
+        ))
+        .await;
+    assert_eq!(r.body["left"], json!([hs.user_id("bob")]), "{:?}", r.body);
+    let r = bob.post(&format!("/_matrix/client/v3/join/{}", lattice_e2e::enc(&room)), json!({})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+
     // Logging out forgets the device's keys, and bob hears of it.
     let since = sync(&bob, None).await["next_batch"].as_str().expect("nb").to_owned();
     let r = alice.post("/_matrix/client/v3/logout", json!({})).await;

@@ -172,6 +172,28 @@ pub fn changed_users(ctx: &Ctx, user: &str, from: i64, to: i64) -> Result<Vec<St
         .collect())
 }
 
+/// Users who stopped sharing a joined room with `user` between two stream positions.
+pub fn left_users(ctx: &Ctx, user: &str, from: i64, to: i64) -> Result<Vec<String>> {
+    Ok(ctx
+        .db()?
+        .query(
+            sql::DEVICE_LIST_LEFT,
+            vec![
+                db::t(user),
+                db::i(from),
+                db::i(to),
+                db::t(user),
+                db::t(user),
+                db::i(from),
+                db::i(to),
+                db::t(user),
+            ],
+        )?
+        .iter()
+        .map(|r| r.str("user_id"))
+        .collect())
+}
+
 /// # `GET /_matrix/client/v3/keys/changes`
 pub fn changes_route(ctx: &Ctx) -> Result<Reply> {
     let s = ctx.session()?;
@@ -181,7 +203,9 @@ pub fn changes_route(ctx: &Ctx) -> Result<Reply> {
     let to = super::sync::parse_since(
         ctx.param("to").ok_or_else(|| Error::MissingParam("to is required".into()))?,
     )?;
-    ok(json!({"changed": changed_users(ctx, &s.user_id, from, to)?, "left": []}))
+    ok(
+        json!({"changed": changed_users(ctx, &s.user_id, from, to)?, "left": left_users(ctx, &s.user_id, from, to)?}),
+    )
 }
 
 /// The device's one-time key counts and unused fallback key types, for `/sync`.

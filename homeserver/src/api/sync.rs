@@ -432,12 +432,16 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
     if since.is_none() && !global.iter().any(|e| e["type"] == super::account::PUSH_RULES_TYPE) {
         global.push(json!({"type": super::account::PUSH_RULES_TYPE, "content": {"global": super::account::push_rules(ctx, &s.user_id)?}}));
     }
-    let changed = if since.is_some() {
-        super::keys::changed_users(ctx, &s.user_id, since_pos, upto)?
+    let (changed, left) = if since.is_some() {
+        (
+            super::keys::changed_users(ctx, &s.user_id, since_pos, upto)?,
+            super::keys::left_users(ctx, &s.user_id, since_pos, upto)?,
+        )
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
     let empty = changed.is_empty()
+        && left.is_empty()
         && to_device.is_empty()
         && join.is_empty()
         && invite.is_empty()
@@ -455,7 +459,7 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
         "account_data": {"events": global},
         "presence": {"events": presence},
         "to_device": {"events": to_device},
-        "device_lists": {"changed": changed, "left": []},
+        "device_lists": {"changed": changed, "left": left},
         "device_one_time_keys_count": otk_counts,
         "device_unused_fallback_key_types": fallback_types,
     }))

@@ -597,6 +597,14 @@ pub const DEHYDRATED_GET: Sql =
     sql("dehydrated_get", "t", "SELECT device_id, device_data FROM dehydrated_devices WHERE user_id = ?");
 pub const DEHYDRATED_DELETE: Sql =
     sql("dehydrated_delete", "t", "DELETE FROM dehydrated_devices WHERE user_id = ?");
+/// Users who stopped sharing any joined room with the user in a range (`device_lists.left`):
+/// those whose membership in one of the user's rooms moved off `join`, and the members of
+/// rooms the user left, that share no joined room with the user now.
+pub const DEVICE_LIST_LEFT: Sql = sql(
+    "device_list_left",
+    "tiittiit",
+    "SELECT DISTINCT m.user_id FROM memberships m WHERE m.user_id <> ? AND ((m.stream_pos > ? AND m.stream_pos <= ? AND m.membership <> 'join' AND m.room_id IN (SELECT room_id FROM memberships WHERE user_id = ?)) OR m.room_id IN (SELECT room_id FROM memberships WHERE user_id = ? AND membership <> 'join' AND stream_pos > ? AND stream_pos <= ?)) AND NOT EXISTS (SELECT 1 FROM memberships a JOIN memberships b ON b.room_id = a.room_id WHERE a.user_id = ? AND a.membership = 'join' AND b.user_id = m.user_id AND b.membership = 'join')",
+);
 pub const E2E_COUNTS_UPSERT: Sql = sql(
     "e2e_counts_upsert",
     "tttt",
@@ -867,6 +875,7 @@ pub const ALL: &[Sql] = &[
     DEHYDRATED_UPSERT,
     DEHYDRATED_GET,
     DEHYDRATED_DELETE,
+    DEVICE_LIST_LEFT,
     E2E_COUNTS_UPSERT,
     E2E_COUNTS_GET,
     E2E_COUNTS_DELETE,
