@@ -176,14 +176,22 @@ pub fn render(spec: &MatrixHomeserverSpec) -> Result<Rendered, SpecError> {
     };
     root.insert("r2".into(), one("MEDIA", media));
 
-    let mut rooms = Table::new();
-    rooms.insert("class".into(), "Room".into());
-    rooms.insert("unique_key_secret".into(), crate::secrets::ROOMS_KEY.into());
-    rooms.insert(
-        "storage".into(),
-        (if postgres { env_url("postgres", DATABASE_URL_ENV) } else { sqlite("objects.sqlite") }).into(),
-    );
-    root.insert("durable_objects".into(), one("ROOMS", rooms));
+    // The homeserver's Durable Object namespaces, each with its own unique key: rooms (the single
+    // writer of each room) and users (one-time keys, claimed exactly once).
+    let mut namespaces = Table::new();
+    for (name, class, key) in
+        [("ROOMS", "Room", crate::secrets::ROOMS_KEY), ("USERS", "User", crate::secrets::USERS_KEY)]
+    {
+        let mut ns = Table::new();
+        ns.insert("class".into(), class.into());
+        ns.insert("unique_key_secret".into(), key.into());
+        ns.insert(
+            "storage".into(),
+            (if postgres { env_url("postgres", DATABASE_URL_ENV) } else { sqlite("objects.sqlite") }).into(),
+        );
+        namespaces.insert(name.into(), ns.into());
+    }
+    root.insert("durable_objects".into(), namespaces.into());
     if redis {
         root.insert("signals".into(), env_url("redis", REDIS_URL_ENV).into());
     }

@@ -21,6 +21,8 @@ pub const SIGNING_KEY: &str = "signing_key";
 pub const OAUTH_SIGNING_KEY: &str = "oauth_signing_key";
 /// The ROOMS Durable Object namespace's unique key (32 bytes).
 pub const ROOMS_KEY: &str = "rooms_key";
+/// The USERS Durable Object namespace's unique key (32 bytes).
+pub const USERS_KEY: &str = "users_key";
 /// What the pods authenticate to each other with (32 bytes).
 pub const PEER_SECRET: &str = "peer_secret";
 /// The homeserver's admin API token (32 bytes; the bearer is their unpadded base64url, as
@@ -28,7 +30,7 @@ pub const PEER_SECRET: &str = "peer_secret";
 pub const ADMIN_TOKEN: &str = "admin_token";
 
 /// Every key, in the order they are listed.
-pub const KEYS: [&str; 5] = [SIGNING_KEY, OAUTH_SIGNING_KEY, ROOMS_KEY, PEER_SECRET, ADMIN_TOKEN];
+pub const KEYS: [&str; 6] = [SIGNING_KEY, OAUTH_SIGNING_KEY, ROOMS_KEY, USERS_KEY, PEER_SECRET, ADMIN_TOKEN];
 
 /// Random bytes per key.
 const KEY_BYTES: usize = 32;

@@ -366,5 +366,11 @@ async fn render_and_run(inputs: &Inputs, spec: serde_json::Value, secrets: &[(&s
             .expect("createRoom");
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"room_id\""), "{body}");
+    // One-time keys: kept by the USERS namespace, placed with its own generated key.
+    let keys = json!({"one_time_keys": {"signed_curve25519:A": {"key": "k", "signatures": {"@alice:x": {"ed25519:D": "s"}}}}});
+    let (status, body) =
+        http(port, "POST", "/_matrix/client/v3/keys/upload", Some(&keys), Some(&token)).expect("keys/upload");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"signed_curve25519\":1"), "{body}");
     assert!(hs_status.signing_key_id.is_some_and(|k| k.starts_with("ed25519:")));
 }

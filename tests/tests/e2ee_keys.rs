@@ -87,6 +87,17 @@ async fn keys_end_to_end(backend: Backend) {
         )
         .await;
     assert_eq!((r.status, r.errcode()), (400, "M_BAD_JSON"), "{:?}", r.body);
+    // A bad key in an upload stores nothing of it, the device keys included.
+    let (bob_id, bob_dev) = whoami(&bob).await;
+    let r = bob
+        .post(
+            "/_matrix/client/v3/keys/upload",
+            json!({"device_keys": device_keys(&bob_id, &bob_dev, 3), "one_time_keys": {format!("{ALG}:X"): 5}}),
+        )
+        .await;
+    assert_eq!((r.status, r.errcode()), (400, "M_BAD_JSON"), "{:?}", r.body);
+    let r = alice.post("/_matrix/client/v3/keys/query", json!({"device_keys": {bob_id.clone(): []}})).await;
+    assert_eq!(r.body["device_keys"][&bob_id], json!({}), "{:?}", r.body);
     // Another user's device keys are refused.
     let r = bob
         .post("/_matrix/client/v3/keys/upload", json!({"device_keys": device_keys(&alice_id, &alice_dev, 2)}))

@@ -29,6 +29,13 @@ struct UploadBody {
 pub fn upload_route(ctx: &Ctx) -> Result<Reply> {
     let s = ctx.session()?;
     let body: UploadBody = ctx.json()?;
+    // Everything is checked before anything is stored.
+    for k in body.one_time_keys.values().chain(body.fallback_keys.values()) {
+        let signed_object = k["key"].is_string() && k["signatures"].is_object();
+        if !(k.is_string() || signed_object) {
+            return Err(Error::BadJson("a key must be a string or an object with key and signatures".into()));
+        }
+    }
     if let Some(dk) = &body.device_keys {
         if dk["user_id"].as_str() != Some(s.user_id.as_str())
             || dk["device_id"].as_str() != Some(s.device_id.as_str())
@@ -40,6 +47,18 @@ pub fn upload_route(ctx: &Ctx) -> Result<Reply> {
         if !dk["keys"].is_object() || !dk["algorithms"].is_array() {
             return Err(Error::BadJson("device_keys needs algorithms and keys".into()));
         }
+    }
+    // One-time keys first: the object refuses a reused key id with other content, and then
+    // nothing is stored; storing the device keys again on a retry changes nothing.
+    let reply = keys::call(
+        &s.user_id,
+        &UserRequest::Upload {
+            device: s.device_id.clone(),
+            one_time_keys: body.one_time_keys,
+            fallback_keys: body.fallback_keys,
+        },
+    )?;
+    if let Some(dk) = &body.device_keys {
         let json = dk.to_string();
         let db = ctx.db()?;
         let same = db
@@ -56,20 +75,6 @@ pub fn upload_route(ctx: &Ctx) -> Result<Reply> {
             wake_watchers(ctx, &s.user_id)?;
         }
     }
-    for k in body.one_time_keys.values().chain(body.fallback_keys.values()) {
-        let signed_object = k["key"].is_string() && k["signatures"].is_object();
-        if !(k.is_string() || signed_object) {
-            return Err(Error::BadJson("a key must be a string or an object with key and signatures".into()));
-        }
-    }
-    let reply = keys::call(
-        &s.user_id,
-        &UserRequest::Upload {
-            device: s.device_id.clone(),
-            one_time_keys: body.one_time_keys,
-            fallback_keys: body.fallback_keys,
-        },
-    )?;
     ok(json!({"one_time_key_counts": reply.one_time_key_counts}))
 }
 
