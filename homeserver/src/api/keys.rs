@@ -213,18 +213,6 @@ pub fn changes_route(ctx: &Ctx) -> Result<Reply> {
     )
 }
 
-/// The device's one-time key counts and unused fallback key types, for `/sync`.
-pub fn counts_for_sync(ctx: &Ctx, user: &str, device: &str) -> Result<(Value, Value)> {
-    let row = ctx.db()?.first(sql::E2E_COUNTS_GET, vec![db::t(user), db::t(device)])?;
-    Ok(match row {
-        Some(r) => (
-            serde_json::from_str(&r.str("counts")).unwrap_or_else(|_| json!({})),
-            serde_json::from_str(&r.str("fallback_unused")).unwrap_or_else(|_| json!([])),
-        ),
-        None => (json!({}), json!([])),
-    })
-}
-
 /// Forgets a deleted device's keys: its device keys (moved on the stream, so others see the
 /// change) and its one-time and fallback keys.
 pub fn forget_device(ctx: &Ctx, user: &str, device: &str) -> Result<()> {
@@ -372,16 +360,85 @@ pub fn to_device_page(
     Ok((events, last))
 }
 
-/// [`to_device_page`] for `/sync`, with the stream position the sync must stop at when there
-/// are more than one response carries.
-pub fn to_device_for_sync(
-    ctx: &Ctx,
-    user: &str,
-    device: &str,
-    since: Option<i64>,
-    upto: i64,
-) -> Result<(Vec<Value>, Option<i64>)> {
-    let (events, last) = to_device_page(ctx, user, device, since, upto)?;
-    let stop = (events.len() as i64 == TO_DEVICE_PER_SYNC).then_some(last).flatten();
-    Ok((events, stop))
+/// What end-to-end encryption adds to one `/sync`.
+#[derive(Debug, Default)]
+pub struct SyncE2ee {
+    pub to_device: Vec<Value>,
+    /// When there are more to-device messages than one response carries: the stream position
+    /// the whole response must stop at, so the next since token acknowledges only what came.
+    pub stop: Option<i64>,
+    pub one_time_key_counts: Value,
+    pub unused_fallback_key_types: Value,
+    pub changed: Vec<String>,
+    pub left: Vec<String>,
+}
+
+/// Everything for `/sync` in one query ([`sql::E2E_SYNC`]), and the deletion of acknowledged
+/// to-device messages when there are any. Device-list changes only with a since token.
+pub fn for_sync(ctx: &Ctx, user: &str, device: &str, since: Option<i64>, upto: i64) -> Result<SyncE2ee> {
+    let db = ctx.db()?;
+    let after = since.unwrap_or(0);
+    let (from, to) = if since.is_some() { (after, upto) } else { (upto, upto) };
+    let rows = db.query(
+        sql::E2E_SYNC,
+        vec![
+            db::t(user),
+            db::t(device),
+            db::i(after),
+            db::i(upto),
+            db::i(TO_DEVICE_PER_SYNC),
+            db::t(user),
+            db::t(device),
+            db::i(after),
+            db::t(user),
+            db::t(device),
+            db::i(from),
+            db::i(to),
+            db::t(user),
+            db::t(user),
+            db::t(user),
+            db::i(from),
+            db::i(to),
+            db::t(user),
+            db::t(user),
+            db::i(from),
+            db::i(to),
+            db::t(user),
+        ],
+    )?;
+    let mut out = SyncE2ee {
+        one_time_key_counts: json!({}),
+        unused_fallback_key_types: json!([]),
+        ..SyncE2ee::default()
+    };
+    let mut last = None;
+    let mut acknowledged = 0;
+    for r in &rows {
+        match r.str("kind").as_str() {
+            "d" => {
+                last = r.int("d");
+                out.to_device.push(json!({
+                    "sender": r.str("a"),
+                    "type": r.str("b"),
+                    "content": serde_json::from_str::<Value>(&r.str("c")).unwrap_or_else(|_| json!({})),
+                }));
+            }
+            "a" => acknowledged = r.int("d").unwrap_or(0),
+            "n" => {
+                out.one_time_key_counts = serde_json::from_str(&r.str("a")).unwrap_or_else(|_| json!({}));
+                out.unused_fallback_key_types =
+                    serde_json::from_str(&r.str("b")).unwrap_or_else(|_| json!([]));
+            }
+            "c" => out.changed.push(r.str("a")),
+            "l" => out.left.push(r.str("a")),
+            _ => {}
+        }
+    }
+    if let Some(since) = since
+        && acknowledged > 0
+    {
+        db.execute(sql::TO_DEVICE_ACK, vec![db::t(user), db::t(device), db::i(since)])?;
+    }
+    out.stop = (out.to_device.len() as i64 == TO_DEVICE_PER_SYNC).then_some(last).flatten();
+    Ok(out)
 }

@@ -329,8 +329,8 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
     let since_pos = since.unwrap_or(0);
     // To-device messages first: when there are more than one sync carries, everything else
     // stops where they stop, so the next since token acknowledges only what was delivered.
-    let (to_device, stop) = super::keys::to_device_for_sync(ctx, &s.user_id, &s.device_id, since, upto)?;
-    if let Some(stop) = stop {
+    let e2ee = super::keys::for_sync(ctx, &s.user_id, &s.device_id, since, upto)?;
+    if let Some(stop) = e2ee.stop {
         upto = stop;
     }
     let memberships = db.query(sql::USER_MEMBERSHIPS, vec![db::t(s.user_id.clone())])?;
@@ -432,17 +432,9 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
     if since.is_none() && !global.iter().any(|e| e["type"] == super::account::PUSH_RULES_TYPE) {
         global.push(json!({"type": super::account::PUSH_RULES_TYPE, "content": {"global": super::account::push_rules(ctx, &s.user_id)?}}));
     }
-    let (changed, left) = if since.is_some() {
-        (
-            super::keys::changed_users(ctx, &s.user_id, since_pos, upto)?,
-            super::keys::left_users(ctx, &s.user_id, since_pos, upto)?,
-        )
-    } else {
-        (Vec::new(), Vec::new())
-    };
-    let empty = changed.is_empty()
-        && left.is_empty()
-        && to_device.is_empty()
+    let empty = e2ee.changed.is_empty()
+        && e2ee.left.is_empty()
+        && e2ee.to_device.is_empty()
         && join.is_empty()
         && invite.is_empty()
         && leave.is_empty()
@@ -452,15 +444,14 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
     if empty && since.is_some() && timeout > 0 && !woken_by_timeout {
         return Ok(Reply::Park { keys: park_keys, timeout_ms: u32::try_from(timeout).unwrap_or(u32::MAX) });
     }
-    let (otk_counts, fallback_types) = super::keys::counts_for_sync(ctx, &s.user_id, &s.device_id)?;
     ok(json!({
         "next_batch": format!("s{upto}"),
         "rooms": {"join": join, "invite": invite, "leave": leave, "knock": knock},
         "account_data": {"events": global},
         "presence": {"events": presence},
-        "to_device": {"events": to_device},
-        "device_lists": {"changed": changed, "left": left},
-        "device_one_time_keys_count": otk_counts,
-        "device_unused_fallback_key_types": fallback_types,
+        "to_device": {"events": e2ee.to_device},
+        "device_lists": {"changed": e2ee.changed, "left": e2ee.left},
+        "device_one_time_keys_count": e2ee.one_time_key_counts,
+        "device_unused_fallback_key_types": e2ee.unused_fallback_key_types,
     }))
 }

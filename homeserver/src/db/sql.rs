@@ -605,15 +605,25 @@ pub const DEVICE_LIST_LEFT: Sql = sql(
     "tiittiit",
     "SELECT DISTINCT m.user_id FROM memberships m WHERE m.user_id <> ? AND ((m.stream_pos > ? AND m.stream_pos <= ? AND m.membership <> 'join' AND m.room_id IN (SELECT room_id FROM memberships WHERE user_id = ?)) OR m.room_id IN (SELECT room_id FROM memberships WHERE user_id = ? AND membership <> 'join' AND stream_pos > ? AND stream_pos <= ?)) AND NOT EXISTS (SELECT 1 FROM memberships a JOIN memberships b ON b.room_id = a.room_id WHERE a.user_id = ? AND a.membership = 'join' AND b.user_id = m.user_id AND b.membership = 'join')",
 );
+/// Everything end-to-end encryption adds to one `/sync`, in one round trip, as `(kind, a, b,
+/// c, d)` rows: `d` the device's to-device messages in `(since, upto]` (sender, type, content,
+/// position; at most `limit`), `a` how many messages at or before `since` wait to be deleted
+/// (in `d`), `n` the one-time key counts and unused fallback types, `c` users whose keys
+/// changed in `(from, to]` and `l` users who stopped sharing a room in it (as
+/// [`DEVICE_LIST_CHANGES`] and [`DEVICE_LIST_LEFT`]).
+pub const E2E_SYNC: Sql = sql(
+    "e2e_sync",
+    "ttiiittittiitttiittiit",
+    "SELECT 'd' AS kind, td.sender AS a, td.type AS b, td.content AS c, td.stream_pos AS d FROM (SELECT sender, type, content, stream_pos FROM to_device WHERE user_id = ? AND device_id = ? AND stream_pos > ? AND stream_pos <= ? ORDER BY stream_pos LIMIT ?) td \
+     UNION ALL SELECT 'a', NULL, NULL, NULL, COUNT(*) FROM to_device WHERE user_id = ? AND device_id = ? AND stream_pos <= ? \
+     UNION ALL SELECT 'n', counts, fallback_unused, NULL, NULL FROM e2e_key_counts WHERE user_id = ? AND device_id = ? \
+     UNION ALL SELECT 'c', ch.user_id, NULL, NULL, NULL FROM (SELECT DISTINCT k.user_id FROM (SELECT user_id, stream_pos FROM device_keys UNION ALL SELECT user_id, stream_pos FROM cross_signing_keys) k WHERE k.stream_pos > ? AND k.stream_pos <= ? AND (k.user_id = ? OR k.user_id IN (SELECT m2.user_id FROM memberships m1 JOIN memberships m2 ON m2.room_id = m1.room_id WHERE m1.user_id = ? AND m1.membership = 'join' AND m2.membership = 'join'))) ch \
+     UNION ALL SELECT 'l', lf.user_id, NULL, NULL, NULL FROM (SELECT DISTINCT m.user_id FROM memberships m WHERE m.user_id <> ? AND ((m.stream_pos > ? AND m.stream_pos <= ? AND m.membership <> 'join' AND m.room_id IN (SELECT room_id FROM memberships WHERE user_id = ?)) OR m.room_id IN (SELECT room_id FROM memberships WHERE user_id = ? AND membership <> 'join' AND stream_pos > ? AND stream_pos <= ?)) AND NOT EXISTS (SELECT 1 FROM memberships a JOIN memberships b ON b.room_id = a.room_id WHERE a.user_id = ? AND a.membership = 'join' AND b.user_id = m.user_id AND b.membership = 'join')) lf",
+);
 pub const E2E_COUNTS_UPSERT: Sql = sql(
     "e2e_counts_upsert",
     "tttt",
     "INSERT INTO e2e_key_counts (user_id, device_id, counts, fallback_unused) VALUES (?, ?, ?, ?) ON CONFLICT (user_id, device_id) DO UPDATE SET counts = excluded.counts, fallback_unused = excluded.fallback_unused",
-);
-pub const E2E_COUNTS_GET: Sql = sql(
-    "e2e_counts_get",
-    "tt",
-    "SELECT counts, fallback_unused FROM e2e_key_counts WHERE user_id = ? AND device_id = ?",
 );
 pub const E2E_COUNTS_DELETE: Sql =
     sql("e2e_counts_delete", "tt", "DELETE FROM e2e_key_counts WHERE user_id = ? AND device_id = ?");
@@ -876,8 +886,8 @@ pub const ALL: &[Sql] = &[
     DEHYDRATED_GET,
     DEHYDRATED_DELETE,
     DEVICE_LIST_LEFT,
+    E2E_SYNC,
     E2E_COUNTS_UPSERT,
-    E2E_COUNTS_GET,
     E2E_COUNTS_DELETE,
     TO_DEVICE_INSERT,
     TO_DEVICE_TXN_INSERT,
