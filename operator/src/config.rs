@@ -18,6 +18,8 @@ pub const SECRETS_DIR: &str = "/etc/lattice/secrets";
 pub const TLS_DIR: &str = "/etc/lattice/tls";
 pub const DATA_DIR: &str = "/var/lib/lattice";
 pub const COMPONENT_PATH: &str = "/opt/lattice/lattice_homeserver.wasm";
+/// The runtime image's AOT-compiled component (its build step's `lattice compile`), read-only.
+pub const SEED_CACHE_DIR: &str = "/opt/lattice/compiled";
 /// The public listener (clients and federation).
 pub const PORT: u16 = 8448;
 /// `/healthz`, `/readyz`, `/metrics`; reached by the kubelet's probes, not exposed.
@@ -118,6 +120,7 @@ pub fn render(spec: &MatrixHomeserverSpec) -> Result<Rendered, SpecError> {
 
     let mut component = Table::new();
     component.insert("path".into(), COMPONENT_PATH.into());
+    component.insert("seed_cache_dir".into(), SEED_CACHE_DIR.into());
     root.insert("component".into(), component.into());
 
     let mut secrets = Table::new();

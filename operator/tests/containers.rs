@@ -119,7 +119,9 @@ fn the_runtime_images_compile_step_succeeds() {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
+    let compiled = dir.path().join("compiled");
     let config = read("operator/containers/runtime-build.toml")
+        .replace("/opt/lattice/compiled", &compiled.display().to_string())
         .replace("/opt/lattice", &guests.display().to_string())
         .replace("/tmp/lattice-build", &dir.path().join("data").display().to_string());
     let path = dir.path().join("build.toml");
@@ -130,4 +132,11 @@ fn the_runtime_images_compile_step_succeeds() {
         .output()
         .expect("lattice compile");
     assert!(out.status.success(), "lattice compile: {}", String::from_utf8_lossy(&out.stderr));
+    // The image ships what it compiled as the pods' seed cache.
+    let entries = std::fs::read_dir(&compiled).map(|r| r.count()).unwrap_or(0);
+    assert_eq!(entries, 1, "the compile step fills the seed cache the operator points pods at");
+    assert!(
+        read("operator/containers/runtime.Containerfile")
+            .contains("COPY --from=build /opt/lattice/compiled /opt/lattice/compiled")
+    );
 }

@@ -183,6 +183,11 @@ pub struct ComponentConfig {
     pub path: PathBuf,
     /// Where AOT-compiled components are cached; defaults to `<data_dir>/compiled`.
     pub cache_dir: Option<PathBuf>,
+    /// A read-only cache shipped with the component (a container image's build step fills it
+    /// with `lattice compile`), consulted when `cache_dir` has no entry. Its entries are keyed
+    /// like the cache's, by engine settings and CPU features, so a host that differs from the
+    /// build machine simply compiles into `cache_dir`.
+    pub seed_cache_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

@@ -101,17 +101,28 @@ pub fn cache_path(engine: &Engine, cache_dir: &Path, bytes: &[u8]) -> PathBuf {
     cache_dir.join(format!("{}.cwasm", hex::encode(&digest.finalize()[..16])))
 }
 
-/// Loads a component, from the AOT cache when it holds a compatible compilation.
-pub fn load_component(engine: &Engine, path: &Path, cache_dir: &Path) -> anyhow::Result<Component> {
+/// Loads a component: from `cache_dir`, else from the read-only `seed` cache, else compiles it
+/// into `cache_dir`.
+pub fn load_component(
+    engine: &Engine,
+    path: &Path,
+    cache_dir: &Path,
+    seed: Option<&Path>,
+) -> anyhow::Result<Component> {
     let bytes = std::fs::read(path).with_context(|| format!("reading component {}", path.display()))?;
     let cached = cache_path(engine, cache_dir, &bytes);
-    if cached.exists() {
-        match deserialize_cached(engine, &cached) {
-            Ok(c) => {
-                tracing::info!(path = %cached.display(), "loaded compiled component from cache");
-                return Ok(c);
+    let seeded = seed.map(|s| cache_path(engine, s, &bytes));
+    for candidate in std::iter::once(&cached).chain(seeded.as_ref()) {
+        if candidate.exists() {
+            match deserialize_cached(engine, candidate) {
+                Ok(c) => {
+                    tracing::info!(path = %candidate.display(), "loaded compiled component from cache");
+                    return Ok(c);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, path = %candidate.display(), "ignoring unusable compiled-component cache entry")
+                }
             }
-            Err(e) => tracing::warn!(error = %e, "ignoring unusable compiled-component cache entry"),
         }
     }
     let started = std::time::Instant::now();

@@ -46,7 +46,12 @@ fn main() -> anyhow::Result<()> {
             let e = engine::build_engine(&config.limits)?;
             let cache =
                 config.component.cache_dir.clone().unwrap_or_else(|| config.server.data_dir.join("compiled"));
-            engine::load_component(&e, &config.component.path, &cache)?;
+            engine::load_component(
+                &e,
+                &config.component.path,
+                &cache,
+                config.component.seed_cache_dir.as_deref(),
+            )?;
             println!("compiled {}", config.component.path.display());
             Ok(())
         }

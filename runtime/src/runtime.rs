@@ -208,7 +208,12 @@ impl Shared {
         let engine = engine::build_engine(&config.limits)?;
         let cache_dir =
             config.component.cache_dir.clone().unwrap_or_else(|| config.server.data_dir.join("compiled"));
-        let component = engine::load_component(&engine, &config.component.path, &cache_dir)?;
+        let component = engine::load_component(
+            &engine,
+            &config.component.path,
+            &cache_dir,
+            config.component.seed_cache_dir.as_deref(),
+        )?;
         let prepared = engine::prepare(&engine, &component)?;
         if prepared.objects.is_none() && !namespaces.is_empty() {
             anyhow::bail!(

@@ -287,3 +287,24 @@ async fn slow_and_idle_connections_are_closed() {
     assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
     assert!(took < Duration::from_secs(5), "an idle connection was kept for {took:?}");
 }
+
+/// The compiled-component cache: a read-only seed cache (what a container image ships) is used
+/// when the writable cache has no entry, and nothing is written then; an empty or foreign seed
+/// falls back to compiling into the writable cache.
+#[test]
+fn a_seed_cache_is_used_and_never_written() {
+    use lattice_runtime::engine::{build_engine, load_component};
+    let engine = build_engine(&lattice_runtime::config::Limits::default()).expect("engine");
+    let hello = guest("hello");
+    let files = |d: &std::path::Path| std::fs::read_dir(d).map(|r| r.count()).unwrap_or(0);
+    let seed = tempfile::tempdir().expect("tempdir");
+    load_component(&engine, &hello, seed.path(), None).expect("compile into the seed");
+    assert_eq!(files(seed.path()), 1, "the build step wrote one entry");
+    let cache = tempfile::tempdir().expect("tempdir");
+    let writable = cache.path().join("compiled");
+    load_component(&engine, &hello, &writable, Some(seed.path())).expect("load from the seed");
+    assert_eq!(files(&writable), 0, "loading from the seed writes nothing");
+    let empty = tempfile::tempdir().expect("tempdir");
+    load_component(&engine, &hello, &writable, Some(empty.path())).expect("compile");
+    assert_eq!(files(&writable), 1, "no seed entry: compiled into the writable cache");
+}
