@@ -92,6 +92,19 @@ fn split_key(k: &str) -> Result<(&str, &str), UserFailure> {
         .ok_or_else(|| fail(400, "M_INVALID_PARAM", format!("key name {k:?} is not <algorithm>:<key id>")))
 }
 
+/// Up to `limit` entries whose keys start with `prefix`, in key order.
+fn list_prefix(prefix: &str, limit: u32) -> Result<Vec<(String, Vec<u8>)>, UserFailure> {
+    storage::list(&storage::ListOptions {
+        start: None,
+        start_after: None,
+        end: None,
+        prefix: Some(prefix.to_owned()),
+        reverse: false,
+        limit: Some(limit),
+    })
+    .map_err(storage_fail)
+}
+
 fn counts(device: &str) -> Result<BTreeMap<String, u64>, UserFailure> {
     Ok(get(&format!("n\0{device}"))?.unwrap_or_default())
 }
@@ -99,15 +112,7 @@ fn counts(device: &str) -> Result<BTreeMap<String, u64>, UserFailure> {
 /// The fallback algorithms whose key has not been handed out.
 fn unused_fallbacks(device: &str) -> Result<Vec<String>, UserFailure> {
     let prefix = format!("f\0{device}\0");
-    let page = storage::list(&storage::ListOptions {
-        start: None,
-        start_after: None,
-        end: None,
-        prefix: Some(prefix.clone()),
-        reverse: false,
-        limit: Some(64),
-    })
-    .map_err(storage_fail)?;
+    let page = list_prefix(&prefix, 64)?;
     let mut out = Vec::new();
     for (k, v) in page {
         let f: Fallback = serde_json::from_slice(&v).map_err(|e| fail(500, "M_UNKNOWN", e.to_string()))?;
@@ -198,17 +203,7 @@ fn upload(
 
 fn claim_one(device: &str, algorithm: &str) -> Result<Option<(String, Value)>, UserFailure> {
     let prefix = otk_prefix(device, algorithm);
-    let first = storage::list(&storage::ListOptions {
-        start: None,
-        start_after: None,
-        end: None,
-        prefix: Some(prefix.clone()),
-        reverse: false,
-        limit: Some(1),
-    })
-    .map_err(storage_fail)?
-    .into_iter()
-    .next();
+    let first = list_prefix(&prefix, 1)?.into_iter().next();
     if let Some((k, v)) = first {
         let key: Value = serde_json::from_slice(&v).map_err(|e| fail(500, "M_UNKNOWN", e.to_string()))?;
         let mut n = counts(device)?;
@@ -251,15 +246,7 @@ fn claim(user: &str, claims: &[(String, String)]) -> Result<UserReply, UserFailu
 fn drop_device(user: &str, device: &str) -> Result<UserReply, UserFailure> {
     for prefix in [format!("o\0{device}\0"), format!("f\0{device}\0")] {
         loop {
-            let page = storage::list(&storage::ListOptions {
-                start: None,
-                start_after: None,
-                end: None,
-                prefix: Some(prefix.clone()),
-                reverse: false,
-                limit: Some(512),
-            })
-            .map_err(storage_fail)?;
+            let page = list_prefix(&prefix, 512)?;
             if page.is_empty() {
                 break;
             }
