@@ -12,11 +12,12 @@
 
 use std::collections::BTreeMap;
 
-use lattice_worker::bindings::lattice::bindings::{durable_object, storage, types};
+use lattice_worker::bindings::lattice::bindings::{durable_object, storage};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::db::{self, Db, sql};
+use crate::object::{Failure, fail, get_json, storage_fail};
 
 pub const BINDING: &str = "USERS";
 pub const CLASS: &str = "User";
@@ -44,26 +45,6 @@ pub struct UserReply {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-pub struct UserFailure {
-    pub status: u16,
-    pub errcode: String,
-    pub error: String,
-}
-
-fn fail(status: u16, errcode: &str, error: impl Into<String>) -> UserFailure {
-    UserFailure { status, errcode: errcode.to_owned(), error: error.into() }
-}
-
-fn storage_fail(e: types::Error) -> UserFailure {
-    match e {
-        types::Error::Unavailable(_) | types::Error::Fenced => {
-            fail(503, "M_UNKNOWN", "key storage is unavailable; retry")
-        }
-        other => fail(500, "M_UNKNOWN", format!("key storage: {other:?}")),
-    }
-}
-
-#[derive(Debug, Serialize, Deserialize)]
 struct Fallback {
     key_id: String,
     key: Value,
@@ -74,26 +55,15 @@ fn otk_prefix(device: &str, algorithm: &str) -> String {
     format!("o\0{device}\0{algorithm}\0")
 }
 
-fn get<T: serde::de::DeserializeOwned>(key: &str) -> Result<Option<T>, UserFailure> {
-    storage::get(&[key.to_owned()])
-        .map_err(storage_fail)?
-        .into_iter()
-        .next()
-        .map(|(_, v)| {
-            serde_json::from_slice(&v).map_err(|e| fail(500, "M_UNKNOWN", format!("key storage: {e}")))
-        })
-        .transpose()
-}
-
 /// Splits `<algorithm>:<key id>`.
-fn split_key(k: &str) -> Result<(&str, &str), UserFailure> {
+fn split_key(k: &str) -> Result<(&str, &str), Failure> {
     k.split_once(':')
         .filter(|(a, id)| !a.is_empty() && !id.is_empty() && !a.contains('\0') && !id.contains('\0'))
         .ok_or_else(|| fail(400, "M_INVALID_PARAM", format!("key name {k:?} is not <algorithm>:<key id>")))
 }
 
 /// Up to `limit` entries whose keys start with `prefix`, in key order.
-fn list_prefix(prefix: &str, limit: u32) -> Result<Vec<(String, Vec<u8>)>, UserFailure> {
+fn list_prefix(prefix: &str, limit: u32) -> Result<Vec<(String, Vec<u8>)>, Failure> {
     storage::list(&storage::ListOptions {
         start: None,
         start_after: None,
@@ -105,12 +75,12 @@ fn list_prefix(prefix: &str, limit: u32) -> Result<Vec<(String, Vec<u8>)>, UserF
     .map_err(storage_fail)
 }
 
-fn counts(device: &str) -> Result<BTreeMap<String, u64>, UserFailure> {
-    Ok(get(&format!("n\0{device}"))?.unwrap_or_default())
+fn counts(device: &str) -> Result<BTreeMap<String, u64>, Failure> {
+    Ok(get_json(&format!("n\0{device}"))?.unwrap_or_default())
 }
 
 /// The fallback algorithms whose key has not been handed out.
-fn unused_fallbacks(device: &str) -> Result<Vec<String>, UserFailure> {
+fn unused_fallbacks(device: &str) -> Result<Vec<String>, Failure> {
     let prefix = format!("f\0{device}\0");
     let page = list_prefix(&prefix, 64)?;
     let mut out = Vec::new();
@@ -124,7 +94,7 @@ fn unused_fallbacks(device: &str) -> Result<Vec<String>, UserFailure> {
 }
 
 /// Writes the device's counts to D1 for `/sync`.
-fn publish_counts(user: &str, device: &str, counts: &BTreeMap<String, u64>) -> Result<(), UserFailure> {
+fn publish_counts(user: &str, device: &str, counts: &BTreeMap<String, u64>) -> Result<(), Failure> {
     let fallbacks = unused_fallbacks(device)?;
     let db = Db::open().map_err(|e| fail(503, "M_UNKNOWN", e.to_string()))?;
     db.execute(
@@ -150,14 +120,14 @@ fn upload(
     device: &str,
     one_time_keys: &serde_json::Map<String, Value>,
     fallback_keys: &serde_json::Map<String, Value>,
-) -> Result<UserReply, UserFailure> {
+) -> Result<UserReply, Failure> {
     let cap = crate::config::Settings::load().max_one_time_keys_per_device;
     let mut n = counts(device)?;
     let mut writes: Vec<(String, Vec<u8>)> = Vec::new();
     for (name, key) in one_time_keys {
         let (algorithm, id) = split_key(name)?;
         let storage_key = format!("{}{id}", otk_prefix(device, algorithm));
-        match get::<Value>(&storage_key)? {
+        match get_json::<Value>(&storage_key)? {
             Some(existing) if &existing == key => continue,
             Some(_) => {
                 return Err(fail(
@@ -184,7 +154,7 @@ fn upload(
     for (name, key) in fallback_keys {
         let (algorithm, id) = split_key(name)?;
         let storage_key = format!("f\0{device}\0{algorithm}");
-        if let Some(existing) = get::<Fallback>(&storage_key)?
+        if let Some(existing) = get_json::<Fallback>(&storage_key)?
             && existing.key_id == id
             && &existing.key == key
         {
@@ -201,7 +171,7 @@ fn upload(
     Ok(UserReply { one_time_key_counts: n, claimed: Vec::new() })
 }
 
-fn claim_one(device: &str, algorithm: &str) -> Result<Option<(String, Value)>, UserFailure> {
+fn claim_one(device: &str, algorithm: &str) -> Result<Option<(String, Value)>, Failure> {
     let prefix = otk_prefix(device, algorithm);
     let first = list_prefix(&prefix, 1)?.into_iter().next();
     if let Some((k, v)) = first {
@@ -215,7 +185,7 @@ fn claim_one(device: &str, algorithm: &str) -> Result<Option<(String, Value)>, U
         return Ok(Some((format!("{algorithm}:{}", &k[prefix.len()..]), key)));
     }
     let fkey = format!("f\0{device}\0{algorithm}");
-    match get::<Fallback>(&fkey)? {
+    match get_json::<Fallback>(&fkey)? {
         Some(mut f) => {
             let out = (format!("{algorithm}:{}", f.key_id), f.key.clone());
             if !f.used {
@@ -228,7 +198,7 @@ fn claim_one(device: &str, algorithm: &str) -> Result<Option<(String, Value)>, U
     }
 }
 
-fn claim(user: &str, claims: &[(String, String)]) -> Result<UserReply, UserFailure> {
+fn claim(user: &str, claims: &[(String, String)]) -> Result<UserReply, Failure> {
     let mut claimed = Vec::with_capacity(claims.len());
     let mut touched: Vec<&str> = Vec::new();
     for (device, algorithm) in claims {
@@ -243,7 +213,7 @@ fn claim(user: &str, claims: &[(String, String)]) -> Result<UserReply, UserFailu
     Ok(UserReply { one_time_key_counts: BTreeMap::new(), claimed })
 }
 
-fn drop_device(user: &str, device: &str) -> Result<UserReply, UserFailure> {
+fn drop_device(user: &str, device: &str) -> Result<UserReply, Failure> {
     for prefix in [format!("o\0{device}\0"), format!("f\0{device}\0")] {
         loop {
             let page = list_prefix(&prefix, 512)?;
@@ -265,59 +235,16 @@ fn drop_device(user: &str, device: &str) -> Result<UserReply, UserFailure> {
 pub fn handle(request: &durable_object::Request) -> durable_object::Response {
     let user =
         request.headers.iter().find(|(k, _)| k == "lattice-user").map(|(_, v)| v.clone()).unwrap_or_default();
-    let out = serde_json::from_slice::<UserRequest>(&request.body)
-        .map_err(|e| fail(400, "M_BAD_JSON", format!("user request: {e}")))
-        .and_then(|r| match r {
-            UserRequest::Upload { device, one_time_keys, fallback_keys } => {
-                upload(&user, &device, &one_time_keys, &fallback_keys)
-            }
-            UserRequest::Claim { claims } => claim(&user, &claims),
-            UserRequest::DropDevice { device } => drop_device(&user, &device),
-        });
-    match out {
-        Ok(reply) => durable_object::Response {
-            status: 200,
-            headers: vec![],
-            body: json!(reply).to_string().into_bytes(),
-        },
-        Err(f) => durable_object::Response {
-            status: f.status,
-            headers: vec![],
-            body: json!(f).to_string().into_bytes(),
-        },
-    }
+    crate::object::serve(request, |r: UserRequest| match r {
+        UserRequest::Upload { device, one_time_keys, fallback_keys } => {
+            upload(&user, &device, &one_time_keys, &fallback_keys)
+        }
+        UserRequest::Claim { claims } => claim(&user, &claims),
+        UserRequest::DropDevice { device } => drop_device(&user, &device),
+    })
 }
 
 /// Sends a request to a user's object and decodes its answer.
 pub fn call(user_id: &str, request: &UserRequest) -> Result<UserReply, crate::error::Error> {
-    use crate::error::Error;
-    let ns = durable_object::Namespace::open(BINDING).map_err(|e| Error::Internal(format!("{e:?}")))?;
-    let id = ns.id_from_name(user_id);
-    let resp = ns
-        .fetch(
-            &id,
-            &durable_object::Request {
-                method: "POST".into(),
-                path: "/".into(),
-                headers: vec![("lattice-user".into(), user_id.to_owned())],
-                body: json!(request).to_string().into_bytes(),
-            },
-        )
-        .map_err(|e| match e {
-            types::Error::Unavailable(u) => {
-                Error::Unavailable { retry_after_secs: u.retry_after_secs.max(1) }
-            }
-            other => Error::Internal(format!("user object: {other:?}")),
-        })?;
-    if resp.status == 200 {
-        return serde_json::from_slice(&resp.body).map_err(|e| Error::Internal(format!("user reply: {e}")));
-    }
-    let f: UserFailure = serde_json::from_slice(&resp.body)
-        .unwrap_or_else(|_| fail(500, "M_UNKNOWN", String::from_utf8_lossy(&resp.body).into_owned()));
-    Err(match (f.status, f.errcode.as_str()) {
-        (400, "M_INVALID_PARAM") => Error::InvalidParam(f.error),
-        (400, _) => Error::BadJson(f.error),
-        (503, _) => Error::Unavailable { retry_after_secs: 1 },
-        _ => Error::Internal(f.error),
-    })
+    crate::object::call(BINDING, user_id, vec![("lattice-user".into(), user_id.to_owned())], request)
 }

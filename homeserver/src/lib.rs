@@ -16,6 +16,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod keys;
+pub mod object;
 pub mod push;
 pub mod room;
 pub mod util;

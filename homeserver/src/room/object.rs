@@ -23,13 +23,14 @@
 
 use std::collections::HashMap;
 
-use lattice_worker::bindings::lattice::bindings::{config, durable_object, signals, storage, types};
+use lattice_worker::bindings::lattice::bindings::{config, durable_object, signals, storage};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::auth;
 use super::pdu::{self, Pdu, Position, SigningKey, Template};
 use crate::db::{self, Bound, Db, bound, sql};
+use crate::object::{Failure, fail, get_json, storage_fail};
 use crate::util::now_ms;
 
 /// The Durable Object namespace binding and class of rooms.
@@ -122,28 +123,7 @@ pub struct RoomReply {
     pub event_ids: Vec<String>,
 }
 
-/// An error as the room reports it to the front.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RoomFailure {
-    pub status: u16,
-    pub errcode: String,
-    pub error: String,
-}
-
-fn fail(status: u16, errcode: &str, error: impl Into<String>) -> RoomFailure {
-    RoomFailure { status, errcode: errcode.to_owned(), error: error.into() }
-}
-
-fn storage_fail(e: types::Error) -> RoomFailure {
-    match e {
-        types::Error::Unavailable(_) | types::Error::Fenced => {
-            fail(503, "M_UNKNOWN", "room storage is unavailable; retry")
-        }
-        other => fail(500, "M_UNKNOWN", format!("room storage: {other:?}")),
-    }
-}
-
-fn db_fail(e: db::DbError) -> RoomFailure {
+fn db_fail(e: db::DbError) -> Failure {
     match e {
         db::DbError::Unavailable { .. } | db::DbError::Migrating => {
             fail(503, "M_UNKNOWN", "the database is unavailable; the event is kept and will be written")
@@ -160,16 +140,6 @@ fn outbox_key(seq: i64) -> String {
     format!("p\0{seq:020}")
 }
 
-fn get_json<T: serde::de::DeserializeOwned>(key: &str) -> Result<Option<T>, RoomFailure> {
-    let got = storage::get(&[key.to_owned()]).map_err(storage_fail)?;
-    got.into_iter()
-        .next()
-        .map(|(_, v)| {
-            serde_json::from_slice(&v).map_err(|e| fail(500, "M_UNKNOWN", format!("room storage: {e}")))
-        })
-        .transpose()
-}
-
 /// The server's signing key, from the `signing_key` secret.
 pub fn server_signing_key() -> Result<SigningKey, String> {
     let seed = config::secret(SIGNING_KEY_SECRET)
@@ -178,32 +148,18 @@ pub fn server_signing_key() -> Result<SigningKey, String> {
     SigningKey::from_seed(&seed).map_err(|e| e.to_string())
 }
 
-fn signing_key() -> Result<SigningKey, RoomFailure> {
+fn signing_key() -> Result<SigningKey, Failure> {
     server_signing_key().map_err(|e| fail(500, "M_UNKNOWN", e))
 }
 
 /// Handles one request to a room object.
 pub fn handle(request: &durable_object::Request) -> durable_object::Response {
-    let out = serde_json::from_slice::<RoomRequest>(&request.body)
-        .map_err(|e| fail(400, "M_BAD_JSON", format!("room request: {e}")))
-        .and_then(|r| match r {
-            RoomRequest::Create { version, create_event_id, create_pdu, then, sender } => {
-                create(&version, &create_event_id, create_pdu, &then, &sender)
-            }
-            RoomRequest::Send { sender, templates, txn } => send(&sender, &templates, txn),
-        });
-    match out {
-        Ok(reply) => durable_object::Response {
-            status: 200,
-            headers: vec![],
-            body: json!(reply).to_string().into_bytes(),
-        },
-        Err(f) => durable_object::Response {
-            status: f.status,
-            headers: vec![],
-            body: json!(f).to_string().into_bytes(),
-        },
-    }
+    crate::object::serve(request, |r: RoomRequest| match r {
+        RoomRequest::Create { version, create_event_id, create_pdu, then, sender } => {
+            create(&version, &create_event_id, create_pdu, &then, &sender)
+        }
+        RoomRequest::Send { sender, templates, txn } => send(&sender, &templates, txn),
+    })
 }
 
 /// The alarm: writes outbox entries a failed D1 write left behind. While D1 keeps failing it
@@ -226,7 +182,7 @@ fn create(
     create_pdu: Value,
     then: &[Template],
     sender: &str,
-) -> Result<RoomReply, RoomFailure> {
+) -> Result<RoomReply, Failure> {
     let key = signing_key()?;
     let settings = crate::config::Settings::load();
     if get_json::<Meta>("meta")?.is_some() {
@@ -265,11 +221,7 @@ fn create(
     Ok(RoomReply { event_ids: ids })
 }
 
-fn send(
-    sender: &str,
-    templates: &[Template],
-    txn: Option<(String, String)>,
-) -> Result<RoomReply, RoomFailure> {
+fn send(sender: &str, templates: &[Template], txn: Option<(String, String)>) -> Result<RoomReply, Failure> {
     // Everything that waits on other I/O happens before the room's head is read: the signing
     // key, and the event a redaction redacts.
     let key = signing_key()?;
@@ -351,7 +303,7 @@ fn append(
     sender: &str,
     template: &Template,
     txn: Option<(String, String)>,
-) -> Result<(String, Planned), RoomFailure> {
+) -> Result<(String, Planned), Failure> {
     let types = auth::auth_types(
         &meta.version,
         &template.kind,
@@ -431,7 +383,7 @@ fn plan(
     txn: Option<(String, String)>,
     redact: Option<(String, String)>,
     creator: Option<&str>,
-) -> Result<Planned, RoomFailure> {
+) -> Result<Planned, Failure> {
     let s = |k: &str| json_value.get(k).and_then(Value::as_str).map(str::to_owned);
     let kind = s("type").unwrap_or_default();
     let sk = s("state_key");
@@ -485,7 +437,7 @@ fn plan(
 
 /// The whole current state as `(type, state_key, event_id)`, from storage overlaid with this
 /// request's own changes.
-fn full_state(pending: &HashMap<String, StateEntry>) -> Result<Vec<(String, String, String)>, RoomFailure> {
+fn full_state(pending: &HashMap<String, StateEntry>) -> Result<Vec<(String, String, String)>, Failure> {
     let mut all: HashMap<String, String> = HashMap::new();
     let mut start_after: Option<String> = None;
     loop {
@@ -525,7 +477,7 @@ fn commit(
     state: &HashMap<String, StateEntry>,
     writes: &[Planned],
     txn: Option<(String, Vec<u8>)>,
-) -> Result<(), RoomFailure> {
+) -> Result<(), Failure> {
     let mut entries: Vec<(String, Vec<u8>)> = vec![("meta".into(), json!(meta).to_string().into_bytes())];
     let mut index: Vec<i64> = get_json(OUTBOX_INDEX)?.unwrap_or_default();
     index.extend(writes.iter().map(|w| w.seq));
@@ -546,13 +498,13 @@ fn commit(
 }
 
 /// Writes the outbox to D1 up to this request's last event.
-fn finish(meta: &Meta, writes: &[Planned]) -> Result<(), RoomFailure> {
+fn finish(meta: &Meta, writes: &[Planned]) -> Result<(), Failure> {
     flush_or_retry_later(writes.last().map_or(meta.seq, |w| w.seq))
 }
 
 /// [`flush`] up to `up_to`; when it fails, the events stay decided and kept, and the alarm
 /// writes them once D1 is back.
-fn flush_or_retry_later(up_to: i64) -> Result<(), RoomFailure> {
+fn flush_or_retry_later(up_to: i64) -> Result<(), Failure> {
     flush(up_to, true).inspect_err(|_| {
         let _ = storage::set_alarm(now_ms() + OUTBOX_RETRY_MS);
     })
@@ -573,7 +525,7 @@ fn wake(planned: &[Planned]) {
 /// Writes outbox entries (oldest first, up to `up_to`, at most [`MAX_OUTBOX_PER_WRITE`] a
 /// transaction) to D1, then removes them from the outbox. With `claims`, entries an earlier
 /// flush has claimed are left to it (see the module's documentation).
-fn flush(up_to: i64, claims: bool) -> Result<(), RoomFailure> {
+fn flush(up_to: i64, claims: bool) -> Result<(), Failure> {
     let mut claims = claims;
     loop {
         // The index and the entries were written by this object, so they are in its cache.
@@ -753,38 +705,5 @@ fn bounds(p: &Planned) -> Vec<Bound> {
 
 /// Sends a request to a room's object and decodes its answer.
 pub fn call(room_id: &str, request: &RoomRequest) -> Result<RoomReply, crate::error::Error> {
-    use crate::error::Error;
-    let ns = durable_object::Namespace::open(BINDING).map_err(|e| Error::Internal(format!("{e:?}")))?;
-    let id = ns.id_from_name(room_id);
-    let resp = ns
-        .fetch(
-            &id,
-            &durable_object::Request {
-                method: "POST".into(),
-                path: "/".into(),
-                headers: vec![],
-                body: json!(request).to_string().into_bytes(),
-            },
-        )
-        .map_err(|e| match e {
-            types::Error::Unavailable(u) => {
-                Error::Unavailable { retry_after_secs: u.retry_after_secs.max(1) }
-            }
-            other => Error::Internal(format!("room object: {other:?}")),
-        })?;
-    if resp.status == 200 {
-        return serde_json::from_slice(&resp.body).map_err(|e| Error::Internal(format!("room reply: {e}")));
-    }
-    let f: RoomFailure = serde_json::from_slice(&resp.body)
-        .unwrap_or_else(|_| fail(500, "M_UNKNOWN", String::from_utf8_lossy(&resp.body).into_owned()));
-    Err(match (f.status, f.errcode.as_str()) {
-        (403, _) => Error::Forbidden(f.error),
-        (404, _) => Error::NotFound(f.error),
-        (413, _) => Error::TooLarge,
-        (503, _) => Error::Unavailable { retry_after_secs: 1 },
-        (_, "M_UNSUPPORTED_ROOM_VERSION") => Error::UnsupportedRoomVersion(f.error),
-        (_, "M_ROOM_IN_USE") => Error::RoomInUse,
-        (400, _) => Error::BadJson(f.error),
-        _ => Error::Internal(f.error),
-    })
+    crate::object::call(BINDING, room_id, vec![], request)
 }
