@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shell helpers shared by scripts/services.sh and scripts/kube.sh; sourced after LOG_PREFIX is set.
 
 log() { printf '%s: %s\n' "$LOG_PREFIX" "$*" >&2; }
