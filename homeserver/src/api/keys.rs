@@ -167,36 +167,28 @@ pub fn claim_route(ctx: &Ctx) -> Result<Reply> {
     ok(json!({"one_time_keys": out, "failures": failures}))
 }
 
+/// The parameters of [`sql::DEVICE_LIST_CHANGES`] (also part of [`sql::E2E_SYNC`]).
+fn changes_params(user: &str, from: i64, to: i64) -> Vec<db::Param> {
+    vec![db::i(from), db::i(to), db::t(user), db::t(user)]
+}
+
+/// The parameters of [`sql::DEVICE_LIST_LEFT`] (also part of [`sql::E2E_SYNC`]).
+fn left_params(user: &str, from: i64, to: i64) -> Vec<db::Param> {
+    vec![db::t(user), db::i(from), db::i(to), db::t(user), db::t(user), db::i(from), db::i(to), db::t(user)]
+}
+
+fn user_ids(rows: &[db::Row]) -> Vec<String> {
+    rows.iter().map(|r| r.str("user_id")).collect()
+}
+
 /// Users whose device lists changed between two stream positions, as seen by `user`.
 pub fn changed_users(ctx: &Ctx, user: &str, from: i64, to: i64) -> Result<Vec<String>> {
-    Ok(ctx
-        .db()?
-        .query(sql::DEVICE_LIST_CHANGES, vec![db::i(from), db::i(to), db::t(user), db::t(user)])?
-        .iter()
-        .map(|r| r.str("user_id"))
-        .collect())
+    Ok(user_ids(&ctx.db()?.query(sql::DEVICE_LIST_CHANGES, changes_params(user, from, to))?))
 }
 
 /// Users who stopped sharing a joined room with `user` between two stream positions.
 pub fn left_users(ctx: &Ctx, user: &str, from: i64, to: i64) -> Result<Vec<String>> {
-    Ok(ctx
-        .db()?
-        .query(
-            sql::DEVICE_LIST_LEFT,
-            vec![
-                db::t(user),
-                db::i(from),
-                db::i(to),
-                db::t(user),
-                db::t(user),
-                db::i(from),
-                db::i(to),
-                db::t(user),
-            ],
-        )?
-        .iter()
-        .map(|r| r.str("user_id"))
-        .collect())
+    Ok(user_ids(&ctx.db()?.query(sql::DEVICE_LIST_LEFT, left_params(user, from, to))?))
 }
 
 /// # `GET /_matrix/client/v3/keys/changes`
@@ -379,33 +371,21 @@ pub fn for_sync(ctx: &Ctx, user: &str, device: &str, since: Option<i64>, upto: i
     let db = ctx.db()?;
     let after = since.unwrap_or(0);
     let (from, to) = if since.is_some() { (after, upto) } else { (upto, upto) };
-    let rows = db.query(
-        sql::E2E_SYNC,
-        vec![
-            db::t(user),
-            db::t(device),
-            db::i(after),
-            db::i(upto),
-            db::i(TO_DEVICE_PER_SYNC),
-            db::t(user),
-            db::t(device),
-            db::i(after),
-            db::t(user),
-            db::t(device),
-            db::i(from),
-            db::i(to),
-            db::t(user),
-            db::t(user),
-            db::t(user),
-            db::i(from),
-            db::i(to),
-            db::t(user),
-            db::t(user),
-            db::i(from),
-            db::i(to),
-            db::t(user),
-        ],
-    )?;
+    let mut params = vec![
+        db::t(user),
+        db::t(device),
+        db::i(after),
+        db::i(upto),
+        db::i(TO_DEVICE_PER_SYNC),
+        db::t(user),
+        db::t(device),
+        db::i(after),
+        db::t(user),
+        db::t(device),
+    ];
+    params.extend(changes_params(user, from, to));
+    params.extend(left_params(user, from, to));
+    let rows = db.query(sql::E2E_SYNC, params)?;
     let mut out = SyncE2ee {
         one_time_key_counts: json!({}),
         unused_fallback_key_types: json!([]),

@@ -491,6 +491,18 @@ pub const ALIASES_OF_ROOM: Sql =
     sql("aliases_of_room", "t", "SELECT alias FROM room_aliases WHERE room_id = ? ORDER BY alias");
 
 // ---- End-to-end encryption -------------------------------------------------------------------
+// The device-list queries are used alone (`/keys/changes`) and inside `E2E_SYNC`; their text
+// is written once, here.
+macro_rules! device_list_changes {
+    () => {
+        "SELECT DISTINCT k.user_id FROM (SELECT user_id, stream_pos FROM device_keys UNION ALL SELECT user_id, stream_pos FROM cross_signing_keys) k WHERE k.stream_pos > ? AND k.stream_pos <= ? AND (k.user_id = ? OR k.user_id IN (SELECT m2.user_id FROM memberships m1 JOIN memberships m2 ON m2.room_id = m1.room_id WHERE m1.user_id = ? AND m1.membership = 'join' AND m2.membership = 'join'))"
+    };
+}
+macro_rules! device_list_left {
+    () => {
+        "SELECT DISTINCT m.user_id FROM memberships m WHERE m.user_id <> ? AND ((m.stream_pos > ? AND m.stream_pos <= ? AND m.membership <> 'join' AND m.room_id IN (SELECT room_id FROM memberships WHERE user_id = ?)) OR m.room_id IN (SELECT room_id FROM memberships WHERE user_id = ? AND membership <> 'join' AND stream_pos > ? AND stream_pos <= ?)) AND NOT EXISTS (SELECT 1 FROM memberships a JOIN memberships b ON b.room_id = a.room_id WHERE a.user_id = ? AND a.membership = 'join' AND b.user_id = m.user_id AND b.membership = 'join')"
+    };
+}
 /// A device's keys; ordered on the stream so device-list changes never skip.
 pub const DEVICE_KEYS_UPSERT: Sql = sql(
     "device_keys_upsert",
@@ -513,11 +525,7 @@ pub const DEVICE_KEYS_TOMBSTONE: Sql = sql(
 );
 /// Users (the user and those sharing a joined room) whose device or cross-signing keys
 /// changed in a range.
-pub const DEVICE_LIST_CHANGES: Sql = sql(
-    "device_list_changes",
-    "iitt",
-    "SELECT DISTINCT k.user_id FROM (SELECT user_id, stream_pos FROM device_keys UNION ALL SELECT user_id, stream_pos FROM cross_signing_keys) k WHERE k.stream_pos > ? AND k.stream_pos <= ? AND (k.user_id = ? OR k.user_id IN (SELECT m2.user_id FROM memberships m1 JOIN memberships m2 ON m2.room_id = m1.room_id WHERE m1.user_id = ? AND m1.membership = 'join' AND m2.membership = 'join'))",
-);
+pub const DEVICE_LIST_CHANGES: Sql = sql("device_list_changes", "iitt", device_list_changes!());
 /// A cross-signing key (`master`, `self_signing`, `user_signing`), moved on the stream.
 pub const CROSS_SIGNING_UPSERT: Sql = sql(
     "cross_signing_upsert",
@@ -600,11 +608,7 @@ pub const DEHYDRATED_DELETE: Sql =
 /// Users who stopped sharing any joined room with the user in a range (`device_lists.left`):
 /// those whose membership in one of the user's rooms moved off `join`, and the members of
 /// rooms the user left, that share no joined room with the user now.
-pub const DEVICE_LIST_LEFT: Sql = sql(
-    "device_list_left",
-    "tiittiit",
-    "SELECT DISTINCT m.user_id FROM memberships m WHERE m.user_id <> ? AND ((m.stream_pos > ? AND m.stream_pos <= ? AND m.membership <> 'join' AND m.room_id IN (SELECT room_id FROM memberships WHERE user_id = ?)) OR m.room_id IN (SELECT room_id FROM memberships WHERE user_id = ? AND membership <> 'join' AND stream_pos > ? AND stream_pos <= ?)) AND NOT EXISTS (SELECT 1 FROM memberships a JOIN memberships b ON b.room_id = a.room_id WHERE a.user_id = ? AND a.membership = 'join' AND b.user_id = m.user_id AND b.membership = 'join')",
-);
+pub const DEVICE_LIST_LEFT: Sql = sql("device_list_left", "tiittiit", device_list_left!());
 /// Everything end-to-end encryption adds to one `/sync`, in one round trip, as `(kind, a, b,
 /// c, d)` rows: `d` the device's to-device messages in `(since, upto]` (sender, type, content,
 /// position; at most `limit`), `a` how many messages at or before `since` wait to be deleted
@@ -614,11 +618,16 @@ pub const DEVICE_LIST_LEFT: Sql = sql(
 pub const E2E_SYNC: Sql = sql(
     "e2e_sync",
     "ttiiittittiitttiittiit",
-    "SELECT 'd' AS kind, td.sender AS a, td.type AS b, td.content AS c, td.stream_pos AS d FROM (SELECT sender, type, content, stream_pos FROM to_device WHERE user_id = ? AND device_id = ? AND stream_pos > ? AND stream_pos <= ? ORDER BY stream_pos LIMIT ?) td \
-     UNION ALL SELECT 'a', NULL, NULL, NULL, COUNT(*) FROM to_device WHERE user_id = ? AND device_id = ? AND stream_pos <= ? \
-     UNION ALL SELECT 'n', counts, fallback_unused, NULL, NULL FROM e2e_key_counts WHERE user_id = ? AND device_id = ? \
-     UNION ALL SELECT 'c', ch.user_id, NULL, NULL, NULL FROM (SELECT DISTINCT k.user_id FROM (SELECT user_id, stream_pos FROM device_keys UNION ALL SELECT user_id, stream_pos FROM cross_signing_keys) k WHERE k.stream_pos > ? AND k.stream_pos <= ? AND (k.user_id = ? OR k.user_id IN (SELECT m2.user_id FROM memberships m1 JOIN memberships m2 ON m2.room_id = m1.room_id WHERE m1.user_id = ? AND m1.membership = 'join' AND m2.membership = 'join'))) ch \
-     UNION ALL SELECT 'l', lf.user_id, NULL, NULL, NULL FROM (SELECT DISTINCT m.user_id FROM memberships m WHERE m.user_id <> ? AND ((m.stream_pos > ? AND m.stream_pos <= ? AND m.membership <> 'join' AND m.room_id IN (SELECT room_id FROM memberships WHERE user_id = ?)) OR m.room_id IN (SELECT room_id FROM memberships WHERE user_id = ? AND membership <> 'join' AND stream_pos > ? AND stream_pos <= ?)) AND NOT EXISTS (SELECT 1 FROM memberships a JOIN memberships b ON b.room_id = a.room_id WHERE a.user_id = ? AND a.membership = 'join' AND b.user_id = m.user_id AND b.membership = 'join')) lf",
+    concat!(
+        "SELECT 'd' AS kind, td.sender AS a, td.type AS b, td.content AS c, td.stream_pos AS d FROM (SELECT sender, type, content, stream_pos FROM to_device WHERE user_id = ? AND device_id = ? AND stream_pos > ? AND stream_pos <= ? ORDER BY stream_pos LIMIT ?) td",
+        " UNION ALL SELECT 'a', NULL, NULL, NULL, COUNT(*) FROM to_device WHERE user_id = ? AND device_id = ? AND stream_pos <= ?",
+        " UNION ALL SELECT 'n', counts, fallback_unused, NULL, NULL FROM e2e_key_counts WHERE user_id = ? AND device_id = ?",
+        " UNION ALL SELECT 'c', ch.user_id, NULL, NULL, NULL FROM (",
+        device_list_changes!(),
+        ") ch UNION ALL SELECT 'l', lf.user_id, NULL, NULL, NULL FROM (",
+        device_list_left!(),
+        ") lf"
+    ),
 );
 pub const E2E_COUNTS_UPSERT: Sql = sql(
     "e2e_counts_upsert",
