@@ -4,19 +4,11 @@
 
 use std::process::Command;
 
-const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/lattice-operator");
+#[path = "common/helm.rs"]
+mod helm_bin;
+use helm_bin::helm;
 
-fn helm() -> Option<String> {
-    let helm = std::env::var("LATTICE_HELM").ok();
-    if helm.is_none() {
-        assert!(
-            std::env::var_os("LATTICE_REQUIRE_SERVICES").is_none(),
-            "LATTICE_HELM is not set under LATTICE_REQUIRE_SERVICES"
-        );
-        eprintln!("skipped: LATTICE_HELM is not set (scripts/services.sh writes it)");
-    }
-    helm
-}
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/lattice-operator");
 
 fn template(helm: &str, sets: &[&str]) -> String {
     let mut cmd = Command::new(helm);

@@ -8,12 +8,16 @@
 //! collection needs kube-controller-manager; the clean-up assertion runs only when it is there
 //! (and says so when it is skipped).
 
+#[path = "common/helm.rs"]
+mod helm_bin;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use helm_bin::helm;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::authorization::v1::{
@@ -113,6 +117,25 @@ async fn namespace(client: &Client, prefix: &str) -> String {
 }
 
 /// Polls `f` every 50 ms until it returns `Some`, failing after `WAIT` with `what`.
+/// Waits for the child `name` of a kind just made servable: any change to the homeserver
+/// `matrix` re-runs its reconcile, so it is poked until the child appears.
+async fn poke_until_child(
+    api: &Api<MatrixHomeserver>,
+    children: Api<DynamicObject>,
+    name: &str,
+) -> DynamicObject {
+    wait_for(&format!("the child {name}"), || {
+        let (api, children) = (api.clone(), children.clone());
+        async move {
+            let poke = json!({"metadata": {"annotations": {"test/poke": format!("{:?}", Instant::now())}}});
+            let _ = api.patch("matrix", &PatchParams::default(), &Patch::Merge(&poke)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            children.get_opt(name).await.ok().flatten()
+        }
+    })
+    .await
+}
+
 async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
@@ -492,18 +515,6 @@ async fn cel_rules_refuse_invalid_specs() {
     assert!(e.to_string().contains("serverName is immutable"), "{e}");
 }
 
-fn helm() -> Option<String> {
-    let helm = std::env::var("LATTICE_HELM").ok();
-    if helm.is_none() {
-        assert!(
-            std::env::var_os("LATTICE_REQUIRE_SERVICES").is_none(),
-            "LATTICE_HELM is not set under LATTICE_REQUIRE_SERVICES"
-        );
-        eprintln!("skipped: LATTICE_HELM is not set (scripts/services.sh writes it)");
-    }
-    helm
-}
-
 /// `helm template` of the chart in `ns` with extra `--set` values, as documents.
 fn helm_template(helm: &str, ns: &str, sets: &[&str]) -> Vec<serde_json::Value> {
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/lattice-operator");
@@ -734,17 +745,7 @@ async fn issuer_ref_asks_cert_manager_for_a_certificate() {
         &ns,
         &lattice_operator::resources::certificate_resource(),
     );
-    // Any change to the resource re-runs the reconcile; poke it until the new kind is served.
-    let cert = wait_for("the Certificate", || {
-        let (api, certs) = (api.clone(), certs.clone());
-        async move {
-            let poke = json!({"metadata": {"annotations": {"test/poke": format!("{:?}", Instant::now())}}});
-            let _ = api.patch("matrix", &PatchParams::default(), &Patch::Merge(&poke)).await;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            certs.get_opt("matrix-tls").await.ok().flatten()
-        }
-    })
-    .await;
+    let cert = poke_until_child(&api, certs.clone(), "matrix-tls").await;
     let hs = api.get("matrix").await.expect("get");
     assert_owned(&cert, &hs);
     assert_eq!(cert.data["spec"]["issuerRef"]["kind"], "ClusterIssuer");
@@ -933,20 +934,11 @@ async fn route_asks_the_gateway_api_for_an_http_route() {
         .await;
     }
     serve_reduced_crd(&client, "gateway.networking.k8s.io", "HTTPRoute", "httproutes").await;
-    let routes = Api::<DynamicObject>::namespaced_with(
-        client.clone(),
-        &ns,
-        &lattice_operator::resources::http_route_resource(),
-    );
-    let route = wait_for("the HTTPRoute", || {
-        let (api, routes) = (api.clone(), routes.clone());
-        async move {
-            let poke = json!({"metadata": {"annotations": {"test/poke": format!("{:?}", Instant::now())}}});
-            let _ = api.patch("matrix", &PatchParams::default(), &Patch::Merge(&poke)).await;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            routes.get_opt("matrix").await.ok().flatten()
-        }
-    })
+    let route = poke_until_child(
+        &api,
+        Api::namespaced_with(client.clone(), &ns, &lattice_operator::resources::http_route_resource()),
+        "matrix",
+    )
     .await;
     let hs =
         wait_status(&api, g, "reconciled with the route", |hs| is(hs, DEGRADED, "False", "AsExpected")).await;
