@@ -67,14 +67,24 @@ async fn route(state: Arc<AdminState>, req: Request<Incoming>) -> Response<Body>
                     u8::from(b.up)
                 ));
             }
-            text.push_str("# TYPE lattice_live_objects gauge\n# TYPE lattice_object_commits_total counter\n");
+            text.push_str("# TYPE lattice_live_objects gauge\n# TYPE lattice_object_commits_total counter\n# TYPE lattice_fenced_writes_total counter\n");
             for (name, ns) in &state.shared.objects.namespaces {
                 text.push_str(&format!("lattice_live_objects{{namespace=\"{name}\"}} {}\n", ns.live_count()));
                 text.push_str(&format!(
                     "lattice_object_commits_total{{namespace=\"{name}\"}} {}\n",
                     ns.commit_count()
                 ));
+                text.push_str(&format!(
+                    "lattice_fenced_writes_total{{store=\"objects\",namespace=\"{name}\"}} {}\n",
+                    ns.fenced_count()
+                ));
             }
+            text.push_str(&format!(
+                "lattice_fenced_writes_total{{store=\"d1\"}} {}\n",
+                state.shared.metrics.fenced_d1_writes.load(std::sync::atomic::Ordering::Relaxed)
+            ));
+            state.shared.objects.placement.render_metrics(&mut text);
+            state.shared.peers.render_metrics(&mut text);
             let mut r = full(StatusCode::OK, text);
             r.headers_mut().insert(
                 http::header::CONTENT_TYPE,

@@ -39,6 +39,10 @@ pub const DEFAULT_MAX_CALL_DEPTH: u32 = 16;
 pub const DEFAULT_MEMORY_KEEP_RESIDENT: u64 = 64 * 1024;
 /// Shards per Durable Object namespace (fixed for the namespace's lifetime).
 pub const DEFAULT_SHARDS: u32 = 64;
+/// How long a shard lease lasts unless renewed.
+pub const DEFAULT_LEASE_MS: u64 = 10_000;
+/// Shortest lease: Kubernetes Leases count whole seconds.
+pub const MIN_LEASE_MS: u64 = 1_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -79,6 +83,8 @@ pub struct Config {
     pub durable_objects: BTreeMap<String, DurableObjectBinding>,
     /// Where `signals.signal` travels besides this process; none: in-process only.
     pub signals: Option<SignalsBinding>,
+    /// Durable Objects on leased shard pods; none: this process owns every shard (embedded).
+    pub placement: Option<PlacementConfig>,
     #[serde(default)]
     pub testing: Testing,
 }
@@ -294,6 +300,81 @@ pub enum SignalsBinding {
     Redis { url: Option<String>, url_env: Option<String> },
 }
 
+/// What a runtime process does for Durable Objects when placement is on.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PlacementRole {
+    /// Stateless: forwards every object call to the shard's owner.
+    Front,
+    /// Owns shards through leases and serves calls for them; forwards the rest.
+    Shard,
+    /// Both (the default): owns shards and takes client traffic.
+    #[default]
+    Both,
+}
+
+/// Where shard leases live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "backend", rename_all = "lowercase")]
+pub enum LeaseBackendConfig {
+    /// Rows of `lattice_leases`, expiry judged by the database's clock.
+    Postgres { url: Option<String>, url_env: Option<String> },
+    /// `coordination.k8s.io/v1` Leases in `namespace`; in-cluster credentials unless
+    /// `kubeconfig` names a file.
+    Kubernetes { namespace: String, kubeconfig: Option<PathBuf> },
+}
+
+/// Leased shard placement (see ARCHITECTURE.md, "Durable Object placement").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementConfig {
+    #[serde(default)]
+    pub role: PlacementRole,
+    pub leases: LeaseBackendConfig,
+    /// This process's name in leases (a DNS label); defaults to the host name (the pod name).
+    pub identity: Option<String>,
+    /// Prefix of every lease name: one set per deployment sharing a lease store.
+    #[serde(default = "default_lease_set")]
+    pub lease_set: String,
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    /// How often leases are renewed; at most a third of `lease_ms` (default: a third).
+    pub renew_ms: Option<u64>,
+    /// The internal HTTP/2 listener other pods forward object calls to (shard roles).
+    pub peer_listen: Option<SocketAddr>,
+    /// The URL other pods reach `peer_listen` at, e.g. `http://{identity}.<headless service>:8448`
+    /// (`{identity}` is replaced by the identity); defaults to `http://<peer_listen>` when that
+    /// is not an unspecified address.
+    pub peer_address: Option<String>,
+    /// Name of the secret that authenticates calls between pods.
+    pub peer_secret: String,
+}
+
+fn default_lease_set() -> String {
+    "lattice".into()
+}
+
+fn default_lease_ms() -> u64 {
+    DEFAULT_LEASE_MS
+}
+
+impl PlacementConfig {
+    pub fn renew_ms(&self) -> u64 {
+        self.renew_ms.unwrap_or(self.lease_ms / 3)
+    }
+
+    pub fn owns_shards(&self) -> bool {
+        self.role != PlacementRole::Front
+    }
+
+    /// The address other pods forward to, if this process serves shards.
+    pub fn advertised_address(&self) -> Option<String> {
+        self.peer_address
+            .clone()
+            .or_else(|| self.peer_listen.filter(|a| !a.ip().is_unspecified()).map(|a| format!("http://{a}")))
+    }
+}
+
 /// Settings for tests only.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -390,6 +471,57 @@ impl Config {
         {
             return Err(invalid("signals", "set exactly one of `url` or `url_env`"));
         }
+        if let Some(p) = &self.placement {
+            self.validate_placement(p).map_err(|(key, message)| invalid(&key, &message))?;
+        }
+        Ok(())
+    }
+
+    fn validate_placement(&self, p: &PlacementConfig) -> Result<(), (String, String)> {
+        let err = |k: &str, m: &str| Err((format!("placement.{k}"), m.to_owned()));
+        if let LeaseBackendConfig::Postgres { url, url_env } = &p.leases
+            && url.is_some() == url_env.is_some()
+        {
+            return err("leases", "set exactly one of `url` or `url_env`");
+        }
+        if p.lease_ms < MIN_LEASE_MS {
+            return err("lease_ms", "must be at least 1000 (Kubernetes Leases count whole seconds)");
+        }
+        let renew = p.renew_ms();
+        if renew == 0 || renew * 3 > p.lease_ms {
+            return err("renew_ms", "must be greater than zero and at most a third of `lease_ms`");
+        }
+        if !crate::placement::is_dns_label(&p.lease_set) || p.lease_set.len() > 20 {
+            return err("lease_set", "must be a DNS label (a-z, 0-9, '-') of at most 20 characters");
+        }
+        if let Some(id) = &p.identity
+            && !crate::placement::is_dns_label(id)
+        {
+            return err("identity", "must be a DNS label (a-z, 0-9, '-')");
+        }
+        if p.owns_shards() {
+            if p.peer_listen.is_none() {
+                return err("peer_listen", "a shard process needs an internal listener for forwarded calls");
+            }
+            match p.advertised_address() {
+                None => return err("peer_address", "set it when `peer_listen` is an unspecified address"),
+                Some(a) if !a.starts_with("http://") => {
+                    return err(
+                        "peer_address",
+                        "must be an http:// URL (calls between pods are HTTP/2 cleartext)",
+                    );
+                }
+                Some(_) => {}
+            }
+        }
+        for (name, b) in &self.durable_objects {
+            if !matches!(b.storage, ObjectStorage::Postgres { .. }) {
+                return Err((
+                    format!("durable_objects.{name}.storage"),
+                    "placement needs object storage every pod shares: use the postgres backend".into(),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -451,6 +583,32 @@ path = "w.wasm"
     #[test]
     fn zero_limit_is_rejected() {
         check(&format!("{MINIMAL}\n[limits]\nexecution_ms = 0\n"), Some("limits.execution_ms"));
+    }
+
+    #[test]
+    fn placement_rules() {
+        let pg_objects = "[durable_objects.C]\nclass = \"C\"\nunique_key_secret = \"k\"\nstorage = { backend = \"postgres\", url = \"postgres://x\" }\n";
+        let placement = |body: &str| {
+            format!(
+                "{MINIMAL}\n{pg_objects}\n[placement]\npeer_secret = \"p\"\nleases = {{ backend = \"postgres\", url = \"postgres://x\" }}\n{body}"
+            )
+        };
+        check(&placement("peer_listen = \"127.0.0.1:9000\""), None);
+        check(&placement("role = \"front\""), None);
+        check(&placement(""), Some("placement.peer_listen"));
+        check(&placement("peer_listen = \"0.0.0.0:9000\""), Some("placement.peer_address"));
+        check(
+            &placement("peer_listen = \"0.0.0.0:9000\"\npeer_address = \"http://{identity}.shards:9000\""),
+            None,
+        );
+        check(&placement("role = \"front\"\nlease_ms = 3000\nrenew_ms = 1001"), Some("placement.renew_ms"));
+        check(&placement("role = \"front\"\nlease_ms = 500"), Some("placement.lease_ms"));
+        check(&placement("role = \"front\"\nidentity = \"Pod_1\""), Some("placement.identity"));
+        check(&placement("role = \"leader\""), Some("unknown variant `leader`"));
+        let embedded = format!(
+            "{MINIMAL}\n[durable_objects.C]\nclass = \"C\"\nunique_key_secret = \"k\"\nstorage = {{ backend = \"sqlite\", path = \"o.db\" }}\n[placement]\nrole = \"front\"\npeer_secret = \"p\"\nleases = {{ backend = \"kubernetes\", namespace = \"n\" }}\n"
+        );
+        check(&embedded, Some("durable_objects.C.storage"));
     }
 
     #[test]

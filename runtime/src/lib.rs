@@ -8,8 +8,9 @@
 //! - [`state`]: the per-instance store data (WASI, HTTP, binding contexts, time accounting).
 //! - [`bindings`]: the interface layer: one module per WIT interface implementing its host
 //!   trait over [`lattice_backends`], with workerd's validation and limits.
-//! - [`objects`]: Durable Objects: ids, placement seam, live objects with input/output gates,
-//!   group commit, alarms.
+//! - [`objects`]: Durable Objects: ids, live objects with input/output gates, group commit,
+//!   alarms; [`placement`] decides which process runs a shard (leases, epochs, hand-over) and
+//!   [`peer`] forwards calls to the owner over HTTP/2.
 //! - [`signals`]: park and wake for long polls.
 //! - [`server`]: listeners, TLS ([`tls`]), request path, parking, graceful shutdown;
 //!   [`admin`] and [`metrics`] for the admin listener; [`outbound`] for guest HTTP requests.
@@ -23,6 +24,8 @@ pub mod engine;
 pub mod metrics;
 pub mod objects;
 pub mod outbound;
+pub mod peer;
+pub mod placement;
 pub mod runtime;
 pub mod server;
 pub mod signals;

@@ -109,14 +109,31 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!(addr = %l.local_addr()?, "admin listener");
         tokio::spawn(admin::serve(admin_state.clone(), l));
     }
+    if let (Some(p), Some(secret)) = (&shared.config.placement, &shared.peer_secret)
+        && let Some(addr) = p.peer_listen.filter(|_| p.owns_shards())
+    {
+        let l = server::bind(addr).await?;
+        tracing::info!(addr = %l.local_addr()?, identity = ?shared.leased.as_ref().map(|l| l.identity().to_owned()), "peer listener");
+        tokio::spawn(lattice_runtime::peer::serve(shared.clone(), secret.clone(), l));
+    }
     tracing::info!(url = %format!("{scheme}://{local}"), startup_ms = started.elapsed().as_millis() as u64, "serving");
     println!("lattice: serving on {scheme}://{local}");
     let drain_flag = admin_state.clone();
+    let placement = shared.objects.placement.clone();
+    let (handed_over_tx, handed_over) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         wait_for_signal().await;
         drain_flag.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Hand the shards over at once, while in-flight HTTP requests drain: a rolling update
+        // then stalls a shard for one hand-over, not for a lease's expiry.
+        tokio::spawn(async move {
+            placement.shutdown().await;
+            let _ = handed_over_tx.send(());
+        });
     };
-    server::serve(shared, listener, tls_acceptor, shutdown).await
+    let result = server::serve(shared, listener, tls_acceptor, shutdown).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), handed_over).await;
+    result
 }
 
 /// `lattice call`: one request to the component through the admin listener.

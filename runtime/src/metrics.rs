@@ -11,14 +11,14 @@ const BUCKETS: [f64; 14] =
     [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
 #[derive(Default)]
-struct Histogram {
+pub struct Histogram {
     counts: [u64; BUCKETS.len()],
     count: u64,
     sum: f64,
 }
 
 impl Histogram {
-    fn observe(&mut self, d: Duration) {
+    pub fn observe(&mut self, d: Duration) {
         let s = d.as_secs_f64();
         for (i, b) in BUCKETS.iter().enumerate() {
             if s <= *b {
@@ -29,7 +29,7 @@ impl Histogram {
         self.sum += s;
     }
 
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
+    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
         let sep = if labels.is_empty() { "" } else { "," };
         for (i, b) in BUCKETS.iter().enumerate() {
             let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {}", self.counts[i]);
@@ -54,6 +54,8 @@ pub struct Metrics {
     pub rejected_body_too_large: AtomicU64,
     pub guest_traps: AtomicU64,
     pub guest_deadline: AtomicU64,
+    /// D1 writes of a Durable Object event refused for a stale shard epoch.
+    pub fenced_d1_writes: AtomicU64,
     /// (binding, backend) -> (calls, errors, latency)
     bindings: Mutex<BTreeMap<(&'static str, &'static str), Series>>,
     /// Inbound TLS handshakes by negotiated key-exchange group.

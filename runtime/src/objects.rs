@@ -14,8 +14,11 @@
 //! is in flight go out together in the next commit: group commit.
 //!
 //! # Placement
-//! [`Placement`] says which shards this process owns and under which epoch. Embedded mode owns
-//! every shard; leased shard pods (a later piece) plug in behind the same trait.
+//! [`Placement`] says which shards this process owns and under which epoch, and where the others
+//! run (`crate::placement`). [`Objects::fetch`] runs an event here when this process owns the
+//! object's shard and forwards it to the owner otherwise (`crate::peer`), with one transparent
+//! retry when the call provably did not reach guest code (the owner moved, or could not be
+//! connected to).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -27,6 +30,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::{OwnedMutexGuard, watch};
 
 use crate::bindings::{ObjectRequest, ObjectResponse};
+use crate::placement::{Owner, Placement};
 use crate::runtime::Shared;
 use crate::state::{WorkerState, arm_deadline};
 
@@ -60,41 +64,15 @@ pub enum ObjectError {
     Deadline,
     #[error("transaction: {0}")]
     Transaction(&'static str),
-}
-
-/// Which shards this process owns, and under which epoch.
-pub trait Placement: Send + Sync {
-    /// `namespace` is [`ObjectNamespace::storage_id`].
-    fn epoch(&self, namespace: &str, shard: u32) -> Option<u64>;
-    fn owned_shards(&self, namespace: &str) -> Vec<u32>;
-}
-
-/// Embedded mode: one process owns every shard; epochs are taken at start-up.
-pub struct LocalPlacement {
-    epochs: HashMap<String, Vec<u64>>,
-}
-
-impl LocalPlacement {
-    pub async fn acquire_all(namespaces: &[Arc<ObjectNamespace>]) -> Result<Self, BackendError> {
-        let mut epochs = HashMap::new();
-        for ns in namespaces {
-            let mut v = Vec::with_capacity(ns.shards as usize);
-            for shard in 0..ns.shards {
-                v.push(ns.storage.acquire_shard(&ns.storage_id, shard).await?);
-            }
-            epochs.insert(ns.storage_id.clone(), v);
-        }
-        Ok(Self { epochs })
-    }
-}
-
-impl Placement for LocalPlacement {
-    fn epoch(&self, namespace: &str, shard: u32) -> Option<u64> {
-        self.epochs.get(namespace).and_then(|v| v.get(shard as usize).copied())
-    }
-    fn owned_shards(&self, namespace: &str) -> Vec<u32> {
-        self.epochs.get(namespace).map(|v| (0..v.len() as u32).collect()).unwrap_or_default()
-    }
+    /// The owner could not be connected to: the call did not reach it.
+    #[error("the shard's owner is unreachable: {0}")]
+    PeerUnreachable(String),
+    /// The forwarded call failed after it may have reached the owner.
+    #[error("the forwarded call failed: {0}")]
+    PeerFailed(String),
+    /// The owner refused the call as invalid (depth, transaction misuse).
+    #[error("{0}")]
+    PeerInvalid(String),
 }
 
 /// One namespace (a Durable Object class bound under a name).
@@ -112,6 +90,8 @@ pub struct ObjectNamespace {
     alarm_retries: Mutex<HashMap<String, u32>>,
     /// Storage commits made; fewer than events when writes were grouped.
     commits: Arc<std::sync::atomic::AtomicU64>,
+    /// Commits refused because the shard's epoch moved on (another owner took it).
+    fenced: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ObjectNamespace {
@@ -137,7 +117,32 @@ impl ObjectNamespace {
             live: Mutex::new(HashMap::new()),
             alarm_retries: Mutex::new(HashMap::new()),
             commits: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            fenced: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
+    }
+
+    pub fn shards(&self) -> u32 {
+        self.shards
+    }
+
+    /// Forgets the live objects of `shard` (lost or handed over). Events still running on them
+    /// keep their copy; its commits carry the old epoch and are refused once another owner
+    /// took the shard.
+    pub fn drop_shard(&self, shard: u32) {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.retain(|_, o| o.addr.shard != shard);
+    }
+
+    /// Whether an event runs, or writes wait to commit, on an object of `shard`.
+    pub fn shard_busy(&self, shard: u32) -> bool {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.values().any(|o| {
+            o.addr.shard == shard && (o.holds.load(std::sync::atomic::Ordering::SeqCst) > 0 || !o.is_quiet())
+        })
+    }
+
+    pub fn fenced_count(&self) -> u64 {
+        self.fenced.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn storage_id(&self) -> &str {
@@ -219,6 +224,7 @@ impl ObjectNamespace {
             epoch,
             self.storage.clone(),
             self.commits.clone(),
+            self.fenced.clone(),
         ));
         live.insert(id.to_owned(), obj.clone());
         Ok(Hold::new(obj))
@@ -359,6 +365,7 @@ pub struct LiveObject {
     durable: watch::Sender<Durability>,
     last_used: Mutex<Instant>,
     commits: Arc<std::sync::atomic::AtomicU64>,
+    fenced: Arc<std::sync::atomic::AtomicU64>,
     /// Events and alarms that hold this object (see [`Hold`]).
     holds: std::sync::atomic::AtomicUsize,
 }
@@ -392,6 +399,7 @@ impl LiveObject {
         epoch: u64,
         storage: Arc<dyn ObjectStorageBackend>,
         commits: Arc<std::sync::atomic::AtomicU64>,
+        fenced: Arc<std::sync::atomic::AtomicU64>,
     ) -> Self {
         Self {
             addr,
@@ -414,6 +422,7 @@ impl LiveObject {
             durable: watch::channel(Durability::UpTo(0)).0,
             last_used: Mutex::new(Instant::now()),
             commits,
+            fenced,
             holds: std::sync::atomic::AtomicUsize::new(0),
         }
     }
@@ -652,6 +661,9 @@ impl LiveObject {
                     self.durable.send_replace(Durability::UpTo(upto));
                 }
                 Err(e) => {
+                    if matches!(e, BackendError::Fenced { .. }) {
+                        self.fenced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     tracing::error!(namespace = %self.addr.namespace, id = %self.addr.id, error = %e, "object write failed; resetting the object");
                     let mut i = self.lock();
                     i.broken = true;
@@ -742,8 +754,37 @@ enum EventOutcome {
 }
 
 impl Objects {
-    /// Delivers a request to an object and returns its response once its writes are durable.
+    /// Delivers a request to an object, here or at its shard's owner, and returns its response
+    /// once its writes are durable. A call that provably did not reach guest code (the shard
+    /// moved, the owner could not be connected to) is retried once after re-reading the routes.
     pub async fn fetch(
+        shared: &Arc<Shared>,
+        ns: &Arc<ObjectNamespace>,
+        id: &str,
+        request: ObjectRequest,
+        depth: u32,
+    ) -> Result<ObjectResponse, ObjectError> {
+        let shard = ns.shard_of(id);
+        let placement = &shared.objects.placement;
+        let mut attempt = 0;
+        loop {
+            let result = match placement.owner(&ns.storage_id, shard) {
+                Owner::Local(_) => Self::fetch_local(shared, ns, id, request.clone(), depth).await,
+                Owner::Remote(addr) => shared.peers.forward(&addr, ns, id, &request, depth, shard).await,
+                Owner::Unknown => Err(ObjectError::NotOwner(shard)),
+            };
+            match result {
+                Err(ObjectError::NotOwner(_) | ObjectError::PeerUnreachable(_)) if attempt == 0 => {
+                    attempt += 1;
+                    placement.refresh().await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Runs an event on an object of a shard this process owns (`NotOwner` otherwise).
+    pub async fn fetch_local(
         shared: &Arc<Shared>,
         ns: &Arc<ObjectNamespace>,
         id: &str,

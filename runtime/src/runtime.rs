@@ -10,11 +10,15 @@ use lattice_backends::{KvBackend, ObjectBackend, ObjectStorageBackend, SignalBus
 use wasmtime::Engine;
 
 use crate::clock::Clock;
-use crate::config::{self, Config, D1Binding, KvBinding, ObjectStorage, R2Binding, SignalsBinding};
+use crate::config::{
+    self, Config, D1Binding, KvBinding, LeaseBackendConfig, ObjectStorage, R2Binding, SignalsBinding,
+};
 use crate::engine::{self, Prepared};
 use crate::metrics::Metrics;
-use crate::objects::{LocalPlacement, ObjectNamespace, Objects};
+use crate::objects::{ObjectNamespace, Objects};
 use crate::outbound::OutboundPolicy;
+use crate::peer::Peers;
+use crate::placement::{LeasedPlacement, LocalPlacement, Placement};
 use crate::signals::Signals;
 
 /// Bytes of a generated secret.
@@ -98,6 +102,12 @@ pub struct Shared {
     pub kv: HashMap<String, Arc<dyn KvBackend>>,
     pub r2: HashMap<String, Arc<dyn ObjectBackend>>,
     pub objects: Objects,
+    /// Shard placement through leases (`[placement]`); `None` in embedded mode.
+    pub leased: Option<Arc<LeasedPlacement>>,
+    /// Forwards object calls to the shards' owners.
+    pub peers: Peers,
+    /// The peer secret, when placement is on.
+    pub peer_secret: Option<Vec<u8>>,
     /// The last backend check; see [`Shared::backend_status`].
     pub backend_health: std::sync::Mutex<Vec<BackendStatus>>,
     /// Instance slots HTTP requests may take; the rest of the pool is kept for Durable Object
@@ -203,7 +213,26 @@ impl Shared {
             );
         }
         let all: Vec<Arc<ObjectNamespace>> = namespaces.values().cloned().collect();
-        let placement = Arc::new(LocalPlacement::acquire_all(&all).await?);
+        let (placement, leased, peer_secret): (Arc<dyn Placement>, _, _) = match &config.placement {
+            None => (Arc::new(LocalPlacement::acquire_all(&all).await?), None, None),
+            Some(p) => {
+                let backend: Arc<dyn lattice_backends::lease::LeaseBackend> = match &p.leases {
+                    LeaseBackendConfig::Postgres { url: u, url_env } => Arc::new(
+                        lattice_backends::lease::PostgresLeases::new(&url(u, url_env, "placement.leases")?)?,
+                    ),
+                    LeaseBackendConfig::Kubernetes { namespace, kubeconfig } => Arc::new(
+                        lattice_backends::kube_lease::KubeLeases::new(namespace, kubeconfig.as_deref())
+                            .await
+                            .context("placement.leases: Kubernetes client")?,
+                    ),
+                };
+                let secret = secrets
+                    .get(&p.peer_secret)?
+                    .with_context(|| format!("placement.peer_secret: secret {} is missing", p.peer_secret))?;
+                let leased = LeasedPlacement::new(p, backend, all.clone());
+                (leased.clone(), Some(leased), Some(secret))
+            }
+        };
 
         let engine = engine::build_engine(&config.limits)?;
         let cache_dir =
@@ -252,6 +281,9 @@ impl Shared {
             kv,
             r2,
             objects: Objects { namespaces, placement },
+            peers: Peers::new(peer_secret.as_deref()),
+            leased,
+            peer_secret,
             backend_health: std::sync::Mutex::new(Vec::new()),
             http_slots: Arc::new(tokio::sync::Semaphore::new(http_slots(config.limits.pool_instances))),
             engine,
@@ -263,6 +295,9 @@ impl Shared {
     /// Background work: backend checks, alarms, eviction of idle objects, forgetting old
     /// signal keys.
     pub fn start_background(self: &Arc<Self>) {
+        if let Some(leased) = &self.leased {
+            leased.start();
+        }
         let shared = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(BACKEND_CHECK_INTERVAL);

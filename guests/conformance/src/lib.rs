@@ -434,14 +434,61 @@ impl ObjectGuest for Worker {
         };
         match path {
             "/increment" => {
+                // With `op`, idempotent: a retried operation answers what it answered first.
+                let op = param("op").map(|o| format!("op/{o}"));
                 let r = (|| {
+                    if let Some(op) = &op
+                        && let Some((_, v)) = storage::get(std::slice::from_ref(op))?.into_iter().next()
+                    {
+                        return Ok(String::from_utf8_lossy(&v).parse().unwrap_or(0));
+                    }
                     let n = read_u64("count")? + 1;
-                    storage::put(&[("count".to_owned(), n.to_string().into_bytes())])?;
+                    let mut writes = vec![("count".to_owned(), n.to_string().into_bytes())];
+                    if let Some(op) = op.clone() {
+                        writes.push((op, n.to_string().into_bytes()));
+                    }
+                    storage::put(&writes)?;
                     Ok(n)
                 })();
                 match r {
                     Ok(n) => reply(200, json!({"count": n})),
                     Err(e) => fail(e),
+                }
+            }
+            "/d1-increment" => {
+                // A D1 wait (PostgreSQL's pg_sleep), then a D1 insert and an increment, in the
+                // order asked for: the placement tests pause the owner during the wait.
+                let sleep: f64 = param("sleep").and_then(|v| v.parse().ok()).unwrap_or(0.0);
+                let d1_first = param("order").as_deref() != Some("storage-first");
+                let object = param("object").unwrap_or_default();
+                let r = (|| -> Result<u64, (u16, Json)> {
+                    let db = d1::Database::open("DB").map_err(|e| err_json(&e))?;
+                    let st = |sql: &str, params: Vec<d1::Value>| d1::Statement { sql: sql.into(), params };
+                    if sleep > 0.0 {
+                        db.query(&st("SELECT pg_sleep(?)", vec![d1::Value::Real(sleep)]))
+                            .map_err(|e| d1_err(&e))?;
+                    }
+                    let n = read_u64("count").map_err(|e| err_json(&e))? + 1;
+                    let insert = st(
+                        "INSERT INTO fence_log (object, n) VALUES (?, ?)",
+                        vec![
+                            d1::Value::Text(object.clone()),
+                            d1::Value::Integer(i64::try_from(n).unwrap_or(0)),
+                        ],
+                    );
+                    let put = || storage::put(&[("count".to_owned(), n.to_string().into_bytes())]);
+                    if d1_first {
+                        db.query(&insert).map_err(|e| d1_err(&e))?;
+                        put().map_err(|e| err_json(&e))?;
+                    } else {
+                        put().map_err(|e| err_json(&e))?;
+                        db.query(&insert).map_err(|e| d1_err(&e))?;
+                    }
+                    Ok(n)
+                })();
+                match r {
+                    Ok(n) => reply(200, json!({"count": n})),
+                    Err((s, j)) => reply(s, j),
                 }
             }
             "/fill" => {
@@ -462,9 +509,18 @@ impl ObjectGuest for Worker {
                     reverse: false,
                     limit: Some(1),
                 };
+                let op = param("op").map(|o| format!("claimed/{o}"));
                 let r = (|| {
+                    if let Some(op) = &op
+                        && let Some((_, v)) = storage::get(std::slice::from_ref(op))?.into_iter().next()
+                    {
+                        return Ok(Some(String::from_utf8_lossy(&v).into_owned()));
+                    }
                     let Some((k, v)) = storage::list(&opts)?.into_iter().next() else { return Ok(None) };
                     storage::delete(&[k])?;
+                    if let Some(op) = op.clone() {
+                        storage::put(&[(op, v.clone())])?;
+                    }
                     Ok(Some(String::from_utf8_lossy(&v).into_owned()))
                 })();
                 match r {

@@ -7,13 +7,15 @@
 //!
 //! Layout: the traits and their value types are here, one module per infrastructure:
 //! [`sqlite`] (embedded D1, KV and Durable Object storage on SQLite files), [`fs`] (embedded R2
-//! on a directory), [`postgres`] (D1 and Durable Object storage), [`redis`] (KV) and [`s3`]
-//! (R2). `tests/contract.rs` holds one contract per trait, run against every backend;
-//! `scripts/services.sh` starts the real services it needs. Shard epochs are kept per
-//! `(namespace, shard)` in the Durable Object store's database, and a [`Fence`] is checked in
-//! the same transaction as the writes it guards.
+//! on a directory), [`postgres`] (D1 and Durable Object storage), [`redis`] (KV), [`s3`] (R2)
+//! and [`kube_lease`] (placement leases as Kubernetes Lease objects). `tests/contract.rs` holds
+//! one contract per trait, run against every backend; `scripts/services.sh` starts the real
+//! services it needs. Shard epochs are kept per `(namespace, shard)` in the Durable Object
+//! store's database, and a [`Fence`] is checked in the same transaction as the writes it guards.
 
 pub mod fs;
+pub mod kube_lease;
+pub mod lease;
 pub mod postgres;
 pub mod redis;
 pub mod s3;

@@ -43,6 +43,8 @@ const BACKEND: &str = "postgres";
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Upper bound for one backend call (a whole batch or commit).
 pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long PostgreSQL lets a session sit idle inside a transaction before ending it.
+pub const IDLE_IN_TRANSACTION_TIMEOUT_MS: &str = "5000";
 /// Connections per pool; PostgreSQL's default `max_connections` is 100 for every client.
 pub const MAX_CONNECTIONS: u32 = 10;
 
@@ -78,10 +80,14 @@ fn unavailable(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Backen
 }
 
 /// A lazily connecting pool with bounded waits.
-fn pool(url: &str) -> Result<PgPool, BackendError> {
+pub(crate) fn pool(url: &str) -> Result<PgPool, BackendError> {
     let options = PgConnectOptions::from_str(url)
         .map_err(unavailable)?
         .application_name("lattice")
+        // A client that stops inside a transaction (a paused pod) would keep its locks, and a
+        // fenced write's lock on its shard row holds off the next owner's epoch bump: the
+        // server ends such sessions, so a failover waits for this at most.
+        .options([("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION_TIMEOUT_MS)])
         .disable_statement_logging();
     Ok(PgPoolOptions::new()
         .max_connections(MAX_CONNECTIONS)
@@ -90,7 +96,9 @@ fn pool(url: &str) -> Result<PgPool, BackendError> {
         .connect_lazy_with(options))
 }
 
-async fn bounded<T, E: From<BackendError>>(fut: impl Future<Output = Result<T, E>>) -> Result<T, E> {
+pub(crate) async fn bounded<T, E: From<BackendError>>(
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
     match tokio::time::timeout(OPERATION_TIMEOUT, fut).await {
         Ok(r) => r,
         Err(elapsed) => Err(E::from(unavailable(elapsed))),
@@ -98,7 +106,11 @@ async fn bounded<T, E: From<BackendError>>(fut: impl Future<Output = Result<T, E
 }
 
 /// Creates the tables once per process (again after a failure).
-async fn ensure_schema(cell: &OnceCell<()>, pool: &PgPool, schema: &'static str) -> Result<(), BackendError> {
+pub(crate) async fn ensure_schema(
+    cell: &OnceCell<()>,
+    pool: &PgPool,
+    schema: &'static str,
+) -> Result<(), BackendError> {
     cell.get_or_try_init(|| async {
         // Two processes (or two backends of one) creating the same table at once can collide
         // in PostgreSQL's catalog even with IF NOT EXISTS; the loser's retry finds it there.
@@ -697,6 +709,10 @@ impl SqlBackend for PostgresSql {
         statements: Vec<SqlStatement>,
         fence: Option<Fence>,
     ) -> Result<Vec<QueryOutput>, SqlError> {
+        // Reads need no fence: a stale owner reading harms nothing, and a read-only batch then
+        // takes no lock on the shard row and does not wait for (or hold up) a group commit.
+        let fence =
+            fence.filter(|_| statements.iter().any(|st| translate(&st.sql).map_or(true, |t| t.writes)));
         bounded(async {
             if fence.is_some() {
                 ensure_schema(&self.schema, &self.pool, SHARDS_SCHEMA).await?;

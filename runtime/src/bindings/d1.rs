@@ -96,6 +96,9 @@ impl WorkerState {
         let started = std::time::Instant::now();
         let out = self.waiting(Gate::Open, backend.batch(statements, fence)).await?;
         metrics.binding_call("d1", backend.name(), started.elapsed(), out.is_err());
+        if matches!(out, Err(SqlError::Backend(lattice_backends::BackendError::Fenced { .. }))) {
+            metrics.fenced_d1_writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(out.map_err(|e| (name, e)))
     }
 }

@@ -16,14 +16,18 @@ pub struct Namespace {
 fn object_error(e: ObjectError) -> GuestError {
     match e {
         ObjectError::InvalidId(m) => GuestError::Invalid(format!("Invalid Durable Object ID: {m}")),
-        ObjectError::TooDeep(_) | ObjectError::Transaction(_) => GuestError::Invalid(e.to_string()),
+        ObjectError::TooDeep(_) | ObjectError::Transaction(_) | ObjectError::PeerInvalid(_) => {
+            GuestError::Invalid(e.to_string())
+        }
         ObjectError::Storage(lattice_backends::BackendError::Fenced { .. }) => GuestError::Fenced,
         ObjectError::NotOwner(_)
         | ObjectError::Storage(_)
         | ObjectError::Broken
         | ObjectError::Deadline
         | ObjectError::Guest(_)
-        | ObjectError::NoHandler => {
+        | ObjectError::NoHandler
+        | ObjectError::PeerUnreachable(_)
+        | ObjectError::PeerFailed(_) => {
             tracing::warn!(error = %e, "Durable Object call failed");
             GuestError::Unavailable(Unavailable { retry_after_secs: UNAVAILABLE_RETRY_AFTER_SECS })
         }
