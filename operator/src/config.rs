@@ -1,4 +1,8 @@
-//! The runtime's config file (`lattice.toml`), rendered from a `MatrixHomeserver`.
+//! The runtime's config files, rendered from a `MatrixHomeserver`: `lattice.toml` for the front
+//! pods and, when `spec.shards > 0`, `lattice-shard.toml` for the shard pods. The two differ
+//! only in `[placement]`: fronts forward every Durable Object call, shard pods own the shards
+//! through Leases in the MatrixHomeserver's namespace. Without shard pods there is no
+//! `[placement]`, and each runtime process owns every shard itself.
 //!
 //! The operator knows the runtime only through this file and its command line (DESIGN.md
 //! invariant 3): the format is the one `runtime/src/config.rs` parses, with unknown keys an
@@ -6,14 +10,20 @@
 //! knows before anything is rendered, so a typo becomes a `Degraded` condition naming the key
 //! instead of pods that crash-loop on start.
 
+use kube::ResourceExt as _;
 use serde_json::Value;
+use sha2::{Digest as _, Sha256};
 use toml::Table;
 
-use crate::crd::{MatrixHomeserverSpec, PostQuantum, Registration};
+use crate::crd::{MatrixHomeserver, PostQuantum, Registration};
 
 /// Where the pods mount things; the container image provides the component.
 pub const CONFIG_DIR: &str = "/etc/lattice/config";
+/// The front pods' file (the runtime image's default `--config`); with no shard pods, the only
+/// one.
 pub const CONFIG_FILE: &str = "lattice.toml";
+/// The shard pods' file, rendered when `spec.shards > 0`.
+pub const SHARD_CONFIG_FILE: &str = "lattice-shard.toml";
 pub const SECRETS_DIR: &str = "/etc/lattice/secrets";
 pub const TLS_DIR: &str = "/etc/lattice/tls";
 pub const DATA_DIR: &str = "/var/lib/lattice";
@@ -24,6 +34,14 @@ pub const SEED_CACHE_DIR: &str = "/opt/lattice/compiled";
 pub const PORT: u16 = 8448;
 /// `/healthz`, `/readyz`, `/metrics`; reached by the kubelet's probes, not exposed.
 pub const ADMIN_PORT: u16 = 9090;
+/// The shard pods' internal listener for object calls forwarded by other pods (`[placement]
+/// peer_listen`): reached only from this server's own pods (the NetworkPolicy). Not `PORT`:
+/// the public listener holds that one, and the two cannot share it.
+pub const PEER_PORT: u16 = 8449;
+/// Longest `[placement] lease_set` the runtime accepts.
+const MAX_LEASE_SET: usize = 20;
+/// Characters of the name kept in the lease set, before `-` and the hash.
+const LEASE_SET_PREFIX: usize = 11;
 
 /// Environment variables the pods get from the referenced Secrets (the config names them).
 pub const DATABASE_URL_ENV: &str = "DATABASE_URL";
@@ -75,23 +93,46 @@ fn spec_error(field: impl Into<String>, message: impl Into<String>) -> SpecError
     SpecError { field: field.into(), message: message.into() }
 }
 
-/// The rendered config file and what the pod spec derives from it.
+/// The rendered config files and what the pod specs derive from them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rendered {
-    pub toml: String,
+    /// `CONFIG_FILE`, the front pods' config: `[placement] role = "front"` when there are shard
+    /// pods; without them no `[placement]`, and each process owns every shard itself.
+    pub front: String,
+    /// `SHARD_CONFIG_FILE`, the shard pods' config (`role = "shard"`), when `spec.shards > 0`.
+    pub shard: Option<String>,
     /// The runtime's drain on SIGTERM (`limits.shutdown_grace_ms`).
     pub shutdown_grace_ms: u64,
 }
 
 impl Rendered {
+    /// The ConfigMap's files: name and text.
+    pub fn files(&self) -> Vec<(&'static str, &str)> {
+        let mut out = vec![(CONFIG_FILE, self.front.as_str())];
+        if let Some(shard) = &self.shard {
+            out.push((SHARD_CONFIG_FILE, shard.as_str()));
+        }
+        out
+    }
+
+    /// The file the pods of `component` run with (`resources::COMPONENT_SHARD` or the front),
+    /// and its text.
+    pub fn for_component(&self, component: &str) -> (&'static str, &str) {
+        match &self.shard {
+            Some(shard) if component == crate::resources::COMPONENT_SHARD => (SHARD_CONFIG_FILE, shard),
+            _ => (CONFIG_FILE, &self.front),
+        }
+    }
+
     /// Longer than the runtime's drain, which is longer than the longest client long-poll.
     pub fn termination_grace_period_seconds(&self) -> i64 {
         i64::try_from(self.shutdown_grace_ms.div_ceil(1000)).unwrap_or(i64::MAX / 2) + KILL_MARGIN_SECONDS
     }
 }
 
-/// Renders the config file, after checking the pass-through `runtimeConfig`.
-pub fn render(spec: &MatrixHomeserverSpec) -> Result<Rendered, SpecError> {
+/// Renders the config files, after checking the pass-through `runtimeConfig`.
+pub fn render(hs: &MatrixHomeserver) -> Result<Rendered, SpecError> {
+    let spec = &hs.spec;
     let extra = PassThrough::parse(spec.runtime_config.as_ref())?;
     let mut root = Table::new();
 
@@ -229,14 +270,80 @@ pub fn render(spec: &MatrixHomeserverSpec) -> Result<Rendered, SpecError> {
         root.insert("outbound".into(), extra.outbound.clone().into());
     }
 
+    if spec.shards == 0 {
+        return Ok(Rendered { front: to_file(&root)?, shard: None, shutdown_grace_ms });
+    }
+    if !postgres {
+        // The CRD's CEL rule refuses shard pods on embedded storage already.
+        return Err(spec_error(
+            "spec.shards",
+            "shard pods need storage every pod shares: use spec.database.postgres, or set shards: 0",
+        ));
+    }
+    let namespace = hs
+        .namespace()
+        .ok_or_else(|| spec_error("metadata.namespace", "shard pods keep their Leases in the namespace"))?;
+    let mut front = root.clone();
+    front.insert("placement".into(), placement(hs, &namespace, "front").into());
+    let mut shard = root;
+    shard.insert("placement".into(), placement(hs, &namespace, "shard").into());
+    Ok(Rendered { front: to_file(&front)?, shard: Some(to_file(&shard)?), shutdown_grace_ms })
+}
+
+fn to_file(root: &Table) -> Result<String, SpecError> {
     let body =
-        toml::to_string(&root).map_err(|e| spec_error("spec", format!("cannot render the config: {e}")))?;
-    Ok(Rendered {
-        toml: format!(
-            "# Rendered by lattice-operator from a MatrixHomeserver; edits are overwritten.\n{body}"
-        ),
-        shutdown_grace_ms,
-    })
+        toml::to_string(root).map_err(|e| spec_error("spec", format!("cannot render the config: {e}")))?;
+    Ok(format!("# Rendered by lattice-operator from a MatrixHomeserver; edits are overwritten.\n{body}"))
+}
+
+/// `[placement]` for the pods of `role` (`front` or `shard`): Leases in the MatrixHomeserver's
+/// namespace (the pods' service account may use them, `resources::desired_role`), the lease set
+/// of `lease_set`, the pod name as identity (the runtime's default: the host name), and for
+/// shard pods the internal listener at their stable name under the headless Service. Lease
+/// timings are the runtime's defaults.
+fn placement(hs: &MatrixHomeserver, namespace: &str, role: &str) -> Table {
+    let mut leases = Table::new();
+    leases.insert("backend".into(), "kubernetes".into());
+    leases.insert("namespace".into(), namespace.into());
+    let mut p = Table::new();
+    p.insert("role".into(), role.into());
+    p.insert("leases".into(), leases.into());
+    p.insert("lease_set".into(), lease_set(&hs.name_any()).into());
+    p.insert("peer_secret".into(), crate::secrets::PEER_SECRET.into());
+    if role == "shard" {
+        p.insert("peer_listen".into(), format!("0.0.0.0:{PEER_PORT}").into());
+        p.insert(
+            "peer_address".into(),
+            format!("http://{{identity}}.{}.{namespace}.svc:{PEER_PORT}", crate::resources::shards_name(hs))
+                .into(),
+        );
+    }
+    p
+}
+
+/// The `[placement] lease_set` of the MatrixHomeserver `name`: the first 11 characters of the
+/// name (any character outside `a-z0-9-` as `-`, leading and trailing `-` dropped), `-`, and the
+/// first 8 hex digits of SHA-256 of the whole name; e.g. `matrix` → `matrix-6e00cd56`.
+///
+/// A DNS label of at most 20 characters (the runtime's limit; its lease names append the
+/// Durable Object namespace's storage id and the shard). The hash is there even for short names:
+/// the runtime lists its leases by the prefix `<lease_set>-`, so a set equal to the name would
+/// make the servers `matrix` and `matrix-m` in one namespace read each other's member leases;
+/// with the hash, distinct names get distinct sets, none a prefix of another's lease names
+/// (barring a 32-bit hash collision). Never change the rule: pods rendered under an old and a
+/// new one would not see each other's leases and would both own the shards until the old ones
+/// are gone (the epochs keep that safe, not available).
+pub fn lease_set(name: &str) -> String {
+    let prefix: String = name
+        .chars()
+        .take(LEASE_SET_PREFIX)
+        .map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() { c } else { '-' })
+        .collect();
+    let prefix = prefix.trim_matches('-');
+    let hash = hex::encode(&Sha256::digest(name.as_bytes())[..4]);
+    let set = if prefix.is_empty() { format!("hs-{hash}") } else { format!("{prefix}-{hash}") };
+    debug_assert!(set.len() <= MAX_LEASE_SET);
+    set
 }
 
 fn to_toml_int(v: u64) -> i64 {

@@ -210,7 +210,7 @@ async fn reconcile_inner(hs: &MatrixHomeserver, ctx: &Context) -> Result<Action,
     tracing::info!(%name, %ns, generation = ?hs.metadata.generation, "reconciling");
 
     // 1. What the spec asks for must be renderable and its Secrets must exist.
-    let rendered = match config::render(&hs.spec) {
+    let rendered = match config::render(hs) {
         Ok(r) => r,
         Err(e) => return degraded(hs, ctx, "InvalidSpec", &invalid_spec_message(&e)).await,
     };
@@ -276,16 +276,14 @@ async fn reconcile_inner(hs: &MatrixHomeserver, ctx: &Context) -> Result<Action,
             None => delete_owned::<Ingress>(client, &ns, &name, hs).await,
         }
     };
-    let (config_map, service, policy, deployment) = (
-        r::desired_config_map(hs, &rendered),
-        r::desired_service(hs),
-        r::desired_network_policy(hs),
-        r::desired_deployment(hs, &rendered),
-    );
-    let (_, _, _, _, _, _, deployment, stateful_set, _) = tokio::try_join!(
+    let (service, policy, deployment) =
+        (r::desired_service(hs), r::desired_network_policy(hs), r::desired_deployment(hs, &rendered));
+    // The config files before the pods that read them: a pod that a new config hash starts (or
+    // the first shard pod) finds its file there.
+    apply(client, &ns, &r::desired_config_map(hs, &rendered)).await?;
+    let (_, _, _, _, _, deployment, stateful_set, _) = tokio::try_join!(
         rbac,
         claim,
-        apply(client, &ns, &config_map),
         apply(client, &ns, &service),
         apply(client, &ns, &policy),
         pdbs,

@@ -73,7 +73,10 @@ pub struct MatrixHomeserverSpec {
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: i32,
-    /// Durable Object shard pods (a StatefulSet); 0: the front pods hold the objects themselves.
+    /// Durable Object shard pods (a StatefulSet, needs `database.postgres`): they split the
+    /// shards among themselves through Leases, and the front pods forward every object call to
+    /// the owner. 0: no shard pods, every front pod owns every shard itself, so run one
+    /// (`replicas: 1`).
     #[serde(default)]
     #[schemars(range(min = 0, max = 1000))]
     pub shards: i32,

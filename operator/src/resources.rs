@@ -30,7 +30,7 @@ use kube::{Resource as _, ResourceExt as _};
 use sha2::{Digest as _, Sha256};
 
 use crate::config::{
-    self, ADMIN_PORT, CONFIG_DIR, CONFIG_FILE, DATA_DIR, PORT, Rendered, SECRETS_DIR, TLS_DIR,
+    self, ADMIN_PORT, CONFIG_DIR, DATA_DIR, PEER_PORT, PORT, Rendered, SECRETS_DIR, TLS_DIR,
 };
 use crate::crd::MatrixHomeserver;
 use crate::secrets;
@@ -93,11 +93,15 @@ pub fn is_embedded(hs: &MatrixHomeserver) -> bool {
     hs.spec.database.embedded.is_some() || hs.spec.kv.embedded.is_some() || hs.spec.media.volume.is_some()
 }
 
-/// The runtime's config file.
+/// The runtime's config files: the front pods' (`config::CONFIG_FILE`) and, with shard pods,
+/// theirs (`config::SHARD_CONFIG_FILE`). Both kinds of pod mount the whole ConfigMap; each runs
+/// with its own file.
 pub fn desired_config_map(hs: &MatrixHomeserver, rendered: &Rendered) -> ConfigMap {
     ConfigMap {
         metadata: meta(hs, config_map_name(hs), None),
-        data: Some(BTreeMap::from([(CONFIG_FILE.to_owned(), rendered.toml.clone())])),
+        data: Some(
+            rendered.files().into_iter().map(|(name, text)| (name.to_owned(), text.to_owned())).collect(),
+        ),
         ..ConfigMap::default()
     }
 }
@@ -152,11 +156,12 @@ pub fn desired_data_claim(hs: &MatrixHomeserver) -> Option<PersistentVolumeClaim
     })
 }
 
-/// The hash of what the pods read at start: the config file and the names of the Secrets and
-/// keys they mount (not the secret values: those are never rotated by the operator).
-pub fn config_hash(hs: &MatrixHomeserver, rendered: &Rendered) -> String {
+/// The hash of what the pods of `component` read at start: their own config file (so a change
+/// to the other kind's file does not roll them) and the names of the Secrets and keys they
+/// mount (not the secret values: those are never rotated by the operator).
+pub fn config_hash(hs: &MatrixHomeserver, rendered: &Rendered, component: &str) -> String {
     let mut h = Sha256::new();
-    h.update(rendered.toml.as_bytes());
+    h.update(rendered.for_component(component).1.as_bytes());
     for e in env(hs) {
         if let Some(r) = e.value_from.and_then(|v| v.secret_key_ref) {
             h.update(format!("\0{}={}/{}", e.name, r.name, r.key).as_bytes());
@@ -267,6 +272,23 @@ pub fn referenced_secrets(hs: &MatrixHomeserver) -> Vec<(String, String, &'stati
 }
 
 fn pod_template(hs: &MatrixHomeserver, rendered: &Rendered, component: &str) -> PodTemplateSpec {
+    let (config_file, _) = rendered.for_component(component);
+    let mut ports = vec![
+        ContainerPort { name: Some("matrix".into()), container_port: i32::from(PORT), ..Default::default() },
+        ContainerPort {
+            name: Some("admin".into()),
+            container_port: i32::from(ADMIN_PORT),
+            ..Default::default()
+        },
+    ];
+    if config_file == config::SHARD_CONFIG_FILE {
+        // The listener of `[placement] peer_listen`: object calls forwarded by the other pods.
+        ports.push(ContainerPort {
+            name: Some("peer".into()),
+            container_port: i32::from(PEER_PORT),
+            ..Default::default()
+        });
+    }
     let mut volumes = vec![
         Volume {
             name: "config".into(),
@@ -346,20 +368,9 @@ fn pod_template(hs: &MatrixHomeserver, rendered: &Rendered, component: &str) -> 
         image: Some(hs.spec.image.clone()),
         image_pull_policy: hs.spec.image_pull_policy.map(|p| format!("{p:?}")),
         command: Some(vec!["lattice".into()]),
-        args: Some(vec!["serve".into(), "--config".into(), format!("{CONFIG_DIR}/{CONFIG_FILE}")]),
+        args: Some(vec!["serve".into(), "--config".into(), format!("{CONFIG_DIR}/{config_file}")]),
         env: Some(env(hs)).filter(|e| !e.is_empty()),
-        ports: Some(vec![
-            ContainerPort {
-                name: Some("matrix".into()),
-                container_port: i32::from(PORT),
-                ..Default::default()
-            },
-            ContainerPort {
-                name: Some("admin".into()),
-                container_port: i32::from(ADMIN_PORT),
-                ..Default::default()
-            },
-        ]),
+        ports: Some(ports),
         readiness_probe: Some(probe("/readyz")),
         liveness_probe: Some(Probe { failure_threshold: Some(6), ..probe("/healthz") }),
         resources: hs.spec.resources.clone(),
@@ -378,7 +389,7 @@ fn pod_template(hs: &MatrixHomeserver, rendered: &Rendered, component: &str) -> 
             labels: Some(labels(hs, Some(component))),
             annotations: Some(BTreeMap::from([(
                 CONFIG_HASH_ANNOTATION.to_owned(),
-                config_hash(hs, rendered),
+                config_hash(hs, rendered, component),
             )])),
             ..Default::default()
         }),
@@ -407,7 +418,8 @@ fn pod_template(hs: &MatrixHomeserver, rendered: &Rendered, component: &str) -> 
     }
 }
 
-/// The front pods: stateless, behind the client Service.
+/// The front pods: stateless, behind the client Service. With shard pods they forward every
+/// Durable Object call to the shard's owner; without, each owns every shard itself.
 pub fn desired_deployment(hs: &MatrixHomeserver, rendered: &Rendered) -> Deployment {
     Deployment {
         metadata: meta(hs, hs.name_any(), Some(COMPONENT_FRONT)),
@@ -427,7 +439,8 @@ pub fn desired_deployment(hs: &MatrixHomeserver, rendered: &Rendered) -> Deploym
     }
 }
 
-/// The Durable Object shard pods, if the spec asks for any.
+/// The Durable Object shard pods, if the spec asks for any: they split the shards among
+/// themselves through Leases and serve forwarded object calls on the `peer` port.
 pub fn desired_stateful_set(hs: &MatrixHomeserver, rendered: &Rendered) -> Option<StatefulSet> {
     (hs.spec.shards > 0).then(|| StatefulSet {
         metadata: meta(hs, shards_name(hs), Some(COMPONENT_SHARD)),
@@ -468,7 +481,9 @@ pub fn desired_service(hs: &MatrixHomeserver) -> Service {
     }
 }
 
-/// Stable names for the shard pods (`<name>-shards-N.<name>-shards`).
+/// Stable names for the shard pods (`<name>-shards-N.<name>-shards.<namespace>.svc`), the
+/// host of each one's `peer_address`; published before the pods are ready, since a shard
+/// pod advertises its address when it takes its first lease.
 pub fn desired_shards_service(hs: &MatrixHomeserver) -> Option<Service> {
     (hs.spec.shards > 0).then(|| Service {
         metadata: meta(hs, shards_name(hs), Some(COMPONENT_SHARD)),
@@ -476,7 +491,15 @@ pub fn desired_shards_service(hs: &MatrixHomeserver) -> Option<Service> {
             cluster_ip: Some("None".into()),
             publish_not_ready_addresses: Some(true),
             selector: Some(selector(hs, Some(COMPONENT_SHARD))),
-            ports: Some(vec![matrix_port()]),
+            ports: Some(vec![
+                matrix_port(),
+                ServicePort {
+                    name: Some("peer".into()),
+                    port: i32::from(PEER_PORT),
+                    target_port: Some(IntOrString::String("peer".into())),
+                    ..Default::default()
+                },
+            ]),
             ..Default::default()
         }),
         ..Default::default()
@@ -504,11 +527,36 @@ pub fn desired_pdbs(hs: &MatrixHomeserver) -> Vec<PodDisruptionBudget> {
     out
 }
 
-/// Inbound: the Matrix port from anywhere (clients, federation, the ingress); every port
-/// between this server's own pods (object calls, forwarding). The admin port is left to the
-/// kubelet's probes, which network policies do not cover. Outbound stays open: federation
-/// reaches arbitrary servers.
+/// Inbound: the Matrix port from anywhere (clients, federation, the ingress); with shard pods,
+/// the peer port (forwarded object calls) from this server's own pods only, fronts and shards
+/// (a pod selector without a namespace selector: this namespace only). Nothing else: the admin
+/// port is left to the kubelet's probes, which network policies do not cover. Outbound stays
+/// open: federation reaches arbitrary servers.
 pub fn desired_network_policy(hs: &MatrixHomeserver) -> NetworkPolicy {
+    let mut ingress = vec![NetworkPolicyIngressRule {
+        ports: Some(vec![NetworkPolicyPort {
+            port: Some(IntOrString::Int(i32::from(PORT))),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }];
+    if hs.spec.shards > 0 {
+        ingress.push(NetworkPolicyIngressRule {
+            from: Some(vec![NetworkPolicyPeer {
+                pod_selector: Some(LabelSelector {
+                    match_labels: Some(selector(hs, None)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ports: Some(vec![NetworkPolicyPort {
+                port: Some(IntOrString::Int(i32::from(PEER_PORT))),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+        });
+    }
     NetworkPolicy {
         metadata: meta(hs, hs.name_any(), None),
         spec: Some(NetworkPolicySpec {
@@ -517,26 +565,7 @@ pub fn desired_network_policy(hs: &MatrixHomeserver) -> NetworkPolicy {
                 ..Default::default()
             }),
             policy_types: Some(vec!["Ingress".into()]),
-            ingress: Some(vec![
-                NetworkPolicyIngressRule {
-                    ports: Some(vec![NetworkPolicyPort {
-                        port: Some(IntOrString::Int(i32::from(PORT))),
-                        protocol: Some("TCP".into()),
-                        ..Default::default()
-                    }]),
-                    ..Default::default()
-                },
-                NetworkPolicyIngressRule {
-                    from: Some(vec![NetworkPolicyPeer {
-                        pod_selector: Some(LabelSelector {
-                            match_labels: Some(selector(hs, None)),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }]),
-                    ..Default::default()
-                },
-            ]),
+            ingress: Some(ingress),
             ..Default::default()
         }),
     }
@@ -546,6 +575,11 @@ pub fn desired_service_account(hs: &MatrixHomeserver) -> ServiceAccount {
     ServiceAccount { metadata: meta(hs, hs.name_any(), None), ..Default::default() }
 }
 
+/// The Lease verbs the runtime's Kubernetes lease backend uses (`[placement] leases`), in this
+/// namespace: shard pods get, create and replace (`update`) their Leases, every pod lists them
+/// to route calls. No watch, patch or delete: the backend never does those.
+pub const LEASE_VERBS: [&str; 4] = ["get", "list", "create", "update"];
+
 /// Exactly the Lease operations shard ownership needs, in this namespace.
 pub fn desired_role(hs: &MatrixHomeserver) -> Role {
     Role {
@@ -553,7 +587,7 @@ pub fn desired_role(hs: &MatrixHomeserver) -> Role {
         rules: Some(vec![PolicyRule {
             api_groups: Some(vec!["coordination.k8s.io".into()]),
             resources: Some(vec!["leases".into()]),
-            verbs: ["get", "list", "watch", "create", "update", "patch"].map(String::from).to_vec(),
+            verbs: LEASE_VERBS.map(String::from).to_vec(),
             ..Default::default()
         }]),
     }

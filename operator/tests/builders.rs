@@ -1,11 +1,12 @@
 //! The pure builders: every rendered object compared with a snapshot in `tests/snapshots/`
 //! (`LATTICE_UPDATE_SNAPSHOTS=1 cargo test -p lattice-operator --test builders` rewrites them),
-//! the pass-through config checks, and the rendered config file checked by the runtime's own
+//! the pass-through config checks, shard placement (the front and shard configs, the peer port
+//! and who may reach it), and every rendered config file checked by the runtime's own
 //! `lattice check-config` (when `LATTICE_BIN` names the binary; CI sets it).
 
 use std::path::{Path, PathBuf};
 
-use lattice_operator::config::render;
+use lattice_operator::config::{CONFIG_FILE, PEER_PORT, SHARD_CONFIG_FILE, lease_set, render};
 use lattice_operator::crd::MatrixHomeserver;
 use lattice_operator::resources as r;
 use serde::Serialize;
@@ -77,9 +78,24 @@ spec:
     hostnames: [matrix.gw.example]
 "#;
 
+/// Shard pods under a name longer than a lease set may be.
+const SHARDED: &str = r#"
+apiVersion: lattice.dev/v1alpha1
+kind: MatrixHomeserver
+metadata: {name: matrix-for-the-whole-company, namespace: team-chat}
+spec:
+  serverName: company.example
+  image: lattice:dev
+  replicas: 2
+  shards: 3
+  database: {postgres: {secretRef: {name: db}}}
+  kv: {redis: {secretRef: {name: redis}}}
+  media: {s3: {endpoint: "http://s3:9000", bucket: media, credentialsSecret: s3}}
+"#;
+
 /// Every object the operator applies for `hs`, as one YAML stream.
 fn rendered_objects(hs: &MatrixHomeserver) -> String {
-    let rendered = render(&hs.spec).expect("renders");
+    let rendered = render(hs).expect("renders");
     let mut docs = Vec::new();
     fn push<T: Serialize>(docs: &mut Vec<String>, o: &T) {
         docs.push(serde_yaml::to_string(o).expect("yaml"));
@@ -156,7 +172,7 @@ fn gateway_objects_match_snapshot() {
 #[test]
 fn termination_grace_outlasts_the_longest_long_poll() {
     let hs = homeserver(PRODUCTION);
-    let rendered = render(&hs.spec).expect("renders");
+    let rendered = render(&hs).expect("renders");
     // The spec raised max_sync_timeout_ms to 90 s.
     assert!(rendered.shutdown_grace_ms > 90_000, "{}", rendered.shutdown_grace_ms);
     let d = r::desired_deployment(&hs, &rendered);
@@ -167,25 +183,219 @@ fn termination_grace_outlasts_the_longest_long_poll() {
     );
 }
 
+/// The config hashes of the front and the shard pods' templates, as the workloads carry them.
+fn pod_hashes(hs: &MatrixHomeserver) -> (String, Option<String>) {
+    let rendered = render(hs).expect("renders");
+    let hash = |t: Option<k8s_openapi::api::core::v1::PodTemplateSpec>| {
+        t.and_then(|t| t.metadata?.annotations?.get(r::CONFIG_HASH_ANNOTATION).cloned()).expect("hash")
+    };
+    let front = hash(r::desired_deployment(hs, &rendered).spec.map(|s| s.template));
+    let shard = r::desired_stateful_set(hs, &rendered).map(|s| hash(s.spec.map(|s| s.template)));
+    (front, shard)
+}
+
 #[test]
 fn config_hash_changes_with_the_config() {
     let hs = homeserver(PRODUCTION);
-    let a = r::config_hash(&hs, &render(&hs.spec).expect("renders"));
-    let mut hs2 = hs.clone();
-    hs2.spec.registration = lattice_operator::crd::Registration::Open;
-    let b = r::config_hash(&hs2, &render(&hs2.spec).expect("renders"));
-    let mut hs3 = hs.clone();
-    hs3.spec.replicas = 7;
-    let c = r::config_hash(&hs3, &render(&hs3.spec).expect("renders"));
-    assert_ne!(a, b, "a config change rolls the pods");
-    assert_eq!(a, c, "scaling does not");
+    let (front, shard) = pod_hashes(&hs);
+    let shard = shard.expect("shard pods");
+    assert_ne!(front, shard, "each pod's hash covers its own config");
+    let rendered = render(&hs).expect("renders");
+    assert_eq!(front, r::config_hash(&hs, &rendered, r::COMPONENT_FRONT));
+    assert_eq!(shard, r::config_hash(&hs, &rendered, r::COMPONENT_SHARD));
+
+    let mut changed = hs.clone();
+    changed.spec.registration = lattice_operator::crd::Registration::Open;
+    let (f, s) = pod_hashes(&changed);
+    assert!(f != front && s.as_ref() != Some(&shard), "a config change rolls both");
+
+    let mut scaled = hs.clone();
+    scaled.spec.replicas = 7;
+    scaled.spec.shards = 5;
+    assert_eq!(pod_hashes(&scaled), (front.clone(), Some(shard)), "scaling rolls neither");
+
+    // Shard pods appearing turn the fronts' ownership of every shard into forwarding: they roll.
+    let mut unsharded = hs.clone();
+    unsharded.spec.shards = 0;
+    let (f, s) = pod_hashes(&unsharded);
+    assert!(s.is_none());
+    assert_ne!(f, front, "adding or dropping the shard pods rolls the fronts");
+}
+
+fn toml_file(text: &str) -> toml::Table {
+    text.parse().unwrap_or_else(|e| panic!("{e}:\n{text}"))
+}
+
+/// `spec.shards > 0`: a front config that forwards and a shard config that owns shards through
+/// Leases in the MatrixHomeserver's namespace, each pod running its own file.
+#[test]
+fn shards_render_front_and_shard_placement() {
+    let hs = homeserver(SHARDED);
+    let rendered = render(&hs).expect("renders");
+    let set = lease_set("matrix-for-the-whole-company");
+    let front = toml_file(&rendered.front);
+    let shard = toml_file(rendered.shard.as_deref().expect("a shard config"));
+    let leases = toml::toml! { backend = "kubernetes"
+    namespace = "team-chat" };
+    let fp = front["placement"].as_table().expect("[placement] in the front config");
+    assert_eq!(fp["role"].as_str(), Some("front"));
+    assert_eq!(fp["leases"].as_table(), Some(&leases));
+    assert_eq!(fp["lease_set"].as_str(), Some(set.as_str()));
+    assert_eq!(fp["peer_secret"].as_str(), Some(lattice_operator::secrets::PEER_SECRET));
+    assert!(!fp.contains_key("peer_listen") && !fp.contains_key("peer_address"), "{fp:?}");
+    let sp = shard["placement"].as_table().expect("[placement] in the shard config");
+    assert_eq!(sp["role"].as_str(), Some("shard"));
+    assert_eq!(sp["leases"].as_table(), Some(&leases));
+    assert_eq!(sp["lease_set"].as_str(), Some(set.as_str()));
+    assert_eq!(sp["peer_secret"].as_str(), Some("peer_secret"));
+    assert_eq!(sp["peer_listen"].as_str(), Some("0.0.0.0:8449"));
+    assert_eq!(
+        sp["peer_address"].as_str(),
+        Some("http://{identity}.matrix-for-the-whole-company-shards.team-chat.svc:8449")
+    );
+    assert!(!sp.contains_key("identity"), "the identity is the pod name, the runtime's default");
+    // The peer listener is not the public one.
+    assert_eq!(shard["server"]["listen"].as_str(), Some("0.0.0.0:8448"));
+    // Apart from [placement], the two files are the same config.
+    let (mut f, mut s) = (front.clone(), shard.clone());
+    f.remove("placement");
+    s.remove("placement");
+    assert_eq!(f, s);
+
+    // The pods mount both files (the keys Secret, with `peer_secret`, is the secrets dir) and run
+    // their own.
+    let cm = r::desired_config_map(&hs, &rendered).data.expect("data");
+    assert_eq!(cm.len(), 2);
+    assert_eq!(cm[CONFIG_FILE], rendered.front);
+    assert_eq!(cm[SHARD_CONFIG_FILE], rendered.shard.clone().expect("shard"));
+    assert!(r::required_keys().contains(&"peer_secret"));
+    let pod = |t: Option<k8s_openapi::api::core::v1::PodTemplateSpec>| {
+        let c = t.and_then(|t| t.spec).expect("pod").containers.remove(0);
+        let ports: Vec<(String, i32)> = c
+            .ports
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| (p.name.unwrap_or_default(), p.container_port))
+            .collect();
+        let mounts: Vec<String> =
+            c.volume_mounts.unwrap_or_default().into_iter().map(|m| m.mount_path).collect();
+        (c.args.unwrap_or_default(), ports, mounts)
+    };
+    let (args, ports, mounts) = pod(r::desired_deployment(&hs, &rendered).spec.map(|s| s.template));
+    assert_eq!(args, ["serve", "--config", "/etc/lattice/config/lattice.toml"]);
+    assert!(!ports.iter().any(|(n, _)| n == "peer"), "fronts have no peer port: {ports:?}");
+    assert!(mounts.iter().any(|m| m == "/etc/lattice/secrets"));
+    let sts = r::desired_stateful_set(&hs, &rendered).expect("StatefulSet");
+    let (args, ports, mounts) = pod(sts.spec.map(|s| s.template));
+    assert_eq!(args, ["serve", "--config", "/etc/lattice/config/lattice-shard.toml"]);
+    assert!(ports.contains(&("peer".into(), i32::from(PEER_PORT))), "{ports:?}");
+    assert!(mounts.iter().any(|m| m == "/etc/lattice/secrets"));
+    let svc = r::desired_shards_service(&hs).and_then(|s| s.spec).expect("headless Service");
+    assert_eq!(svc.cluster_ip.as_deref(), Some("None"));
+    assert!(svc.ports.unwrap_or_default().iter().any(|p| p.name.as_deref() == Some("peer")
+        && p.port == i32::from(PEER_PORT)
+        && p.target_port
+            == Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("peer".into()))));
+}
+
+/// The peer port admits this server's own pods (fronts and shards, this namespace) and nobody
+/// else; the Matrix port stays open.
+#[test]
+fn network_policy_admits_the_peer_port_only_from_own_pods() {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let hs = homeserver(SHARDED);
+    let rules = r::desired_network_policy(&hs).spec.and_then(|s| s.ingress).expect("ingress rules");
+    let port_of = |rule: &k8s_openapi::api::networking::v1::NetworkPolicyIngressRule| {
+        rule.ports.as_ref().map(|p| p.iter().map(|p| p.port.clone()).collect::<Vec<_>>())
+    };
+    assert!(rules.iter().all(|r| port_of(r).is_some()), "every rule names its ports: {rules:?}");
+    let peer: Vec<_> = rules
+        .iter()
+        .filter(|r| port_of(r).is_some_and(|p| p.contains(&Some(IntOrString::Int(8449)))))
+        .collect();
+    assert_eq!(peer.len(), 1, "{rules:?}");
+    let from = peer[0].from.clone().expect("the peer port has a `from`");
+    assert_eq!(from.len(), 1);
+    assert!(from[0].namespace_selector.is_none() && from[0].ip_block.is_none(), "{from:?}");
+    let selector = from[0].pod_selector.clone().and_then(|s| s.match_labels).expect("pod selector");
+    assert_eq!(
+        selector,
+        std::collections::BTreeMap::from([
+            ("app.kubernetes.io/name".to_owned(), "lattice".to_owned()),
+            ("app.kubernetes.io/instance".to_owned(), "matrix-for-the-whole-company".to_owned()),
+        ]),
+        "fronts and shards of this server"
+    );
+    let open: Vec<_> = rules.iter().filter(|r| r.from.is_none()).collect();
+    assert_eq!(open.len(), 1);
+    assert_eq!(port_of(open[0]), Some(vec![Some(IntOrString::Int(8448))]));
+    // Without shard pods nobody listens on the peer port, and nothing admits it.
+    let rules = r::desired_network_policy(&homeserver(GATEWAY)).spec.and_then(|s| s.ingress).expect("rules");
+    assert_eq!(rules.len(), 1);
+    assert!(rules[0].from.is_none());
+}
+
+#[test]
+fn no_placement_without_shard_pods() {
+    for yaml in [EMBEDDED, GATEWAY] {
+        let hs = homeserver(yaml);
+        let rendered = render(&hs).expect("renders");
+        assert!(rendered.shard.is_none());
+        assert!(!toml_file(&rendered.front).contains_key("placement"), "{}", rendered.front);
+        let cm = r::desired_config_map(&hs, &rendered).data.expect("data");
+        assert_eq!(cm.keys().collect::<Vec<_>>(), [CONFIG_FILE]);
+        assert!(r::desired_stateful_set(&hs, &rendered).is_none());
+    }
+}
+
+#[test]
+fn shard_pods_need_shared_storage() {
+    let mut hs = homeserver(EMBEDDED);
+    hs.spec.shards = 1;
+    assert_eq!(render(&hs).expect_err("embedded storage").field, "spec.shards");
+}
+
+/// A DNS label of at most 20 characters; one per name; never `<other set>-...`.
+#[test]
+fn lease_sets_are_short_distinct_labels() {
+    let names = [
+        "matrix",
+        "matrix-m",
+        "matrix-do",
+        "m",
+        "matrix-for-the-whole-company",
+        "matrix-for-the-whole-company-2",
+        "matrix.example",
+        "a-b-c-d-e-f-g-h-i-j-k-l",
+        "0123456789012345678901234567890123456789012345678901234567890123456789",
+    ];
+    let sets: Vec<String> = names.iter().map(|n| lease_set(n)).collect();
+    for (name, set) in names.iter().zip(&sets) {
+        assert!(set.len() <= 20, "{name}: {set}");
+        assert!(
+            set.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !set.starts_with('-')
+                && !set.ends_with('-'),
+            "{name}: {set} is not a DNS label"
+        );
+        assert_eq!(lease_set(name), *set, "stable");
+        for other in &sets {
+            assert!(other == set || !other.starts_with(&format!("{set}-")), "{set} lists {other}'s leases");
+        }
+    }
+    let unique: std::collections::BTreeSet<&String> = sets.iter().collect();
+    assert_eq!(unique.len(), sets.len(), "{sets:?}");
+    // Computed independently (Python: the prefix rule, then sha256 hex[:8]).
+    assert_eq!(lease_set("matrix"), "matrix-6e00cd56");
+    assert_eq!(lease_set("matrix-for-the-whole-company"), "matrix-for-59fb6870");
+    assert_eq!(lease_set("matrix.example"), "matrix-exam-474b9786");
 }
 
 /// `runtimeConfig` (JSON) → the error the operator reports, or `None` when it renders.
 fn check_pass_through(runtime_config: serde_json::Value, expected: Option<&str>) {
     let mut hs = homeserver(EMBEDDED);
     hs.spec.runtime_config = Some(runtime_config.clone());
-    match (render(&hs.spec), expected) {
+    match (render(&hs), expected) {
         (Ok(_), None) => {}
         (Err(e), Some(want)) => assert!(e.to_string().contains(want), "{runtime_config}: {e} lacks {want:?}"),
         (Ok(_), Some(want)) => panic!("{runtime_config}: rendered, expected an error with {want:?}"),
@@ -225,7 +435,7 @@ fn pass_through_config_is_checked() {
 fn post_quantum_required_needs_tls() {
     let mut hs = homeserver(EMBEDDED);
     hs.spec.post_quantum = lattice_operator::crd::PostQuantum::Required;
-    let e = render(&hs.spec).expect_err("no TLS on the pods");
+    let e = render(&hs).expect_err("no TLS on the pods");
     assert_eq!(e.field, "spec.postQuantum");
 }
 
@@ -245,20 +455,27 @@ fn rendered_config_passes_the_runtimes_check() {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    for (name, yaml) in [("production", PRODUCTION), ("embedded", EMBEDDED)] {
-        let rendered = render(&homeserver(yaml).spec).expect("renders");
-        let path = dir.path().join(format!("{name}.toml"));
-        std::fs::write(&path, &rendered.toml).expect("write");
-        let out = std::process::Command::new(&bin)
-            .args(["check-config", "--config"])
-            .arg(&path)
-            .output()
-            .expect("run lattice check-config");
-        assert!(
-            out.status.success(),
-            "{name}: lattice check-config refused the rendered config: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            rendered.toml
-        );
+    let mut checked = 0;
+    for (name, yaml) in
+        [("production", PRODUCTION), ("embedded", EMBEDDED), ("gateway", GATEWAY), ("sharded", SHARDED)]
+    {
+        let rendered = render(&homeserver(yaml)).expect("renders");
+        for (file, text) in rendered.files() {
+            let path = dir.path().join(format!("{name}-{file}"));
+            std::fs::write(&path, text).expect("write");
+            let out = std::process::Command::new(&bin)
+                .args(["check-config", "--config"])
+                .arg(&path)
+                .output()
+                .expect("run lattice check-config");
+            assert!(
+                out.status.success(),
+                "{name} {file}: lattice check-config refused the rendered config: {}\n{text}",
+                String::from_utf8_lossy(&out.stderr),
+            );
+            checked += 1;
+        }
     }
+    // production and sharded have shard pods: two files each.
+    assert_eq!(checked, 6);
 }

@@ -46,7 +46,7 @@ fn sample() -> MatrixHomeserver {
 fn runtime_image_matches_the_pods_the_operator_builds() {
     let stage = final_stage("operator/containers/runtime.Containerfile");
     let hs = sample();
-    let d = desired_deployment(&hs, &render(&hs.spec).expect("render"));
+    let d = desired_deployment(&hs, &render(&hs).expect("render"));
     let pod = d.spec.and_then(|s| s.template.spec).expect("pod");
     let c = &pod.containers[0];
     // The pod runs the image's own entry point with the image's default arguments.

@@ -8,6 +8,8 @@
 //! collection needs kube-controller-manager; the clean-up assertion runs only when it is there
 //! (and says so when it is skipped).
 
+#[path = "common/access.rs"]
+mod access;
 #[path = "common/helm.rs"]
 mod helm_bin;
 
@@ -19,10 +21,6 @@ use std::time::{Duration, Instant};
 
 use helm_bin::helm;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::authorization::v1::{
-    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
-};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
@@ -311,6 +309,22 @@ async fn reconciles_a_homeserver_through_its_life() {
     let sts =
         Api::<StatefulSet>::namespaced(client.clone(), &ns).get("matrix-shards").await.expect("StatefulSet");
     assert_owned(&sts, &hs);
+    // Shard placement: the fronts forward, the shard pods run their own file with Leases here.
+    let args = |t: Option<&k8s_openapi::api::core::v1::PodTemplateSpec>| {
+        t.and_then(|t| t.spec.as_ref()).and_then(|p| p.containers[0].args.clone()).unwrap_or_default()
+    };
+    assert_eq!(args(d.spec.as_ref().map(|s| &s.template))[2], "/etc/lattice/config/lattice.toml");
+    assert_eq!(args(sts.spec.as_ref().map(|s| &s.template))[2], "/etc/lattice/config/lattice-shard.toml");
+    let files =
+        Api::<ConfigMap>::namespaced(client.clone(), &ns).get("matrix-config").await.expect("ConfigMap").data;
+    let files = files.expect("config files");
+    assert!(files["lattice.toml"].contains("role = \"front\""), "{}", files["lattice.toml"]);
+    let shard = &files["lattice-shard.toml"];
+    assert!(
+        shard.contains("role = \"shard\"") && shard.contains(&format!("namespace = \"{ns}\"")),
+        "{shard}"
+    );
+    assert!(shard.contains(&format!("peer_address = \"http://{{identity}}.matrix-shards.{ns}.svc:8449\"")));
     for name in ["matrix", "matrix-shards"] {
         assert_owned(&Api::<Service>::namespaced(client.clone(), &ns).get(name).await.expect("Service"), &hs);
         assert_owned(
@@ -340,7 +354,7 @@ async fn reconciles_a_homeserver_through_its_life() {
     let rules = role.rules.unwrap_or_default();
     assert_eq!(rules.len(), 1);
     assert_eq!(rules[0].resources.as_deref(), Some(&["leases".to_owned()][..]));
-    assert_eq!(rules[0].verbs, ["get", "list", "watch", "create", "update", "patch"]);
+    assert_eq!(rules[0].verbs, lattice_operator::resources::LEASE_VERBS);
 
     // The keys: generated, not owned (kept on delete), and the status names the signing key.
     let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
@@ -442,6 +456,15 @@ async fn reconciles_a_homeserver_through_its_life() {
         .generation
         .expect("generation");
     wait_status(&api, g5, "reconciled without shards", |hs| is(hs, DEGRADED, "False", "AsExpected")).await;
+    // One file again, without [placement]: each front owns every shard, as before shard pods.
+    let files = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .get("matrix-config")
+        .await
+        .expect("ConfigMap")
+        .data
+        .expect("config files");
+    assert_eq!(files.keys().collect::<Vec<_>>(), ["lattice.toml"]);
+    assert!(!files["lattice.toml"].contains("[placement"), "{}", files["lattice.toml"]);
     wait_for("the StatefulSet and Ingress to go", || {
         let (c, ns) = (client.clone(), ns.clone());
         async move {
@@ -534,6 +557,63 @@ fn helm_template(helm: &str, ns: &str, sets: &[&str]) -> Vec<serde_json::Value> 
         .collect()
 }
 
+/// The pods' ServiceAccount, with the Role and binding the operator applies, can do with Leases
+/// exactly what the runtime's Kubernetes lease backend does (`runtime/backends/src/kube_lease.rs`:
+/// create, get, replace, list by label) and no more.
+#[tokio::test]
+async fn pods_service_account_can_use_leases_and_no_more() {
+    let Some(admin) = admin().await else { return };
+    let ns = namespace(&admin, "op-leases").await;
+    provide_secrets(&admin, &ns).await;
+    let operator = Operator::start(admin.clone(), &ns);
+    let created = apply_homeserver(&admin, &ns, production_spec()).await.expect("apply");
+    let api = Api::<MatrixHomeserver>::namespaced(admin.clone(), &ns);
+    wait_status(&api, created.metadata.generation.expect("generation"), "reconciled", |hs| {
+        is(hs, PROGRESSING, "True", "RollingOut")
+    })
+    .await;
+    operator.stop().await;
+    let auth = access::service_account_auth(&admin, &ns, "matrix", 600).await;
+    let pods = Client::try_from(config(Some(auth)).await.expect("config")).expect("client");
+    let leases = Api::<Lease>::namespaced(pods.clone(), &ns);
+
+    // What the backend does: create, read, replace with the resourceVersion read, list by label.
+    let lease: Lease = serde_json::from_value(json!({
+        "metadata": {"name": "probe-m-pod", "labels": {"lattice.dev/lease": "true"}},
+        "spec": {"holderIdentity": "pod", "leaseDurationSeconds": 10}
+    }))
+    .expect("lease");
+    leases.create(&PostParams::default(), &lease).await.expect("create a Lease");
+    let mut lease = leases.get("probe-m-pod").await.expect("get a Lease");
+    lease.spec.as_mut().expect("spec").holder_identity = Some("other".into());
+    leases.replace("probe-m-pod", &PostParams::default(), &lease).await.expect("replace a Lease");
+    let listed = leases
+        .list(&kube::api::ListParams::default().labels("lattice.dev/lease=true"))
+        .await
+        .expect("list Leases");
+    assert_eq!(listed.items.len(), 1);
+
+    // And no more: the backend never patches, deletes or watches.
+    let forbidden = |r: Result<_, kube::Error>| matches!(r, Err(kube::Error::Api(e)) if e.code == 403);
+    assert!(forbidden(leases.delete("probe-m-pod", &DeleteParams::default()).await.map(|_| ())));
+    let merge = json!({"spec": {"holderIdentity": "x"}});
+    assert!(forbidden(
+        leases.patch("probe-m-pod", &PatchParams::default(), &Patch::Merge(&merge)).await.map(|_| ())
+    ));
+    for (group, resource, verb) in [
+        ("coordination.k8s.io", "leases", "watch"),
+        ("coordination.k8s.io", "leases", "deletecollection"),
+        ("", "secrets", "get"),
+        ("", "configmaps", "get"),
+        ("", "pods", "list"),
+    ] {
+        assert!(
+            !access::allowed(&pods, &ns, group, resource, verb).await,
+            "the pods may {verb} {group}/{resource}"
+        );
+    }
+}
+
 /// The operator run with a token of a ServiceAccount bound by the chart's RBAC: it suffices for
 /// a whole reconcile, and it does not reach what the operator never touches.
 #[tokio::test]
@@ -550,21 +630,7 @@ async fn chart_rbac_suffices_and_is_not_wider() {
             apply_dynamic(&admin, &discovery, &ops, &doc, false).await.expect("applying the chart's RBAC");
         }
     }
-    let token = Api::<ServiceAccount>::namespaced(admin.clone(), &ops)
-        .create_token_request(
-            "lattice-lattice-operator",
-            &PostParams::default(),
-            &TokenRequest {
-                spec: TokenRequestSpec { expiration_seconds: Some(600), ..Default::default() },
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("TokenRequest")
-        .status
-        .expect("token")
-        .token;
-    let auth: AuthInfo = serde_json::from_value(json!({"token": token})).expect("auth");
+    let auth = access::service_account_auth(&admin, &ops, "lattice-lattice-operator", 600).await;
     let client = Client::try_from(config(Some(auth)).await.expect("config")).expect("client");
 
     // Sufficient: a full reconcile with every child kind, the keys and the status.
@@ -601,25 +667,8 @@ async fn chart_rbac_suffices_and_is_not_wider() {
         ("rbac.authorization.k8s.io", "roles", "delete"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "create"),
     ] {
-        let review = SelfSubjectAccessReview {
-            spec: SelfSubjectAccessReviewSpec {
-                resource_attributes: Some(ResourceAttributes {
-                    group: Some(group.into()),
-                    resource: Some(resource.into()),
-                    verb: Some(verb.into()),
-                    namespace: Some(ns.clone()),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let got = Api::<SelfSubjectAccessReview>::all(client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .expect("SelfSubjectAccessReview");
         assert!(
-            !got.status.is_some_and(|s| s.allowed),
+            !access::allowed(&client, &ns, group, resource, verb).await,
             "the operator may {verb} {group}/{resource}; it never needs to"
         );
     }
