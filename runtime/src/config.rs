@@ -500,8 +500,15 @@ impl Config {
             return err("identity", "must be a DNS label (a-z, 0-9, '-')");
         }
         if p.owns_shards() {
-            if p.peer_listen.is_none() {
+            let Some(peer) = p.peer_listen else {
                 return err("peer_listen", "a shard process needs an internal listener for forwarded calls");
+            };
+            let clash = |other: SocketAddr| {
+                other.port() == peer.port()
+                    && (other.ip() == peer.ip() || other.ip().is_unspecified() || peer.ip().is_unspecified())
+            };
+            if clash(self.server.listen) || self.server.admin_listen.is_some_and(clash) {
+                return err("peer_listen", "must not share a port with server.listen or server.admin_listen");
             }
             match p.advertised_address() {
                 None => return err("peer_address", "set it when `peer_listen` is an unspecified address"),
@@ -597,6 +604,7 @@ path = "w.wasm"
         check(&placement("role = \"front\""), None);
         check(&placement(""), Some("placement.peer_listen"));
         check(&placement("peer_listen = \"0.0.0.0:9000\""), Some("placement.peer_address"));
+        check(&placement("peer_listen = \"0.0.0.0:8080\""), Some("must not share a port"));
         check(
             &placement("peer_listen = \"0.0.0.0:9000\"\npeer_address = \"http://{identity}.shards:9000\""),
             None,
