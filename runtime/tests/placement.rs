@@ -495,3 +495,43 @@ async fn kubernetes_leases_fail_over() {
     let answers = std::mem::take(&mut *answers.lock().unwrap_or_else(|p| p.into_inner()));
     load.verify(&front_urls, &answers).await;
 }
+
+/// Alarms fire on the shard's owner, at least once: alarms set on both shard processes' objects,
+/// one process killed before they are due; the survivor takes its shards and fires every alarm
+/// exactly once (nothing ran them before the kill).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn alarms_fire_on_the_owner_after_failover() {
+    let Some(cluster) = Cluster::postgres() else { return };
+    let shards = [cluster.start(Role::Shard, "s0"), cluster.start(Role::Shard, "s1")];
+    let front = cluster.start(Role::Front, "f0");
+    until_all_owned(&shards.iter().collect::<Vec<_>>(), Duration::from_secs(30)).await;
+    let run = format!("r{}", support::unique());
+    // The manual clock every process starts with (support::write_config).
+    let due = 1_700_000_000_000u64 + 10_000;
+    let names: Vec<String> = (0..10).map(|i| format!("{run}-a{i}")).collect();
+    for name in &names {
+        let r = post(&format!("{}/do/alarm?name={name}&at={due}", front.url), "").await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    assert!(metric(&shards[1], "lattice_owned_shards{").await > 0.0, "the victim owns shards");
+    let [s0, mut s1] = shards;
+    s1.child.kill().expect("SIGKILL");
+    let _ = s1.child.wait();
+    for s in [&s0, &front] {
+        let r = post(&format!("{}/testing/clock/advance?ms=10000", s.admin), "").await;
+        assert_eq!(r.status, 200);
+    }
+    let started = Instant::now();
+    for name in &names {
+        loop {
+            let st = post(&format!("{}/do/state?name={name}", front.url), "").await;
+            if st.status == 200 && st.json()["entries"]["alarm_fired"] == "yes" {
+                assert_eq!(st.json()["entries"]["alarm_runs"], "1", "{name} fired once");
+                assert_eq!(st.json()["alarm"], serde_json::Value::Null, "a fired alarm is cleared");
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "{name}: alarm not fired: {}", st.json());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
