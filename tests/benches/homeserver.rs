@@ -37,8 +37,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use lattice_e2e::{Backend, Homeserver, Options, enc};
+use lattice_e2e::{Backend, Homeserver, Options};
 use serde_json::{Value, json};
+
+#[path = "common/matrix.rs"]
+mod matrix;
+#[path = "common/procs.rs"]
+mod procs;
+
+use matrix::{Http, Sender, Sent, create_room, join, ms, percentile, send_path, verify_messages};
+use procs::{ServicePids, fmt_mb, mb, proc_stat, proc_status_kb, reset_hwm};
 
 const SENDERS: usize = 10;
 /// Targets to compare against (the numbers), judged on the median.
@@ -74,100 +82,8 @@ impl Settings {
 // ---------------------------------------------------------------------------------------------
 // HTTP: one client (one keep-alive connection) per simulated user.
 
-#[derive(Clone)]
-struct Http {
-    base: String,
-    token: Option<String>,
-    client: reqwest::Client,
-}
-
-impl Http {
-    fn new(base: &str, token: Option<&str>) -> Self {
-        let client = reqwest::Client::builder()
-            .http1_only()
-            .tcp_nodelay(true)
-            .pool_max_idle_per_host(1)
-            .timeout(Duration::from_secs(60))
-            .build()
-            .expect("an HTTP client");
-        Self { base: base.to_owned(), token: token.map(str::to_owned), client }
-    }
-
-    /// Registers `local` (open registration, dummy stage); a client signed in as that user.
-    async fn register(&self, local: &str) -> Result<Self, String> {
-        let body =
-            json!({"username": local, "password": "bench-password", "auth": {"type": "m.login.dummy"}});
-        let v = self.ok(reqwest::Method::POST, "/_matrix/client/v3/register", Some(&body)).await?;
-        let token = v["access_token"].as_str().ok_or_else(|| format!("register: {v}"))?;
-        Ok(Self::new(&self.base, Some(token)))
-    }
-
-    /// Sends a request; the status and JSON body, or what went wrong on the way.
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<(u16, Value), String> {
-        let mut req = self.client.request(method, format!("{}{path}", self.base));
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.header("content-type", "application/json").body(b.to_string());
-        }
-        let resp = req.send().await.map_err(|e| format!("{path}: {e}"))?;
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(|e| format!("{path}: reading the body: {e}"))?;
-        let v = serde_json::from_slice(&bytes)
-            .map_err(|e| format!("{path}: not JSON ({e}): {}", String::from_utf8_lossy(&bytes)))?;
-        Ok((status, v))
-    }
-
-    /// A request that must answer 200.
-    async fn ok(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Value, String> {
-        match self.call(method, path, body).await? {
-            (200, v) => Ok(v),
-            (s, v) => Err(format!("{path}: {s} {v}")),
-        }
-    }
-}
-
-fn send_path(room: &str, txn: &str) -> String {
-    format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room))
-}
-
 // ---------------------------------------------------------------------------------------------
 // Processes: memory and CPU from /proc.
-
-fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
-
-/// Resets the process's `VmHWM` to its current RSS (Linux ≥ 4.0).
-fn reset_hwm(pid: u32) -> bool {
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
-}
-
-fn pss_kb(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    text.lines().find_map(|l| l.strip_prefix("Pss:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
-
-/// `(ppid, utime + stime in ticks)` from /proc/<pid>/stat.
-fn proc_stat(pid: u32) -> Option<(u32, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces; the fields after it are fixed.
-    let rest = &text[text.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ppid = f.get(1)?.parse().ok()?;
-    let utime: u64 = f.get(11)?.parse().ok()?;
-    let stime: u64 = f.get(12)?.parse().ok()?;
-    Some((ppid, utime + stime))
-}
 
 /// Context switches of all the process's threads.
 fn context_switches(pid: u32) -> u64 {
@@ -194,13 +110,6 @@ fn task_status(pid: u32, tid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn children(parent: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| proc_stat(*pid).is_some_and(|(ppid, _)| ppid == parent))
-        .collect()
-}
-
 /// Busy and total jiffies of the whole machine (/proc/stat `cpu` line).
 fn machine_jiffies() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -224,51 +133,6 @@ fn clock_ticks() -> f64 {
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
         .unwrap_or(100.0)
-}
-
-/// The services' processes, from the state directory `scripts/services.sh` wrote.
-#[derive(Debug, Clone, Copy, Default)]
-struct ServicePids {
-    postmaster: Option<u32>,
-    redis: Option<u32>,
-    s3: Option<u32>,
-}
-
-impl ServicePids {
-    fn find() -> Self {
-        let Ok(state) = std::env::var("LATTICE_TEST_SERVICES_STATE") else { return Self::default() };
-        let state = std::path::PathBuf::from(state);
-        let first_line = |p: std::path::PathBuf| -> Option<u32> {
-            std::fs::read_to_string(p).ok()?.lines().next()?.trim().parse().ok()
-        };
-        let postmaster = std::fs::read_to_string(state.join("postgres/home"))
-            .ok()
-            .and_then(|home| first_line(std::path::Path::new(home.trim()).join("data/postmaster.pid")));
-        Self {
-            postmaster,
-            redis: first_line(state.join("redis/redis.pid")),
-            s3: first_line(state.join("s3/s3s-fs.pid")),
-        }
-    }
-
-    fn postgres_pids(&self) -> Vec<u32> {
-        self.postmaster.map(|p| std::iter::once(p).chain(children(p)).collect()).unwrap_or_default()
-    }
-
-    /// PostgreSQL PSS (summed over its processes: shared buffers counted once), Redis and
-    /// s3s-fs RSS, in KiB.
-    fn memory_kb(&self) -> [Option<u64>; 3] {
-        let pg = self.postmaster.map(|_| self.postgres_pids().into_iter().filter_map(pss_kb).sum());
-        [
-            pg,
-            self.redis.and_then(|p| proc_status_kb(p, "VmRSS")),
-            self.s3.and_then(|p| proc_status_kb(p, "VmRSS")),
-        ]
-    }
-
-    fn postgres_ticks(&self) -> u64 {
-        self.postgres_pids().into_iter().filter_map(|p| proc_stat(p).map(|(_, t)| t)).sum()
-    }
 }
 
 /// Samples memory while a load runs: the maxima of the services' memory every 250 ms.
@@ -351,14 +215,6 @@ fn rss_parts(pid: u32) -> String {
         fmt_mb(proc_status_kb(pid, "RssFile")),
         fmt_mb(proc_status_kb(pid, "RssShmem"))
     )
-}
-
-fn mb(kb: u64) -> f64 {
-    kb as f64 / 1024.0
-}
-
-fn fmt_mb(kb: Option<u64>) -> String {
-    kb.map_or_else(|| "n/a".to_owned(), |k| format!("{:.1} MB", mb(k)))
 }
 
 fn load_average() -> String {
@@ -490,18 +346,6 @@ fn per_event(before: &Counters, after: &Counters, events: usize) -> String {
 // ---------------------------------------------------------------------------------------------
 // Statistics.
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
 #[derive(Debug, Clone, Copy)]
 enum Target {
     AtLeast(f64),
@@ -568,21 +412,6 @@ impl Figure {
 
 // ---------------------------------------------------------------------------------------------
 // Scenarios.
-
-/// A sender: its client, its user id and the room it sends to.
-#[derive(Clone)]
-struct Sender {
-    http: Http,
-    user: String,
-    room: String,
-}
-
-/// One sent event, as its sender saw it.
-struct Sent {
-    event_id: String,
-    done: Instant,
-    took: Duration,
-}
 
 struct Throughput {
     events_per_s: f64,
@@ -687,72 +516,6 @@ async fn send_load(
         waits,
         first_last,
     })
-}
-
-/// Reads each room's whole timeline forwards through `/messages`; every event each sender
-/// sent must be there exactly once, in the order it was sent, with its event id and sender.
-async fn verify_messages(senders: &[Sender], sent: &[Vec<Sent>], tag: &str) -> Result<(), String> {
-    // One reader per room: the first sender into it.
-    let mut rooms: Vec<(&str, &Http)> = Vec::new();
-    for s in senders {
-        if !rooms.iter().any(|(r, _)| *r == s.room) {
-            rooms.push((&s.room, &s.http));
-        }
-    }
-    let mut seen: Vec<Vec<(usize, String, String)>> = vec![Vec::new(); senders.len()];
-    for (room, reader) in rooms {
-        let mut from: Option<String> = None;
-        loop {
-            let mut path = format!("/_matrix/client/v3/rooms/{}/messages?dir=f&limit=1000", enc(room));
-            if let Some(f) = &from {
-                path.push_str(&format!("&from={f}"));
-            }
-            let v = reader.ok(reqwest::Method::GET, &path, None).await.map_err(|e| format!("verify: {e}"))?;
-            let chunk = v["chunk"].as_array().cloned().unwrap_or_default();
-            for e in &chunk {
-                let body = e["content"]["body"].as_str().unwrap_or_default();
-                let mut parts = body.split(' ');
-                if e["type"] != "m.room.message" || parts.next() != Some(tag) {
-                    continue;
-                }
-                let i: usize =
-                    parts.next().and_then(|x| x.parse().ok()).ok_or(format!("verify: body {body}"))?;
-                let n: usize =
-                    parts.next().and_then(|x| x.parse().ok()).ok_or(format!("verify: body {body}"))?;
-                let id = e["event_id"].as_str().unwrap_or_default().to_owned();
-                let who = e["sender"].as_str().unwrap_or_default().to_owned();
-                if e["room_id"].as_str().is_some_and(|r| r != room) {
-                    return Err(format!("verify: {id} came back in another room"));
-                }
-                seen.get_mut(i).ok_or(format!("verify: unknown sender {i}"))?.push((n, id, who));
-            }
-            match v["end"].as_str() {
-                Some(end) if !chunk.is_empty() => from = Some(end.to_owned()),
-                _ => break,
-            }
-        }
-    }
-    for (i, (got, want)) in seen.iter().zip(sent).enumerate() {
-        if got.len() != want.len() {
-            return Err(format!(
-                "verify: sender {i} sent {} events, /messages has {}",
-                want.len(),
-                got.len()
-            ));
-        }
-        for (k, ((n, id, who), w)) in got.iter().zip(want).enumerate() {
-            if *n != k || *id != w.event_id {
-                return Err(format!(
-                    "verify: sender {i}: position {k} holds event {n} ({id}), expected event {k} ({})",
-                    w.event_id
-                ));
-            }
-            if *who != senders[i].user {
-                return Err(format!("verify: {id} has sender {who}, expected {}", senders[i].user));
-            }
-        }
-    }
-    Ok(())
 }
 
 async fn parked(admin: &reqwest::Client, admin_url: &str) -> i64 {
@@ -903,18 +666,6 @@ async fn setup_users(anon: &Http) -> Result<(Vec<Http>, Http, Http), String> {
         senders.push(anon.register(&format!("sender{i}")).await?);
     }
     Ok((senders, anon.register("syncer").await?, anon.register("waker").await?))
-}
-
-async fn create_room(c: &Http) -> Result<String, String> {
-    let v = c
-        .ok(reqwest::Method::POST, "/_matrix/client/v3/createRoom", Some(&json!({"preset": "public_chat"})))
-        .await?;
-    v["room_id"].as_str().map(str::to_owned).ok_or_else(|| format!("createRoom: {v}"))
-}
-
-async fn join(c: &Http, room: &str) -> Result<(), String> {
-    c.ok(reqwest::Method::POST, &format!("/_matrix/client/v3/join/{}", enc(room)), Some(&json!({}))).await?;
-    Ok(())
 }
 
 async fn run(n: usize, settings: &Settings, base_pg: &str) -> RunFigures {

@@ -91,11 +91,17 @@ pub struct Options {
     pub database_url: Option<String>,
     /// The server name; a fresh one by default.
     pub server_name: Option<String>,
+    /// The compiled-component cache; the tests' shared one by default.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Options {
     pub fn new(backend: Backend) -> Self {
-        Self { backend, vars: Vec::new(), database_url: None, server_name: None }
+        Self { backend, vars: Vec::new(), database_url: None, server_name: None, cache_dir: None }
+    }
+    pub fn cache_dir(mut self, dir: &std::path::Path) -> Self {
+        self.cache_dir = Some(dir.to_owned());
+        self
     }
     pub fn database_url(mut self, url: &str) -> Self {
         self.database_url = Some(url.to_owned());
@@ -267,9 +273,9 @@ url_env = "LATTICE_HS_REDIS_URL"
             ("login_per_minute".to_owned(), "0".to_owned()),
             ("register_per_minute".to_owned(), "0".to_owned()),
         ];
-        for (k, v) in options.vars {
-            vars.retain(|(kk, _)| kk != &k);
-            vars.push((k, v));
+        for (k, v) in &options.vars {
+            vars.retain(|(kk, _)| kk != k);
+            vars.push((k.clone(), v.clone()));
         }
         let vars: String = vars.iter().map(|(k, v)| format!("{k} = {}\n", toml_str(v))).collect();
         let config = format!(
@@ -295,7 +301,11 @@ generate = ["rooms_key", "users_key", "signing_key", "admin_token"]
 {bindings}
 "#,
             component = homeserver_wasm().display(),
-            cache = std::env::temp_dir().join("lattice-test-aot-cache").display(),
+            cache = options
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| std::env::temp_dir().join("lattice-test-aot-cache"))
+                .display(),
         );
         let config_path = dir.path().join("lattice.toml");
         std::fs::write(&config_path, config).expect("write config");

@@ -409,6 +409,9 @@ fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) -> anyhow::Result<()> {
 /// The homeserver benchmark's settings are environment variables (`LATTICE_BENCH_RUNS`, ...;
 /// see its file).
 fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    if args.first().map(String::as_str) == Some("versus") {
+        return versus(root);
+    }
     // Extra arguments go to the one benchmark named, else (as before) to the runtime's.
     let (runtime, homeserver, args) = match args.first().map(String::as_str) {
         Some("homeserver") => (false, true, &args[1..]),
@@ -436,6 +439,59 @@ fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
             homeserver_bench(root, &guests, &env, &state, homeserver_args)?;
         }
         Ok(())
+    })();
+    if Command::new("bash").arg(&services).arg("stop").arg(&state).status().is_ok_and(|s| s.success()) {
+        remove_services_state(&state);
+    }
+    result
+}
+
+/// Lattice against Synapse (`tests/benches/versus.rs`, issue 7): the services without the
+/// Kubernetes API, the release runtime, Synapse from `scripts/synapse.sh`; the load generator
+/// is built first and then run on core 1 (the servers are pinned to core 0). Results go to
+/// `bench/results/versus/`: `results.md`, `results.json` and `chart.png`.
+fn versus(root: &Path) -> anyhow::Result<()> {
+    let guests = build_guests(root)?;
+    run(cargo().current_dir(root).args(["build", "--release", "-p", "lattice-runtime", "--bin", "lattice"]))?;
+    run(cargo().current_dir(root).args([
+        "bench",
+        "--profile",
+        "dev",
+        "-p",
+        "lattice-e2e",
+        "--bench",
+        "versus",
+        "--no-run",
+    ]))?;
+    let synapse = root.join("scripts/synapse.sh");
+    let venv = Command::new("bash").arg(&synapse).arg("install").output()?;
+    if !venv.status.success() {
+        bail!("scripts/synapse.sh install failed:\n{}", String::from_utf8_lossy(&venv.stderr));
+    }
+    let venv = String::from_utf8(venv.stdout)?.lines().last().unwrap_or_default().trim().to_owned();
+    let out = root.join("bench/results/versus");
+    std::fs::create_dir_all(&out)?;
+    let state = cache_dir().join("services").join(format!("versus-{}", std::process::id()));
+    let services = root.join("scripts/services.sh");
+    run(Command::new("bash").arg(&services).arg("start").arg(&state).env("LATTICE_SERVICES_KUBE", "0"))?;
+    let result = (|| {
+        let env = read_env(&state.join("env"))?;
+        run(Command::new("taskset")
+            .args(["-c", "1"])
+            .arg(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root)
+            .args(["bench", "--profile", "dev", "-p", "lattice-e2e", "--bench", "versus"])
+            .envs(env)
+            .env("LATTICE_BIN", target_dir(root).join("release/lattice"))
+            .env("LATTICE_GUEST_DIR", &guests)
+            .env("LATTICE_TEST_SERVICES_STATE", &state)
+            .env("LATTICE_REQUIRE_SERVICES", "1")
+            .env("LATTICE_SYNAPSE_SCRIPT", &synapse)
+            .env("LATTICE_VERSUS_OUT", &out))?;
+        run(Command::new(Path::new(&venv).join("bin/python"))
+            .arg(root.join("bench/synapse/chart.py"))
+            .arg(out.join("results.json"))
+            .arg(out.join("chart.png")))
     })();
     if Command::new("bash").arg(&services).arg("stop").arg(&state).status().is_ok_and(|s| s.success()) {
         remove_services_state(&state);
