@@ -103,6 +103,17 @@ pub fn cache_path(engine: &Engine, cache_dir: &Path, bytes: &[u8]) -> PathBuf {
 
 /// Loads a component: from `cache_dir`, else from the read-only `seed` cache, else compiles it
 /// into `cache_dir`.
+/// Whether [`load_component`] would find `path` compiled already (in `cache_dir` or `seed`).
+pub fn is_compiled(
+    engine: &Engine,
+    path: &Path,
+    cache_dir: &Path,
+    seed: Option<&Path>,
+) -> anyhow::Result<bool> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading component {}", path.display()))?;
+    Ok(std::iter::once(cache_dir).chain(seed).any(|dir| cache_path(engine, dir, &bytes).exists()))
+}
+
 pub fn load_component(
     engine: &Engine,
     path: &Path,

@@ -55,7 +55,10 @@ fn main() -> anyhow::Result<()> {
             println!("compiled {}", config.component.path.display());
             Ok(())
         }
-        "serve" => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(config)),
+        "serve" => {
+            compile_in_child(&config, &config_path)?;
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(config))
+        }
         "call" => {
             let [method, path, rest @ ..] = positional.as_slice() else { anyhow::bail!(USAGE) };
             let body = rest.first().cloned().unwrap_or_default();
@@ -80,6 +83,32 @@ fn init_logging(format: &str) {
     } else {
         builder.init();
     }
+}
+
+/// Compiles the component in a child process (`lattice compile`) when the cache has no entry
+/// for it: Cranelift's memory then goes back to the system with the child, instead of staying
+/// in the serving process's resident set (~60 MB more, measured in BENCHMARKS.md). The serving
+/// process loads the entry the child wrote. Compiling in-process remains the fallback.
+fn compile_in_child(config: &Config, config_path: &std::path::Path) -> anyhow::Result<()> {
+    let cache = config.component.cache_dir.clone().unwrap_or_else(|| config.server.data_dir.join("compiled"));
+    let e = engine::build_engine(&config.limits)?;
+    if engine::is_compiled(&e, &config.component.path, &cache, config.component.seed_cache_dir.as_deref())? {
+        return Ok(());
+    }
+    drop(e);
+    let exe = std::env::current_exe().context("locating the lattice binary")?;
+    let status = std::process::Command::new(exe)
+        .arg("compile")
+        .arg("--config")
+        .arg(config_path)
+        .stdout(std::process::Stdio::null())
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => tracing::warn!(status = %s, "compiling in a child process failed; compiling here"),
+        Err(e) => tracing::warn!(error = %e, "cannot start the compiler process; compiling here"),
+    }
+    Ok(())
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

@@ -610,5 +610,9 @@ fn machine() -> String {
             })
         })
         .unwrap_or_default();
-    format!("{} × {cpu}", std::thread::available_parallelism().map_or(0, |n| n.get()))
+    // Counted from /proc/cpuinfo: this process is pinned to one core.
+    let cores = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| c.lines().filter(|l| l.starts_with("processor")).count())
+        .unwrap_or(0);
+    format!("{cores} × {cpu}")
 }
