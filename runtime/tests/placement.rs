@@ -104,6 +104,25 @@ async fn until_all_owned(servers: &[&Server], limit: Duration) -> Duration {
     }
 }
 
+/// Kills (SIGKILL) the shard process owning the most shards once placement has settled (a
+/// joining member takes its share from the first owner within a renewal round); returns it,
+/// dead, and the survivors.
+async fn kill_busiest(mut shards: Vec<Server>) -> (Server, Vec<Server>) {
+    until_all_owned(&shards.iter().collect::<Vec<_>>(), Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(RENEW_MS * 5 / 2)).await;
+    until_all_owned(&shards.iter().collect::<Vec<_>>(), Duration::from_secs(30)).await;
+    let mut owned = vec![];
+    for s in &shards {
+        owned.push(metric(s, "lattice_owned_shards{").await);
+    }
+    let busiest = (0..shards.len()).max_by(|a, b| owned[*a].total_cmp(&owned[*b])).expect("shard processes");
+    let mut victim = shards.remove(busiest);
+    assert!(owned[busiest] > 0.0, "the victim owns shards");
+    victim.child.kill().expect("SIGKILL");
+    let _ = victim.child.wait();
+    (victim, shards)
+}
+
 fn signal(s: &Server, sig: &str) {
     let status = std::process::Command::new("kill")
         .args([sig, &s.child.id().to_string()])
@@ -292,12 +311,8 @@ async fn a_killed_owner_loses_nothing() {
         tokio::spawn(async move { load.drive(fronts, 6, stop, answers).await })
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let victim_owned = metric(&shards[1], "lattice_owned_shards{").await;
-    assert!(victim_owned > 0.0, "the victim owns shards");
-    let [s0, mut s1, s2] = shards;
-    s1.child.kill().expect("SIGKILL");
-    let _ = s1.child.wait();
-    let failover = until_all_owned(&[&s0, &s2], Duration::from_secs(30)).await;
+    let (victim, survivors) = kill_busiest(shards.into()).await;
+    let failover = until_all_owned(&survivors.iter().collect::<Vec<_>>(), Duration::from_secs(30)).await;
     eprintln!("failover after SIGKILL: {failover:?} (lease {LEASE_MS} ms)");
     assert!(
         failover < Duration::from_millis(LEASE_MS + 3 * RENEW_MS),
@@ -316,7 +331,7 @@ async fn a_killed_owner_loses_nothing() {
     load.verify(&front_urls, &answers).await;
     // The fronts forwarded every call.
     assert!(metric(&fronts[0], "lattice_forwarded_calls_total{outcome=\"ok\"}").await > 0.0);
-    drop(s1);
+    drop(victim);
 }
 
 /// A paused owner whose leases were taken over cannot write when it resumes: its pending D1
@@ -484,10 +499,8 @@ async fn kubernetes_leases_fail_over() {
         tokio::spawn(async move { load.drive(fronts, 4, stop, answers).await })
     };
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let [s0, mut s1] = shards;
-    s1.child.kill().expect("SIGKILL");
-    let _ = s1.child.wait();
-    let failover = until_all_owned(&[&s0], Duration::from_secs(30)).await;
+    let (_victim, survivors) = kill_busiest(shards.into()).await;
+    let failover = until_all_owned(&survivors.iter().collect::<Vec<_>>(), Duration::from_secs(30)).await;
     eprintln!("Kubernetes Lease failover after SIGKILL: {failover:?}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -513,11 +526,9 @@ async fn alarms_fire_on_the_owner_after_failover() {
         let r = post(&format!("{}/do/alarm?name={name}&at={due}", front.url), "").await;
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     }
-    assert!(metric(&shards[1], "lattice_owned_shards{").await > 0.0, "the victim owns shards");
-    let [s0, mut s1] = shards;
-    s1.child.kill().expect("SIGKILL");
-    let _ = s1.child.wait();
-    for s in [&s0, &front] {
+    let (_victim, survivors) = kill_busiest(shards.into()).await;
+    let s0 = &survivors[0];
+    for s in [s0, &front] {
         let r = post(&format!("{}/testing/clock/advance?ms=10000", s.admin), "").await;
         assert_eq!(r.status, 200);
     }
