@@ -28,8 +28,14 @@ port_for() {
         cat "$file"
         return
     fi
+    # Below the kernel's ephemeral range (ip_local_port_range, 32768 and up by default): a port
+    # in that range can be the local end of some outgoing connection, which a probe by
+    # connecting does not see but which makes bind fail.
+    local low=20000 high
+    high=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+    [ "$high" -gt $((low + 1000)) ] || { low=10000; high=20000; }
     for _ in $(seq 1 200); do
-        port=$(( (RANDOM * 32768 + RANDOM) % 30000 + 20000 ))
+        port=$(( (RANDOM * 32768 + RANDOM) % (high - low) + low ))
         if ! port_open "$port"; then
             echo "$port" >"$file"
             echo "$port"
