@@ -46,6 +46,9 @@ use procs::{ServicePids, children, mb, proc_status_kb, reset_hwm};
 
 const SENDERS: usize = 10;
 const SPREAD_ROOMS: usize = 100;
+/// Users registered (and logged in), and rooms created, in each run for those two figures.
+const REGISTER_PER_RUN: usize = 5;
+const ROOMS_PER_RUN: usize = 10;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default)
@@ -267,29 +270,11 @@ async fn wake_latency(
 /// The whole workload on one server; `start_cold` / `start_warm` are measured by the caller.
 async fn measure(server: &Server, s: &Settings, figures: &mut Figures) -> Result<(), String> {
     let anon = Http::new(&server.url, None);
-    anon.ok(reqwest::Method::GET, "/_matrix/client/versions", None).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    figures[8].push(Ok(mb(server.rss_kb("VmRSS"))));
-
-    // Users: register, then log in with the password.
     let locals: Vec<String> = (0..SENDERS)
         .map(|i| format!("sender{i}"))
         .chain(["syncer".into(), "waker".into(), "many".into()])
         .collect();
-    let t = Instant::now();
-    let mut users = Vec::new();
-    for l in &locals {
-        anon.register(l).await?;
-        let v = anon
-            .ok(
-                reqwest::Method::POST,
-                "/_matrix/client/v3/login",
-                Some(&json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": l}, "password": "bench-password"})),
-            )
-            .await?;
-        users.push(Http::new(&server.url, Some(v["access_token"].as_str().ok_or("login: no token")?)));
-    }
-    figures[0].push(Ok(ms(t.elapsed()) / locals.len() as f64));
+    let users = register_and_log_in(&anon, &server.url, &locals).await?;
     let (senders, syncer, waker, many) =
         (&users[..SENDERS], &users[SENDERS], &users[SENDERS + 1], &users[SENDERS + 2]);
 
@@ -305,11 +290,9 @@ async fn measure(server: &Server, s: &Settings, figures: &mut Figures) -> Result
     }
     let wake_room = create_room(syncer).await?;
     join(waker, &wake_room).await?;
-    let t = Instant::now();
     for _ in 0..s.rooms {
         create_room(many).await?;
     }
-    figures[1].push(Ok(ms(t.elapsed()) / s.rooms as f64));
 
     let sender = |i: usize, room: &str| Sender {
         http: senders[i].clone(),
@@ -323,10 +306,20 @@ async fn measure(server: &Server, s: &Settings, figures: &mut Figures) -> Result
 
     let first = syncer.ok(reqwest::Method::GET, "/_matrix/client/v3/sync?timeout=0", None).await?;
     let mut since = first["next_batch"].as_str().ok_or("no next_batch")?.to_owned();
-    for p in server.pids() {
-        reset_hwm(p);
-    }
     for run in 0..s.runs {
+        // Registering and logging in users, and creating rooms, timed in each run.
+        let fresh: Vec<String> = (0..REGISTER_PER_RUN).map(|i| format!("run{run}user{i}")).collect();
+        let t = Instant::now();
+        register_and_log_in(&anon, &server.url, &fresh).await?;
+        figures[0].push(Ok(ms(t.elapsed()) / fresh.len() as f64));
+        let t = Instant::now();
+        for _ in 0..ROOMS_PER_RUN {
+            create_room(&senders[0]).await?;
+        }
+        figures[1].push(Ok(ms(t.elapsed()) / ROOMS_PER_RUN as f64));
+        for p in server.pids() {
+            reset_hwm(p);
+        }
         for (slot, pairs, owners) in [
             (2, &one, (0..1).collect::<Vec<_>>()),
             (3, &ten, (0..SENDERS).collect()),
@@ -339,6 +332,7 @@ async fn measure(server: &Server, s: &Settings, figures: &mut Figures) -> Result
             }
             figures[slot].push(r);
         }
+        figures[9].push(Ok(mb(server.rss_kb("VmHWM"))));
         match wake_latency(syncer, waker, &wake_room, s.wake_samples, &format!("w{run}"), &mut since).await {
             Ok((p50, p99)) => {
                 figures[5].push(Ok(p50));
@@ -368,8 +362,26 @@ async fn measure(server: &Server, s: &Settings, figures: &mut Figures) -> Result
         figures[7].push(r);
         println!("  {} run {run} done", server.name);
     }
-    figures[9].push(Ok(mb(server.rss_kb("VmHWM"))));
     Ok(())
+}
+
+/// Registers `locals` (the dummy stage) and logs each in with its password.
+async fn register_and_log_in(anon: &Http, url: &str, locals: &[String]) -> Result<Vec<Http>, String> {
+    let mut users = Vec::new();
+    for l in locals {
+        anon.register(l).await?;
+        let body = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": l}, "password": "bench-password"});
+        let v = anon.ok(reqwest::Method::POST, "/_matrix/client/v3/login", Some(&body)).await?;
+        users.push(Http::new(url, Some(v["access_token"].as_str().ok_or("login: no token")?)));
+    }
+    Ok(users)
+}
+
+/// Idle: after start-up and a first answered request, settled.
+async fn idle_rss(server: &Server) -> Result<f64, String> {
+    Http::new(&server.url, None).ok(reqwest::Method::GET, "/_matrix/client/versions", None).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(mb(server.rss_kb("VmRSS")))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -407,17 +419,30 @@ async fn time_to_versions(url: &str, since: Instant) -> f64 {
 async fn lattice(s: &Settings, base_pg: &str) -> Figures {
     let mut figures = empty();
     let db = fresh_db(base_pg).await;
-    let cache = tempfile::tempdir().expect("tempdir");
-    let options = || {
-        Options::new(Backend::Production)
+    // Cold starts, each with an empty compiled-component cache; the last one is measured.
+    let mut kept = None;
+    for run in 0..s.runs {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = Options::new(Backend::Production)
             .database_url(&db)
-            .cache_dir(cache.path())
-            .server_name("lattice.bench")
-    };
-    let t = Instant::now();
-    let hs = Homeserver::start(options()).await.expect("services configured");
-    figures[10].push(Ok(time_to_versions(&hs.url, t).await));
-    pin(hs.pid());
+            .cache_dir(dir.path())
+            .server_name("lattice.bench");
+        let t = Instant::now();
+        let started = Homeserver::start(opts).await.expect("services configured");
+        figures[10].push(Ok(time_to_versions(&started.url, t).await));
+        pin(started.pid());
+        let server = Server {
+            name: "lattice",
+            url: started.url.clone(),
+            pid: started.pid(),
+            server_name: started.server_name.clone(),
+        };
+        figures[8].push(idle_rss(&server).await);
+        if run + 1 == s.runs {
+            kept = Some((started, dir));
+        }
+    }
+    let (hs, cache) = kept.expect("at least one run");
     let server =
         Server { name: "lattice", url: hs.url.clone(), pid: hs.pid(), server_name: hs.server_name.clone() };
     if let Err(e) = measure(&server, s, &mut figures).await {
@@ -425,6 +450,12 @@ async fn lattice(s: &Settings, base_pg: &str) -> Figures {
         figures.iter_mut().for_each(|f| f.push(Err(e.clone())));
     }
     drop(hs);
+    let options = || {
+        Options::new(Backend::Production)
+            .database_url(&db)
+            .cache_dir(cache.path())
+            .server_name("lattice.bench")
+    };
     for _ in 0..s.runs {
         let t = Instant::now();
         let hs = Homeserver::start(options()).await.expect("restart");
@@ -450,21 +481,31 @@ fn synapse_cmd(script: &str, args: &[&str]) {
 async fn synapse(s: &Settings, base_pg: &str, script: &str, state: &Path) -> Figures {
     let mut figures = empty();
     let state_s = state.to_str().expect("utf-8 path");
-    synapse_cmd(script, &["start", state_s, base_pg]);
-    let env = synapse_env(state);
-    figures[10].push(
-        env.get("SYNAPSE_STARTUP_MS")
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| "no SYNAPSE_STARTUP_MS".into()),
-    );
-    let pid: u32 = env["SYNAPSE_PID"].parse().expect("pid");
-    pin(pid);
-    let server = Server {
-        name: "synapse",
-        url: env["SYNAPSE_URL"].clone(),
-        pid,
-        server_name: env["SYNAPSE_SERVER_NAME"].clone(),
-    };
+    // Cold starts, each on a fresh database; the last one is measured.
+    let mut server = None;
+    for run in 0..s.runs {
+        if run > 0 {
+            synapse_cmd(script, &["stop", state_s]);
+        }
+        synapse_cmd(script, &["start", state_s, base_pg]);
+        let env = synapse_env(state);
+        figures[10].push(
+            env.get("SYNAPSE_STARTUP_MS")
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| "no SYNAPSE_STARTUP_MS".into()),
+        );
+        let pid: u32 = env["SYNAPSE_PID"].parse().expect("pid");
+        pin(pid);
+        let started = Server {
+            name: "synapse",
+            url: env["SYNAPSE_URL"].clone(),
+            pid,
+            server_name: env["SYNAPSE_SERVER_NAME"].clone(),
+        };
+        figures[8].push(idle_rss(&started).await);
+        server = Some(started);
+    }
+    let server = server.expect("at least one run");
     if let Err(e) = measure(&server, s, &mut figures).await {
         eprintln!("synapse FAILED: {e}");
         figures.iter_mut().for_each(|f| f.push(Err(e.clone())));
