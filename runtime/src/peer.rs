@@ -160,7 +160,7 @@ impl Peers {
         shard: u32,
     ) -> Result<ObjectResponse, ObjectError> {
         let started = Instant::now();
-        let result = self.call(address, ns, id, request, depth, shard).await;
+        let result = self.call(address, &ns.binding, id, request, depth, shard).await;
         let outcome = match &result {
             Ok(_) => "ok",
             Err(ObjectError::NotOwner(_)) => "not_owner",
@@ -171,10 +171,11 @@ impl Peers {
         result
     }
 
+    /// One forwarded call; `forward` counts its outcome.
     async fn call(
         &self,
         address: &str,
-        ns: &ObjectNamespace,
+        binding: &str,
         id: &str,
         request: &ObjectRequest,
         depth: u32,
@@ -183,7 +184,7 @@ impl Peers {
         let Some(auth) = &self.authorization else {
             return Err(ObjectError::PeerFailed("no peer secret configured".into()));
         };
-        let uri = format!("{}{PATH_PREFIX}{}/{id}?depth={depth}", address.trim_end_matches('/'), ns.binding);
+        let uri = format!("{}{PATH_PREFIX}{binding}/{id}?depth={depth}", address.trim_end_matches('/'));
         let req = Request::builder()
             .method(Method::POST)
             .uri(&uri)

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lattice_backends::BackendError;
-use lattice_backends::lease::LeaseBackend;
+use lattice_backends::lease::{LeaseBackend, LeaseRecord};
 use sha2::{Digest as _, Sha256};
 
 use crate::config::PlacementConfig;
@@ -352,40 +352,45 @@ impl LeasedPlacement {
         }
     }
 
+    /// Lists the leases and routes each shard to its live holder's address.
+    async fn list_and_route(&self) -> Result<Vec<LeaseRecord>, BackendError> {
+        let leases = self.backend.list(&format!("{}-", self.set)).await?;
+        *self.last_refresh.lock().await = Some(Instant::now());
+        let mut slots = self.lock();
+        for s in slots.values_mut().flatten() {
+            s.route = None;
+        }
+        for l in leases.iter().filter(|l| l.held()) {
+            if let Some((ns, shard)) = self.parse_shard_lease(&l.name)
+                && let Some(s) = slots.get_mut(&ns).and_then(|v| v.get_mut(shard as usize))
+            {
+                s.route = Some(l.address.clone());
+            }
+        }
+        Ok(leases)
+    }
+
     /// Lists the leases, updates the routes and (as a shard member) takes and hands over
     /// shards. True when a shard we should own is still held by someone else.
     async fn sync_routes_and_balance(&self) -> bool {
-        let leases = match self.backend.list(&format!("{}-", self.set)).await {
+        let leases = match self.list_and_route().await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list leases; routes unchanged");
                 return false;
             }
         };
-        *self.last_refresh.lock().await = Some(Instant::now());
         let member_prefix = format!("{}-m-", self.set);
         let mut members: Vec<String> = leases
             .iter()
             .filter(|l| l.name.starts_with(&member_prefix) && l.held())
             .map(|l| l.holder.clone())
             .collect();
-        let mut holders: HashMap<(String, u32), (String, String)> = HashMap::new();
-        for l in &leases {
-            if l.held()
-                && let Some(key) = self.parse_shard_lease(&l.name)
-            {
-                holders.insert(key, (l.holder.clone(), l.address.clone()));
-            }
-        }
-        {
-            let mut slots = self.lock();
-            for (ns, v) in slots.iter_mut() {
-                for (i, s) in v.iter_mut().enumerate() {
-                    let key = (ns.clone(), u32::try_from(i).unwrap_or(u32::MAX));
-                    s.route = holders.get(&key).map(|(_, addr)| addr.clone());
-                }
-            }
-        }
+        let holders: HashMap<(String, u32), String> = leases
+            .iter()
+            .filter(|l| l.held())
+            .filter_map(|l| Some((self.parse_shard_lease(&l.name)?, l.holder.clone())))
+            .collect();
         if !self.owns_shards || self.stopping.load(Ordering::SeqCst) {
             return false;
         }
@@ -402,7 +407,7 @@ impl LeasedPlacement {
                 for (i, s) in v.iter().enumerate() {
                     let shard = u32::try_from(i).unwrap_or(u32::MAX);
                     let mine = rendezvous(&members, ns, shard) == Some(self.identity.as_str());
-                    let holder = holders.get(&(ns.clone(), shard)).map(|(h, _)| h.as_str());
+                    let holder = holders.get(&(ns.clone(), shard)).map(String::as_str);
                     match (&s.held, mine) {
                         (None, true) => match holder {
                             Some(h) if h != self.identity => waiting = true,
@@ -562,20 +567,8 @@ impl Placement for LeasedPlacement {
                 return;
             }
         }
-        let Ok(leases) = self.backend.list(&format!("{}-", self.set)).await else { return };
-        *self.last_refresh.lock().await = Some(Instant::now());
-        let mut slots = self.lock();
-        for v in slots.values_mut() {
-            for s in v.iter_mut() {
-                s.route = None;
-            }
-        }
-        for l in leases.iter().filter(|l| l.held()) {
-            if let Some((ns, shard)) = self.parse_shard_lease(&l.name)
-                && let Some(s) = slots.get_mut(&ns).and_then(|v| v.get_mut(shard as usize))
-            {
-                s.route = Some(l.address.clone());
-            }
+        if let Err(e) = self.list_and_route().await {
+            tracing::warn!(error = %e, "cannot list leases; routes unchanged");
         }
     }
 

@@ -45,7 +45,7 @@ mod matrix;
 #[path = "common/procs.rs"]
 mod procs;
 
-use matrix::{Http, Sender, Sent, create_room, join, ms, percentile, send_path, verify_messages};
+use matrix::{Http, Sender, create_room, join, ms, percentile, send_path, verify_messages};
 use procs::{ServicePids, fmt_mb, mb, proc_stat, proc_status_kb, reset_hwm};
 
 const SENDERS: usize = 10;
@@ -449,17 +449,7 @@ async fn send_load(
                 let mut sent = Vec::new();
                 let mut n = 0usize;
                 while Instant::now() < stop {
-                    let body = json!({"msgtype": "m.text", "body": format!("{tag} {i} {n}")});
-                    let t = Instant::now();
-                    let v = s
-                        .http
-                        .ok(reqwest::Method::PUT, &send_path(&s.room, &format!("{tag}-{i}-{n}")), Some(&body))
-                        .await
-                        .map_err(|e| format!("sender {i}, event {n}: {e}"))?;
-                    let done = Instant::now();
-                    let event_id =
-                        v["event_id"].as_str().ok_or_else(|| format!("sender {i}: no event_id in {v}"))?;
-                    sent.push(Sent { event_id: event_id.to_owned(), done, took: done - t });
+                    sent.push(s.send(&tag, i, n).await?);
                     n += 1;
                 }
                 Ok::<_, String>(sent)

@@ -171,17 +171,7 @@ async fn send_load(pairs: &[Sender], owners: &[usize], tag: &str, s: &Settings) 
                 while Instant::now() < stop {
                     let slot = turn % mine.len();
                     let (k, p) = &mine[slot];
-                    let n = counts[slot];
-                    let body = json!({"msgtype": "m.text", "body": format!("{tag} {k} {n}")});
-                    let t = Instant::now();
-                    let v = p
-                        .http
-                        .ok(reqwest::Method::PUT, &send_path(&p.room, &format!("{tag}-{k}-{n}")), Some(&body))
-                        .await
-                        .map_err(|e| format!("sender {who}, event {n}: {e}"))?;
-                    let done = Instant::now();
-                    let event_id = v["event_id"].as_str().ok_or_else(|| format!("no event_id in {v}"))?;
-                    sent.push((*k, Sent { event_id: event_id.to_owned(), done, took: done - t }));
+                    sent.push((*k, p.send(&tag, *k, counts[slot]).await?));
                     counts[slot] += 1;
                     turn += 1;
                 }

@@ -102,6 +102,23 @@ pub struct Sent {
     pub took: Duration,
 }
 
+impl Sender {
+    /// Sends event `n` of sender `k` of the load tagged `tag` (body `"{tag} {k} {n}"`, which
+    /// [`verify_messages`] reads back; transaction id `{tag}-{k}-{n}`), timing it.
+    pub async fn send(&self, tag: &str, k: usize, n: usize) -> Result<Sent, String> {
+        let body = json!({"msgtype": "m.text", "body": format!("{tag} {k} {n}")});
+        let t = Instant::now();
+        let v = self
+            .http
+            .ok(reqwest::Method::PUT, &send_path(&self.room, &format!("{tag}-{k}-{n}")), Some(&body))
+            .await
+            .map_err(|e| format!("sender {k}, event {n}: {e}"))?;
+        let done = Instant::now();
+        let event_id = v["event_id"].as_str().ok_or_else(|| format!("sender {k}: no event_id in {v}"))?;
+        Ok(Sent { event_id: event_id.to_owned(), done, took: done - t })
+    }
+}
+
 /// Reads each room's whole timeline forwards through `/messages`; every event each sender
 /// sent must be there exactly once, in the order it was sent, with its event id and sender.
 pub async fn verify_messages(senders: &[Sender], sent: &[Vec<Sent>], tag: &str) -> Result<(), String> {
