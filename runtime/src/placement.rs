@@ -157,15 +157,14 @@ pub struct LeasedPlacement {
     namespaces: Vec<Arc<ObjectNamespace>>,
     slots: Mutex<HashMap<String, Vec<Slot>>>,
     stopping: AtomicBool,
-    last_refresh: tokio::sync::Mutex<Option<Instant>>,
+    /// When the last lease listing started; held while one runs.
+    last_listing: tokio::sync::Mutex<Option<Instant>>,
     counters: Counters,
 }
 
 /// How long a hand-over waits for events in flight before releasing anyway (their commits are
 /// then fenced by the next owner's epoch).
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
-/// Calls that miss refresh the routes at most this often.
-const MIN_REFRESH_GAP: Duration = Duration::from_millis(50);
 
 impl LeasedPlacement {
     pub fn new(
@@ -194,7 +193,7 @@ impl LeasedPlacement {
             namespaces,
             slots: Mutex::new(slots),
             stopping: AtomicBool::new(false),
-            last_refresh: tokio::sync::Mutex::new(None),
+            last_listing: tokio::sync::Mutex::new(None),
             counters: Counters::default(),
         })
     }
@@ -352,10 +351,23 @@ impl LeasedPlacement {
         }
     }
 
-    /// Lists the leases and routes each shard to its live holder's address.
-    async fn list_and_route(&self) -> Result<Vec<LeaseRecord>, BackendError> {
+    /// Lists the leases and routes each shard to its live holder's address. With `not_before`,
+    /// a listing that started at or after it has finished meanwhile: its routes serve, and
+    /// `None` is returned (concurrent misses share one listing, and none uses one older than
+    /// itself).
+    async fn list_and_route(
+        &self,
+        not_before: Option<Instant>,
+    ) -> Result<Option<Vec<LeaseRecord>>, BackendError> {
+        let mut last = self.last_listing.lock().await;
+        if let Some(t) = not_before
+            && last.is_some_and(|l| l >= t)
+        {
+            return Ok(None);
+        }
+        let started = Instant::now();
         let leases = self.backend.list(&format!("{}-", self.set)).await?;
-        *self.last_refresh.lock().await = Some(Instant::now());
+        *last = Some(started);
         let mut slots = self.lock();
         for s in slots.values_mut().flatten() {
             s.route = None;
@@ -367,14 +379,14 @@ impl LeasedPlacement {
                 s.route = Some(l.address.clone());
             }
         }
-        Ok(leases)
+        Ok(Some(leases))
     }
 
     /// Lists the leases, updates the routes and (as a shard member) takes and hands over
     /// shards. True when a shard we should own is still held by someone else.
     async fn sync_routes_and_balance(&self) -> bool {
-        let leases = match self.list_and_route().await {
-            Ok(l) => l,
+        let leases = match self.list_and_route(None).await {
+            Ok(l) => l.unwrap_or_default(),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list leases; routes unchanged");
                 return false;
@@ -561,13 +573,7 @@ impl Placement for LeasedPlacement {
     }
 
     async fn refresh(&self) {
-        {
-            let last = self.last_refresh.lock().await;
-            if last.is_some_and(|t| t.elapsed() < MIN_REFRESH_GAP) {
-                return;
-            }
-        }
-        if let Err(e) = self.list_and_route().await {
+        if let Err(e) = self.list_and_route(Some(Instant::now())).await {
             tracing::warn!(error = %e, "cannot list leases; routes unchanged");
         }
     }
