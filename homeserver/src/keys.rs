@@ -9,6 +9,19 @@
 //!
 //! After each change the object writes the device's counts to D1 (`e2e_key_counts`), where
 //! `/sync` reads them without calling the object.
+//!
+//! It is also the single writer of the user's to-device queues, which live in D1 (`to_device`)
+//! where `/sync` reads them. A request's messages to this user are decided under the input
+//! gate (storage calls only): the cap is checked against `q\0<device>`, the count of queued
+//! messages (never below the rows in D1), which is raised at once, and the messages are kept in
+//! the outbox `x\0<sender>\0<sender device>\0<txn id>`. The runtime makes that durable before
+//! the D1 write (output gate), which carries the messages and a guard row in one transaction;
+//! then the outbox entry gives way to a marker `y\0…` kept for 30 s. A repeated request finds
+//! the guard in D1, the outbox entry or the marker, and adds nothing (the marker closes the gap
+//! between reading the guard and deciding); an entry left by a failed write or a crash is
+//! written by the alarm, which also drops old markers. Counts
+//! drop when a device acknowledges messages (`Ack`) and are recounted from D1 then whenever no
+//! write was in flight, so a count raised by a duplicate comes back down.
 
 use std::collections::BTreeMap;
 
@@ -16,7 +29,7 @@ use lattice_worker::bindings::lattice::bindings::{durable_object, storage};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::db::{self, Db, sql};
+use crate::db::{self, Db, bound, sql};
 use crate::object::{Failure, fail, get_json, storage_fail};
 
 pub const BINDING: &str = "USERS";
@@ -33,8 +46,19 @@ pub enum UserRequest {
     },
     /// Takes one key per `(device, algorithm)`: a one-time key, else the fallback key.
     Claim { claims: Vec<(String, String)> },
-    /// Forgets a deleted device's keys.
+    /// Forgets a deleted device's keys and to-device queue.
     DropDevice { device: String },
+    /// Queues one `/sendToDevice` request's messages to this user: `messages` maps a device id
+    /// (or `*`, every device) to the content.
+    Enqueue {
+        sender: String,
+        sender_device: String,
+        txn: String,
+        kind: String,
+        messages: BTreeMap<String, Value>,
+    },
+    /// Deletes the device's to-device messages up to stream position `upto` (acknowledged).
+    Ack { device: String, upto: i64 },
 }
 
 /// The answer to `Upload` (the device's counts) and to `Claim` (one entry per claim).
@@ -224,11 +248,285 @@ fn drop_device(user: &str, device: &str) -> Result<UserReply, Failure> {
             storage::delete(&keys).map_err(storage_fail)?;
         }
     }
-    storage::delete(&[format!("n\0{device}")]).map_err(storage_fail)?;
+    storage::delete(&[format!("n\0{device}"), queued_key(device), queue_version_key(device)])
+        .map_err(storage_fail)?;
     let db = Db::open().map_err(|e| fail(503, "M_UNKNOWN", e.to_string()))?;
-    db.execute(sql::E2E_COUNTS_DELETE, vec![db::t(user), db::t(device)])
-        .map_err(|e| fail(503, "M_UNKNOWN", e.to_string()))?;
+    db.batch(&[
+        bound(sql::E2E_COUNTS_DELETE, vec![db::t(user), db::t(device)]),
+        bound(sql::TO_DEVICE_DROP_DEVICE, vec![db::t(user), db::t(device)]),
+    ])
+    .map_err(db_fail)?;
     Ok(UserReply::default())
+}
+
+fn db_fail(e: db::DbError) -> Failure {
+    match e {
+        db::DbError::Unavailable { .. } | db::DbError::Migrating => {
+            fail(503, "M_UNKNOWN", "the database is unavailable")
+        }
+        other => fail(500, "M_UNKNOWN", other.to_string()),
+    }
+}
+
+// ---- To-device queues ------------------------------------------------------------------------
+
+/// How long after a decision the alarm looks for outbox entries whose write did not happen.
+const TO_DEVICE_ALARM_MS: u64 = 30_000;
+
+fn queued_key(device: &str) -> String {
+    format!("q\0{device}")
+}
+
+/// Bumped by every decision that raises the device's count (see [`ack`]).
+fn queue_version_key(device: &str) -> String {
+    format!("v\0{device}")
+}
+
+fn outbox_key(sender: &str, sender_device: &str, txn: &str) -> String {
+    format!("x\0{sender}\0{sender_device}\0{txn}")
+}
+
+/// An outbox entry's marker once written, kept for [`TO_DEVICE_ALARM_MS`] (pruned by the
+/// alarm) so that a repeat arriving meanwhile is recognised without D1.
+fn done_key(outbox_key: &str) -> String {
+    format!("y{}", &outbox_key[1..])
+}
+
+/// One request's messages to this user, decided and waiting for (or in) their D1 write.
+#[derive(Debug, Serialize, Deserialize)]
+struct Queued {
+    user: String,
+    sender: String,
+    sender_device: String,
+    txn: String,
+    kind: String,
+    /// As sent: device id or `*` → content.
+    messages: BTreeMap<String, Value>,
+    /// Each message to write: the target device and its key in `messages`.
+    targets: Vec<(String, String)>,
+    decided_ms: u64,
+}
+
+fn enqueue(
+    user: &str,
+    sender: &str,
+    sender_device: &str,
+    txn: &str,
+    kind: &str,
+    messages: BTreeMap<String, Value>,
+) -> Result<UserReply, Failure> {
+    let key = outbox_key(sender, sender_device, txn);
+    if key.len() > 4096 {
+        return Err(fail(400, "M_INVALID_PARAM", "the transaction id is too long"));
+    }
+    // The device list comes from D1, before the decision: the gate is open while it is read.
+    let db = Db::open().map_err(db_fail)?;
+    let devices: Vec<String> = db
+        .query(sql::DEVICE_LIST, vec![db::t(user)])
+        .map_err(db_fail)?
+        .iter()
+        .map(|r| r.str("device_id"))
+        .collect();
+    let mut targets = Vec::new();
+    for name in messages.keys() {
+        for d in devices.iter().filter(|d| name == "*" || *d == name) {
+            targets.push((d.clone(), name.clone()));
+        }
+    }
+    if targets.is_empty() || queued_before(user, sender, sender_device, txn)? {
+        return Ok(UserReply::default());
+    }
+    // The decision: storage calls only, so no other event of this object runs in between.
+    // A repeat finds the entry (decided, will be written) or its marker (written since the
+    // guard was read above).
+    if !storage::get(&[key.clone(), done_key(&key)]).map_err(storage_fail)?.is_empty() {
+        return Ok(UserReply::default());
+    }
+    let cap = crate::config::Settings::load().max_to_device_queue;
+    let mut adding: BTreeMap<&str, u64> = BTreeMap::new();
+    for (d, _) in &targets {
+        *adding.entry(d).or_default() += 1;
+    }
+    let mut writes = Vec::new();
+    for (d, n) in &adding {
+        let queued: u64 = get_json(&queued_key(d))?.unwrap_or(0);
+        if queued + n > cap {
+            return Err(fail(
+                429,
+                "M_LIMIT_EXCEEDED",
+                format!(
+                    "device {d} has {queued} undelivered to-device messages (max_to_device_queue is {cap})"
+                ),
+            ));
+        }
+        let version: u64 = get_json(&queue_version_key(d))?.unwrap_or(0);
+        writes.push((queued_key(d), json!(queued + n).to_string().into_bytes()));
+        writes.push((queue_version_key(d), json!(version + 1).to_string().into_bytes()));
+    }
+    let entry = Queued {
+        user: user.to_owned(),
+        sender: sender.to_owned(),
+        sender_device: sender_device.to_owned(),
+        txn: txn.to_owned(),
+        kind: kind.to_owned(),
+        messages,
+        targets,
+        decided_ms: crate::util::now_ms(),
+    };
+    writes.push((key.clone(), json!(entry).to_string().into_bytes()));
+    storage::put(&writes).map_err(storage_fail)?;
+    let due = entry.decided_ms + TO_DEVICE_ALARM_MS;
+    if storage::get_alarm().map_err(storage_fail)?.is_none_or(|at| at > due) {
+        storage::set_alarm(due).map_err(storage_fail)?;
+    }
+    // The runtime makes the decision durable before this D1 write (output gate). When the
+    // write fails the entry stays, and the alarm writes it.
+    write_queued(&key, &entry, true)?;
+    Ok(UserReply::default())
+}
+
+/// Whether D1 has the guard of this request to this user.
+fn queued_before(user: &str, sender: &str, sender_device: &str, txn: &str) -> Result<bool, Failure> {
+    let db = Db::open().map_err(db_fail)?;
+    Ok(db
+        .first(sql::TO_DEVICE_GUARD_GET, vec![db::t(user), db::t(sender), db::t(sender_device), db::t(txn)])
+        .map_err(db_fail)?
+        .is_some())
+}
+
+/// Writes an outbox entry's messages with their guard in one D1 transaction, then deletes the
+/// entry. Writing an entry twice adds nothing (the guard). `fresh`: the entry was decided by
+/// this very event (not a replay).
+fn write_queued(key: &str, q: &Queued, fresh: bool) -> Result<(), Failure> {
+    let mut batch = Vec::with_capacity(q.targets.len() * 2 + 1);
+    for (device, name) in &q.targets {
+        let content = q.messages.get(name).map(Value::to_string).unwrap_or_else(|| "{}".into());
+        batch.push(bound(sql::STREAM_BUMP, vec![]));
+        batch.push(bound(
+            sql::TO_DEVICE_INSERT,
+            vec![
+                db::t(q.user.clone()),
+                db::t(device.clone()),
+                db::t(q.sender.clone()),
+                db::t(q.kind.clone()),
+                db::t(content),
+                db::t(q.user.clone()),
+                db::t(q.sender.clone()),
+                db::t(q.sender_device.clone()),
+                db::t(q.txn.clone()),
+                db::t(q.user.clone()),
+                db::t(device.clone()),
+            ],
+        ));
+    }
+    batch.push(bound(
+        sql::TO_DEVICE_GUARD_INSERT,
+        vec![
+            db::t(q.user.clone()),
+            db::t(q.sender.clone()),
+            db::t(q.sender_device.clone()),
+            db::t(q.txn.clone()),
+            db::i(q.decided_ms as i64),
+        ],
+    ));
+    let db = Db::open().map_err(db_fail)?;
+    let changes = db.batch(&batch).map_err(|e| match db_fail(e) {
+        f if f.status == 503 => {
+            fail(503, "M_UNKNOWN", "the database is unavailable; the messages are kept and will be queued")
+        }
+        f => f,
+    })?;
+    if fresh {
+        // Messages not written (the request was a repeat, or the device went away) give their
+        // place in the count back. A replay does not: its first attempt may have written them.
+        let mut unused: BTreeMap<&str, u64> = BTreeMap::new();
+        for (i, (device, _)) in q.targets.iter().enumerate() {
+            if changes.get(2 * i + 1).copied() == Some(0) {
+                *unused.entry(device).or_default() += 1;
+            }
+        }
+        let mut writes = Vec::new();
+        for (device, n) in unused {
+            let queued: u64 = get_json(&queued_key(device))?.unwrap_or(0);
+            writes.push((queued_key(device), json!(queued.saturating_sub(n)).to_string().into_bytes()));
+        }
+        if !writes.is_empty() {
+            storage::put(&writes).map_err(storage_fail)?;
+        }
+    }
+    storage::delete(&[key.to_owned()]).map_err(storage_fail)?;
+    storage::put(&[(done_key(key), json!(crate::util::now_ms()).to_string().into_bytes())])
+        .map_err(storage_fail)?;
+    Ok(())
+}
+
+/// Deletes what the device acknowledged and lowers its count. When no write was in flight
+/// while D1 was counted (no outbox entry before or after, no decision in between), the count
+/// is set to D1's: exact again after duplicates or a crash raised it.
+fn ack(user: &str, device: &str, upto: i64) -> Result<UserReply, Failure> {
+    let db = Db::open().map_err(db_fail)?;
+    let deleted =
+        db.execute(sql::TO_DEVICE_ACK, vec![db::t(user), db::t(device), db::i(upto)]).map_err(db_fail)?;
+    let idle = || -> Result<bool, Failure> { Ok(list_prefix("x\0", 1)?.is_empty()) };
+    let version_before: u64 = get_json(&queue_version_key(device))?.unwrap_or(0);
+    let idle_before = idle()?;
+    let in_d1 = if idle_before {
+        db.first(sql::TO_DEVICE_QUEUE_LEN, vec![db::t(user), db::t(device)])
+            .map_err(db_fail)?
+            .and_then(|r| r.int("n"))
+            .map(|n| n.max(0) as u64)
+    } else {
+        None
+    };
+    let version_after: u64 = get_json(&queue_version_key(device))?.unwrap_or(0);
+    let queued: u64 = get_json(&queued_key(device))?.unwrap_or(0);
+    let next = match in_d1 {
+        Some(n) if version_before == version_after && idle()? => n,
+        _ => queued.saturating_sub(deleted),
+    };
+    if next != queued {
+        storage::put(&[(queued_key(device), json!(next).to_string().into_bytes())]).map_err(storage_fail)?;
+    }
+    Ok(UserReply::default())
+}
+
+/// The object's alarm: writes outbox entries whose write failed or never happened, and drops
+/// markers older than [`TO_DEVICE_ALARM_MS`]; re-armed while either remain.
+pub fn alarm() -> Result<(), String> {
+    const PAGE: u32 = 64;
+    let now = crate::util::now_ms();
+    let entries = list_prefix("x\0", PAGE).map_err(|f| f.error)?;
+    let mut retry_at = None;
+    for (key, value) in &entries {
+        let q: Queued = serde_json::from_slice(value).map_err(|e| format!("outbox entry {key:?}: {e}"))?;
+        if write_queued(key, &q, false).is_err() {
+            retry_at = Some(now + TO_DEVICE_ALARM_MS);
+        }
+    }
+    if entries.len() == PAGE as usize {
+        retry_at = Some(now);
+    }
+    let markers = list_prefix("y\0", PAGE).map_err(|f| f.error)?;
+    let mut stale = Vec::new();
+    for (key, value) in &markers {
+        let written: u64 = serde_json::from_slice(value).unwrap_or(0);
+        if written + TO_DEVICE_ALARM_MS <= now {
+            stale.push(key.clone());
+        } else {
+            let due = written + TO_DEVICE_ALARM_MS;
+            retry_at = Some(retry_at.map_or(due, |r: u64| r.min(due)));
+        }
+    }
+    if markers.len() == PAGE as usize && stale.len() == markers.len() {
+        retry_at = Some(now);
+    }
+    if !stale.is_empty() {
+        storage::delete(&stale).map_err(|e| format!("dropping markers: {e:?}"))?;
+    }
+    if let Some(at) = retry_at {
+        storage::set_alarm(at).map_err(|e| format!("re-arming the alarm: {e:?}"))?;
+    }
+    Ok(())
 }
 
 /// Handles one request to a user's object; `user` is the object's name.
@@ -241,6 +539,10 @@ pub fn handle(request: &durable_object::Request) -> durable_object::Response {
         }
         UserRequest::Claim { claims } => claim(&user, &claims),
         UserRequest::DropDevice { device } => drop_device(&user, &device),
+        UserRequest::Enqueue { sender, sender_device, txn, kind, messages } => {
+            enqueue(&user, &sender, &sender_device, &txn, &kind, messages)
+        }
+        UserRequest::Ack { device, upto } => ack(&user, &device, upto),
     })
 }
 

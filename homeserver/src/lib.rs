@@ -58,6 +58,7 @@ mod component {
         fn alarm(class: String, _id: String, _retry_count: u32) -> Result<(), String> {
             match class.as_str() {
                 room::object::CLASS => room::object::alarm(),
+                crate::keys::CLASS => crate::keys::alarm(),
                 _ => Ok(()),
             }
         }

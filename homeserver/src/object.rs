@@ -94,6 +94,7 @@ pub fn call<Req: Serialize, Rep: DeserializeOwned>(
         (403, _) => Error::Forbidden(f.error),
         (404, _) => Error::NotFound(f.error),
         (413, _) => Error::TooLarge,
+        (429, _) => Error::LimitExceeded { retry_after_ms: 10_000 },
         (503, _) => Error::Unavailable { retry_after_secs: 1 },
         (_, "M_UNSUPPORTED_ROOM_VERSION") => Error::UnsupportedRoomVersion(f.error),
         (_, "M_ROOM_IN_USE") => Error::RoomInUse,

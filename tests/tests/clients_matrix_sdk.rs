@@ -13,6 +13,7 @@ use lattice_e2e::{Backend, Homeserver, Options};
 use matrix_sdk::config::{RequestConfig, SyncSettings};
 use matrix_sdk::room::MessagesOptions;
 use matrix_sdk::ruma::api::client::account::register;
+use matrix_sdk::ruma::api::client::dehydrated_device::{get_dehydrated_device, get_events};
 use matrix_sdk::ruma::api::client::room::create_room;
 use matrix_sdk::ruma::api::client::uiaa::{AuthData, AuthType, Dummy};
 use matrix_sdk::ruma::events::room::encryption::RoomEncryptionEventContent;
@@ -25,6 +26,8 @@ use matrix_sdk::ruma::events::{
 use matrix_sdk::ruma::serde::Raw;
 use matrix_sdk::ruma::{OwnedUserId, RoomId, UInt, UserId};
 use matrix_sdk::{Client, RoomState};
+use matrix_sdk_crypto::store::types::DehydratedDeviceKey;
+use matrix_sdk_crypto::{DecryptionSettings, TrustRequirement};
 
 /// How long any one wait on the server may take before the test fails.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -504,6 +507,145 @@ async fn encrypted(backend: Backend) {
     proxy.assert_clean();
 }
 
+/// Device dehydration (MSC3814) with matrix-sdk's own crypto machine: Alice's device creates a
+/// dehydrated device signed by her self-signing key and signs out. Bob, seeing only the
+/// dehydrated device, sends an encrypted message, so its room key goes to that device alone,
+/// through the server's to-device queue. Alice signs in on a new device, rehydrates the
+/// dehydrated one with the pickle key, collects its to-device messages page by page through
+/// `/events` and decrypts Bob's message. The server sees only ciphertext and opaque device data.
+async fn dehydrated(backend: Backend) {
+    let Some(hs) = Homeserver::start(Options::new(backend)).await else { return };
+    let proxy = ValidatingProxy::start(&hs.url).await;
+    let url = proxy.url.clone();
+    let password = "correct horse battery staple";
+    let alice = client(&url).await;
+    let alice_local = format!("alice{}", lattice_e2e::unique());
+    let alice_id = register(&alice, &alice_local, password).await.user_id;
+    let bob = client(&url).await;
+    let bob_id = register(&bob, &format!("bob{}", lattice_e2e::unique()), password).await.user_id;
+    let mut alice_sync = Syncer::start(alice.clone()).await;
+    let mut bob_sync = Syncer::start(bob.clone()).await;
+
+    let mut create = create_room::v3::Request::new();
+    create.invite = vec![bob_id.clone()];
+    create.initial_state = vec![
+        InitialStateEvent::new(EmptyStateKey, RoomEncryptionEventContent::with_recommended_defaults())
+            .to_raw_any(),
+    ];
+    let room = alice.create_room(create).await.expect("create an encrypted room");
+    let room_id = room.room_id().to_owned();
+    bob_sync.until("the invite", |s| s.invited.contains(room_id.as_str())).await;
+    let bob_room = bob.get_room(&room_id).expect("bob knows the room");
+    bob_room.join().await.expect("bob joins");
+    let bob_joined = member(&bob_id, &bob_id, MembershipState::Join);
+    alice_sync.until("bob's join", |s| s.timeline(&room_id).contains(&bob_joined)).await;
+
+    // Alice's device creates the dehydrated device; its keys are signed by her self-signing
+    // key, without which other clients would withhold room keys from it.
+    alice.encryption().bootstrap_cross_signing(None).await.expect("alice bootstraps cross-signing");
+    let pickle_key = DehydratedDeviceKey::new();
+    let upload = {
+        let machine = alice.olm_machine_for_testing().await;
+        let machine = machine.as_ref().expect("alice's olm machine");
+        let device = machine.dehydrated_devices().create().await.expect("create a dehydrated device");
+        device.keys_for_upload("Dehydrated".to_owned(), &pickle_key).await.expect("its upload request")
+    };
+    let dehydrated_id = upload.device_id.clone();
+    assert!(!upload.one_time_keys.is_empty(), "the dehydrated device brings one-time keys");
+    let put = alice.send(upload).await.expect("PUT the dehydrated device");
+    assert_eq!(put.device_id, dehydrated_id);
+    let first_device = alice.device_id().expect("alice's device").to_owned();
+    alice.logout().await.expect("alice signs out of her only device");
+
+    // Bob's client follows Alice's device list until the dehydrated device is her only one.
+    let started = Instant::now();
+    loop {
+        let response = bob
+            .sync_once(SyncSettings::new().token(bob_sync.token.clone()).timeout(Duration::from_millis(500)))
+            .await
+            .expect("bob syncs");
+        bob_sync.token = response.next_batch;
+        let devices = bob.encryption().get_user_devices(&alice_id).await.expect("bob's crypto store");
+        let ids: BTreeSet<String> = devices.devices().map(|d| d.device_id().to_string()).collect();
+        let dehydrated = devices.get(&dehydrated_id);
+        if ids.len() == 1 && dehydrated.as_ref().is_some_and(|d| d.is_dehydrated()) {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "bob never saw alice's devices become just the dehydrated one (he sees {ids:?}; \
+             the first device was {first_device})"
+        );
+    }
+    let body = "sent while alice was offline";
+    let sent = bob_room.send(RoomMessageEventContent::text_plain(body)).await.expect("bob sends encrypted");
+    assert!(sent.encryption_info.is_some(), "the message was sent encrypted");
+
+    // Alice comes back on a new device and rehydrates.
+    let alice2 = client(&url).await;
+    alice2.matrix_auth().login_username(&alice_local, password).send().await.expect("alice logs in again");
+    alice2
+        .sync_once(SyncSettings::new().timeout(Duration::ZERO))
+        .await
+        .expect("first sync of the new device");
+    let got = alice2
+        .send(get_dehydrated_device::unstable::Request::new())
+        .await
+        .expect("GET the dehydrated device");
+    assert_eq!(got.device_id, dehydrated_id, "the server returns the device Alice put");
+    let settings = DecryptionSettings { sender_device_trust_requirement: TrustRequirement::Untrusted };
+    let (mut events, mut pages, mut room_keys) = (0, 0, Vec::new());
+    {
+        let machine = alice2.olm_machine_for_testing().await;
+        let machine = machine.as_ref().expect("the new device's olm machine");
+        let rehydrated = machine
+            .dehydrated_devices()
+            .rehydrate(&pickle_key, &got.device_id, got.device_data)
+            .await
+            .expect("rehydrate with the pickle key");
+        let mut next_batch: Option<String> = None;
+        loop {
+            let mut request = get_events::unstable::Request::new(dehydrated_id.clone());
+            request.next_batch = next_batch.clone();
+            let page = alice2.send(request).await.expect("POST .../events");
+            if page.events.is_empty() {
+                break;
+            }
+            pages += 1;
+            assert!(pages < 100, "the events endpoint never ran dry");
+            events += page.events.len();
+            assert_ne!(page.next_batch, next_batch, "next_batch moves on");
+            next_batch = page.next_batch;
+            room_keys.extend(
+                rehydrated
+                    .receive_events(page.events, &settings)
+                    .await
+                    .expect("the rehydrated device decrypts"),
+            );
+        }
+    }
+    assert!(events >= 1, "the dehydrated device received to-device messages");
+    assert!(
+        room_keys.iter().any(|k| k.room_id == room_id),
+        "a room key for the room came through the dehydrated device: {room_keys:?}"
+    );
+    let history = alice2.get_room(&room_id).expect("the new device knows the room");
+    let mut options = MessagesOptions::backward();
+    options.limit = UInt::from(50_u32);
+    let page = history.messages(options).await.expect("/messages on the new device");
+    let decrypted: Vec<String> = page
+        .chunk
+        .iter()
+        .filter(|e| e.encryption_info().is_some())
+        .filter_map(|e| match seen(e.raw()) {
+            Seen::Message { body, .. } => Some(body),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(decrypted, [body], "the new device decrypts bob's message with the rehydrated key");
+    proxy.assert_clean();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn matrix_sdk_encrypted_embedded() {
     encrypted(Backend::Embedded).await;
@@ -522,4 +664,14 @@ async fn matrix_sdk_embedded() {
 #[tokio::test(flavor = "multi_thread")]
 async fn matrix_sdk_production() {
     flow(Backend::Production).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn matrix_sdk_dehydrated_embedded() {
+    dehydrated(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn matrix_sdk_dehydrated_production() {
+    dehydrated(Backend::Production).await;
 }

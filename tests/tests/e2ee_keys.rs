@@ -331,6 +331,89 @@ async fn to_device_production() {
     to_device_end_to_end(Backend::Production).await;
 }
 
+const RACE_CAP: usize = 8;
+
+/// Concurrent `/sendToDevice` requests to one device meet its queue cap exactly (the
+/// recipient's `User` object decides each one in turn), and concurrent repeats of one
+/// transaction id queue it once.
+async fn to_device_race(backend: Backend) {
+    let options = Options::new(backend).var("max_to_device_queue", &RACE_CAP.to_string());
+    let Some(hs) = Homeserver::start(options).await else { return };
+    let anon = Client::new(&hs.url);
+    let alice = anon.register("alice", "pw-alice").await;
+    let bob = anon.register("bob", "pw-bob").await;
+    let carol = anon.register("carol", "pw-carol").await;
+    let (alice_id, alice_dev) = whoami(&alice).await;
+    let since = sync(&alice, None).await["next_batch"].as_str().expect("nb").to_owned();
+    let send = |who: &Client, txn: String, n: usize| {
+        let (who, alice_id, alice_dev) = (who.clone(), alice_id.clone(), alice_dev.clone());
+        async move {
+            let r = who
+                .put(
+                    &format!("/_matrix/client/v3/sendToDevice/org.example.race/{txn}"),
+                    json!({"messages": {alice_id: {alice_dev: {"n": n}}}}),
+                )
+                .await;
+            (n, r.status, r.errcode().to_owned())
+        }
+    };
+    // Six copies of one of Carol's transactions, racing 3 × RACE_CAP distinct ones of Bob's.
+    let mut racing = Vec::new();
+    for _ in 0..6 {
+        racing.push(tokio::spawn(send(&carol, "same".into(), 1000)));
+    }
+    for n in 0..3 * RACE_CAP {
+        racing.push(tokio::spawn(send(&bob, format!("t{n}"), n)));
+    }
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for task in racing {
+        let (n, status, errcode) = task.await.expect("a sender task");
+        match status {
+            200 => accepted.push(n),
+            429 => {
+                assert_eq!(errcode, "M_LIMIT_EXCEEDED");
+                refused += 1;
+            }
+            other => panic!("unexpected status {other} ({errcode}) for message {n}"),
+        }
+    }
+    let body = sync(&alice, Some(&since)).await;
+    let mut got: Vec<usize> = body["to_device"]["events"]
+        .as_array()
+        .expect("to_device events")
+        .iter()
+        .map(|e| e["content"]["n"].as_u64().expect("n") as usize)
+        .collect();
+    assert_eq!(got.len(), RACE_CAP, "the queue holds exactly the cap: {got:?}");
+    let carol_copies = got.iter().filter(|n| **n == 1000).count();
+    assert!(carol_copies <= 1, "carol's transaction was queued {carol_copies} times: {got:?}");
+    // Every message in the queue was answered 200, and every 200 of Bob's is in the queue.
+    got.sort_unstable();
+    let mut bob_accepted: Vec<usize> = accepted.iter().copied().filter(|n| *n != 1000).collect();
+    bob_accepted.sort_unstable();
+    let bob_got: Vec<usize> = got.iter().copied().filter(|n| *n != 1000).collect();
+    assert_eq!(bob_got, bob_accepted, "bob's accepted messages are exactly those queued");
+    let carol_accepted = accepted.len() - bob_accepted.len();
+    if carol_copies == 1 {
+        // Once queued, every copy of the transaction is answered as accepted, full queue or not.
+        assert_eq!(carol_accepted, 6, "every copy of carol's queued transaction is accepted");
+    } else {
+        assert_eq!(carol_accepted, 0, "carol's transaction was accepted but not queued");
+    }
+    assert!(refused >= 2 * RACE_CAP, "at least {} were refused: {refused}", 2 * RACE_CAP);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn to_device_race_embedded() {
+    to_device_race(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn to_device_race_production() {
+    to_device_race(Backend::Production).await;
+}
+
 fn backup_data(verified: bool, index: u64, forwarded: u64, tag: &str) -> Value {
     json!({"first_message_index": index, "forwarded_count": forwarded, "is_verified": verified,
            "session_data": {"ephemeral": tag, "ciphertext": tag, "mac": tag}})

@@ -214,7 +214,6 @@ pub fn forget_device(ctx: &Ctx, user: &str, device: &str) -> Result<()> {
     ])?;
     wake_watchers(ctx, user)?;
     keys::call(user, &UserRequest::DropDevice { device: device.to_owned() })?;
-    ctx.db()?.execute(sql::TO_DEVICE_DROP_DEVICE, vec![db::t(user), db::t(device)])?;
     Ok(())
 }
 
@@ -240,82 +239,33 @@ pub const TO_DEVICE_PER_SYNC: i64 = 100;
 
 /// # `PUT /_matrix/client/v3/sendToDevice/{eventType}/{txnId}`
 ///
-/// Every message of one request goes into the recipients' queues in one D1 transaction, each
-/// on the stream (so a device's queue is delivered in order and never skips), unless the
-/// sender's device already used the transaction id, in which case nothing is added.
+/// Each local recipient's share goes through that user's `User` object (the single writer of
+/// the user's queues: order, the cap and the transaction id are decided there) into D1, on the
+/// stream, so a device's queue is delivered in order and never skips. A repeated transaction
+/// id adds nothing to a recipient that has it; after a failure part-way (a full queue, a
+/// backend down) repeating the request completes the rest.
 pub fn send_to_device_route(ctx: &Ctx, kind: &str, txn: &str) -> Result<Reply> {
     let s = ctx.session()?;
     let body: ToDeviceBody = ctx.json()?;
-    let db = ctx.db()?;
-    if db
-        .first(
-            sql::TO_DEVICE_TXN_GET,
-            vec![db::t(s.user_id.clone()), db::t(s.device_id.clone()), db::t(txn)],
-        )?
-        .is_some()
-    {
-        return ok(json!({}));
+    if body.messages.values().flat_map(BTreeMap::values).any(|content| !content.is_object()) {
+        return Err(Error::BadJson("a to-device message's content must be an object".into()));
     }
-    let cap = i64::try_from(ctx.settings.max_to_device_queue).unwrap_or(i64::MAX);
-    let mut batch = Vec::new();
-    let mut recipients = Vec::new();
-    for (user, devices) in &body.messages {
-        if !is_local(ctx, user) {
+    for (user, messages) in body.messages {
+        if !is_local(ctx, &user) {
             // Other servers need federation; their messages are dropped, as the spec allows
             // for unknown devices.
             continue;
         }
-        let existing: Vec<String> = db
-            .query(sql::DEVICE_LIST, vec![db::t(user.clone())])?
-            .iter()
-            .map(|r| r.str("device_id"))
-            .collect();
-        for (device, content) in devices {
-            if !content.is_object() {
-                return Err(Error::BadJson("a to-device message's content must be an object".into()));
-            }
-            let targets: Vec<&String> = if device == "*" {
-                existing.iter().collect()
-            } else {
-                existing.iter().filter(|d| *d == device).collect()
-            };
-            for target in targets {
-                let queued = db
-                    .first(sql::TO_DEVICE_QUEUE_LEN, vec![db::t(user.clone()), db::t(target.clone())])?
-                    .and_then(|r| r.int("n"))
-                    .unwrap_or(0);
-                if queued >= cap {
-                    return Err(Error::LimitExceeded { retry_after_ms: 10_000 });
-                }
-                batch.push(bound(sql::STREAM_BUMP, vec![]));
-                batch.push(bound(
-                    sql::TO_DEVICE_INSERT,
-                    vec![
-                        db::t(user.clone()),
-                        db::t(target.clone()),
-                        db::t(s.user_id.clone()),
-                        db::t(kind),
-                        db::t(content.to_string()),
-                        db::t(s.user_id.clone()),
-                        db::t(s.device_id.clone()),
-                        db::t(txn),
-                    ],
-                ));
-            }
-        }
-        recipients.push(user.clone());
-    }
-    batch.push(bound(
-        sql::TO_DEVICE_TXN_INSERT,
-        vec![
-            db::t(s.user_id.clone()),
-            db::t(s.device_id.clone()),
-            db::t(txn),
-            db::i(crate::util::now_ms() as i64),
-        ],
-    ));
-    db.batch(&batch)?;
-    for user in recipients {
+        keys::call(
+            &user,
+            &UserRequest::Enqueue {
+                sender: s.user_id.clone(),
+                sender_device: s.device_id.clone(),
+                txn: txn.to_owned(),
+                kind: kind.to_owned(),
+                messages,
+            },
+        )?;
         signals::signal(&format!("user:{user}"));
     }
     ok(json!({}))
@@ -332,7 +282,7 @@ pub fn to_device_page(
 ) -> Result<(Vec<Value>, Option<i64>)> {
     let db = ctx.db()?;
     if let Some(since) = since {
-        db.execute(sql::TO_DEVICE_ACK, vec![db::t(user), db::t(device), db::i(since)])?;
+        keys::call(user, &UserRequest::Ack { device: device.to_owned(), upto: since })?;
     }
     let rows = db.query(
         sql::TO_DEVICE_FOR_DEVICE,
@@ -417,7 +367,7 @@ pub fn for_sync(ctx: &Ctx, user: &str, device: &str, since: Option<i64>, upto: i
     if let Some(since) = since
         && acknowledged > 0
     {
-        db.execute(sql::TO_DEVICE_ACK, vec![db::t(user), db::t(device), db::i(since)])?;
+        keys::call(user, &UserRequest::Ack { device: device.to_owned(), upto: since })?;
     }
     out.stop = (out.to_device.len() as i64 == TO_DEVICE_PER_SYNC).then_some(last).flatten();
     Ok(out)

@@ -207,6 +207,18 @@ pub const V10_DEHYDRATED: Sql = sql(
     "CREATE TABLE dehydrated_devices (user_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, device_data TEXT NOT NULL)",
 );
 
+// ---- Schema, version 11: to-device transaction guards per recipient --------------------------
+/// A request's messages to one recipient were queued: the recipient's `User` object writes
+/// this row in the same transaction as the messages, so a repeated or replayed write adds
+/// nothing. Per recipient, because each recipient's object writes its own share.
+pub const V11_TO_DEVICE_GUARDS: Sql = sql(
+    "v11_to_device_guards",
+    "",
+    "CREATE TABLE to_device_guards (user_id TEXT NOT NULL, sender TEXT NOT NULL, sender_device TEXT NOT NULL, txn_id TEXT NOT NULL, created_ms INTEGER NOT NULL, PRIMARY KEY (user_id, sender, sender_device, txn_id))",
+);
+/// The guards of version 7 were per sending device across all recipients.
+pub const V11_DROP_TO_DEVICE_TXNS: Sql = sql("v11_drop_to_device_txns", "", "DROP TABLE to_device_txns");
+
 /// The migration bookkeeping, created before anything else (idempotent).
 pub const MIGRATIONS_TABLE: Sql = sql(
     "migrations_table",
@@ -637,22 +649,23 @@ pub const E2E_COUNTS_UPSERT: Sql = sql(
 pub const E2E_COUNTS_DELETE: Sql =
     sql("e2e_counts_delete", "tt", "DELETE FROM e2e_key_counts WHERE user_id = ? AND device_id = ?");
 
-/// A to-device message, unless the sender's device already used this transaction id; ordered
-/// on the stream (bumped just before) so a device's queue never skips.
+/// A to-device message, unless this recipient already has the sender device's transaction id
+/// (the guard, written by the same batch) or the device is gone; ordered on the stream (bumped
+/// just before) so a device's queue never skips.
 pub const TO_DEVICE_INSERT: Sql = sql(
     "to_device_insert",
-    "tttttttt",
-    "INSERT INTO to_device (user_id, device_id, stream_pos, sender, type, content) SELECT ?, ?, (SELECT pos FROM stream_positions WHERE name = 'events'), ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM to_device_txns WHERE sender = ? AND device_id = ? AND txn_id = ?)",
+    "ttttttttttt",
+    "INSERT INTO to_device (user_id, device_id, stream_pos, sender, type, content) SELECT ?, ?, (SELECT pos FROM stream_positions WHERE name = 'events'), ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM to_device_guards WHERE user_id = ? AND sender = ? AND sender_device = ? AND txn_id = ?) AND EXISTS (SELECT 1 FROM devices WHERE user_id = ? AND device_id = ?)",
 );
-pub const TO_DEVICE_TXN_INSERT: Sql = sql(
-    "to_device_txn_insert",
-    "ttti",
-    "INSERT INTO to_device_txns (sender, device_id, txn_id, created_ms) VALUES (?, ?, ?, ?) ON CONFLICT (sender, device_id, txn_id) DO NOTHING",
+pub const TO_DEVICE_GUARD_INSERT: Sql = sql(
+    "to_device_guard_insert",
+    "tttti",
+    "INSERT INTO to_device_guards (user_id, sender, sender_device, txn_id, created_ms) VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_id, sender, sender_device, txn_id) DO NOTHING",
 );
-pub const TO_DEVICE_TXN_GET: Sql = sql(
-    "to_device_txn_get",
-    "ttt",
-    "SELECT created_ms FROM to_device_txns WHERE sender = ? AND device_id = ? AND txn_id = ?",
+pub const TO_DEVICE_GUARD_GET: Sql = sql(
+    "to_device_guard_get",
+    "tttt",
+    "SELECT created_ms FROM to_device_guards WHERE user_id = ? AND sender = ? AND sender_device = ? AND txn_id = ?",
 );
 pub const TO_DEVICE_QUEUE_LEN: Sql = sql(
     "to_device_queue_len",
@@ -899,8 +912,8 @@ pub const ALL: &[Sql] = &[
     E2E_COUNTS_UPSERT,
     E2E_COUNTS_DELETE,
     TO_DEVICE_INSERT,
-    TO_DEVICE_TXN_INSERT,
-    TO_DEVICE_TXN_GET,
+    TO_DEVICE_GUARD_INSERT,
+    TO_DEVICE_GUARD_GET,
     TO_DEVICE_QUEUE_LEN,
     TO_DEVICE_FOR_DEVICE,
     TO_DEVICE_ACK,
@@ -976,4 +989,5 @@ pub const MIGRATIONS: &[(i64, &str, &[Sql])] = &[
     (8, "cross-signing keys", &[V8_CROSS_SIGNING, V8_CROSS_SIGNING_STREAM]),
     (9, "key backup", &[V9_BACKUP_VERSIONS, V9_BACKUP_SESSIONS]),
     (10, "dehydrated devices", &[V10_DEHYDRATED]),
+    (11, "to-device guards per recipient", &[V11_TO_DEVICE_GUARDS, V11_DROP_TO_DEVICE_TXNS]),
 ];
