@@ -6,7 +6,8 @@ password (checked with whoami), create a room, invite, join, messages both ways 
 /sync long-polls with since tokens, back and forward pagination with room_messages, leave, and
 error paths (wrong password, sending to a room one is not in, a logged-out token). With
 --e2ee-store, two more clients with encryption on exchange messages in an encrypted room and
-decrypt each other's.
+decrypt each other's, then verify each other's devices interactively (SAS) through to-device
+messages.
 
 Every wait is a sync long-poll bounded by a deadline; nothing sleeps. Any failure prints
 `FAIL [step]: reason` with the last HTTP exchange of the client involved and exits 1; success
@@ -34,6 +35,10 @@ from nio import (
     AsyncClientConfig,
     ErrorResponse,
     JoinResponse,
+    KeyVerificationAccept,
+    KeyVerificationKey,
+    KeyVerificationMac,
+    KeyVerificationStart,
     KeysQueryResponse,
     KeysUploadResponse,
     LoginResponse,
@@ -48,6 +53,7 @@ from nio import (
     RoomMessageText,
     RoomSendResponse,
     SyncResponse,
+    ToDeviceResponse,
     WhoamiResponse,
 )
 from nio.events.room_events import RoomCreateEvent
@@ -617,6 +623,43 @@ async def run_e2ee(hs: str, server_name: str, suffix: str, store: str) -> None:
         await send_encrypted(alice, bob, "a secret from nio alice")
         await send_encrypted(bob, alice, "a secret from nio bob")
         await send_encrypted(alice, bob, "and another")
+
+        # Interactive verification (SAS, emoji), every step a to-device message through the
+        # server: start, accept, both public keys, both MACs; then each has verified the other.
+        step = begin("e2ee: SAS verification")
+        alice_dev, bob_dev = alice.device_id, bob.device_id
+        bob_device = alice.device_store[bob_id][bob_dev]
+        check(step, not bob_device.verified, "bob's device is not verified yet", alice)
+        expect(step, await alice.start_key_verification(bob_device), ToDeviceResponse, alice)
+        active = alice.get_active_sas(bob_id, bob_dev)
+        check(step, active is not None, "alice has an active verification", alice)
+        txid = active.transaction_id
+
+        def got(kind: type, txn: str) -> Callable[[SyncResponse], bool | None]:
+            def found(resp: SyncResponse) -> bool | None:
+                hits = [e for e in resp.to_device_events if isinstance(e, kind) and e.transaction_id == txn]
+                return True if hits else None
+
+            return found
+
+        await sync_until(step, bob, "the verification start", got(KeyVerificationStart, txid))
+        check(step, txid in bob.key_verifications, "bob knows the verification", bob)
+        expect(step, await bob.accept_key_verification(txid), ToDeviceResponse, bob)
+        await sync_until(step, alice, "bob's accept", got(KeyVerificationAccept, txid))
+        await alice.send_to_device_messages()  # her public key, queued by nio on the accept
+        await sync_until(step, bob, "alice's key", got(KeyVerificationKey, txid))
+        await bob.send_to_device_messages()  # his public key
+        await sync_until(step, alice, "bob's key", got(KeyVerificationKey, txid))
+        alice_sas, bob_sas = alice.key_verifications[txid], bob.key_verifications[txid]
+        check(step, alice_sas.get_emoji() == bob_sas.get_emoji(), "both sides show the same emoji", alice)
+        expect(step, await alice.confirm_short_auth_string(txid), ToDeviceResponse, alice)
+        expect(step, await bob.confirm_short_auth_string(txid), ToDeviceResponse, bob)
+        await sync_until(step, bob, "alice's MAC", got(KeyVerificationMac, txid))
+        await sync_until(step, alice, "bob's MAC", got(KeyVerificationMac, txid))
+        check(step, alice_sas.verified and bob_sas.verified, "both verifications completed", alice)
+        check(step, alice.device_store[bob_id][bob_dev].verified, "bob's device is verified for alice", alice)
+        check(step, bob.device_store[alice_id][alice_dev].verified, "alice's device is verified for bob", bob)
+        await send_encrypted(bob, alice, "after verification")
     finally:
         for c in clients:
             await c.close()

@@ -4,7 +4,8 @@
 //! long-polls, paginates back and forward with `/messages`, leaves, and checks error paths
 //! (wrong password, sending to a room one is not in, a logged-out token); then two nio clients
 //! with encryption on (vodozemac) exchange messages in an encrypted room, each decrypting the
-//! other's.
+//! other's, and verify each other's devices interactively (SAS: start, accept, keys, MACs, all
+//! as to-device messages).
 //!
 //! The script runs in a venv with `tests/clients/requirements-nio.txt`, kept under
 //! `/var/cache/lattice/tools` (see `common/python.rs`).
