@@ -92,8 +92,9 @@ pub struct Shared {
     pub clock: Clock,
     pub metrics: Arc<Metrics>,
     pub signals: Arc<Signals>,
-    /// Carries signals to the other runtime processes; `None` in embedded mode.
-    pub signal_bus: Option<Arc<dyn SignalBus>>,
+    /// Carries signals to the other runtime processes, published in the background (see
+    /// [`SignalPublisher`]); `None` in embedded mode.
+    pub signal_bus: Option<SignalPublisher>,
     /// Tags this process's own messages on the bus, so it does not wake its waiters twice.
     pub process_id: String,
     pub outbound: Arc<OutboundPolicy>,
@@ -252,7 +253,8 @@ impl Shared {
         let outbound = Arc::new(OutboundPolicy::new(&config.outbound)?);
         let signals = Arc::new(Signals::new());
         let process_id = hex::encode(rand::random::<[u8; 8]>());
-        let signal_bus: Option<Arc<dyn SignalBus>> = match &config.signals {
+        let metrics = Arc::new(Metrics::default());
+        let signal_bus: Option<SignalPublisher> = match &config.signals {
             None => None,
             Some(SignalsBinding::Redis { url: u, url_env }) => {
                 let bus = Arc::new(lattice_backends::redis::RedisSignals::new(&url(u, url_env, "signals")?)?);
@@ -266,12 +268,12 @@ impl Shared {
                         local.signal(key);
                     }
                 }));
-                Some(bus)
+                Some(SignalPublisher::start(bus, metrics.clone()))
             }
         };
         Ok(Arc::new(Self {
             clock,
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             signals,
             signal_bus,
             process_id,
@@ -378,6 +380,54 @@ impl Shared {
             .collect();
         if let Ok(mut h) = self.backend_health.lock() {
             *h = status;
+        }
+    }
+}
+
+/// Publishes signals to the other processes from one background task, so a guest that signals
+/// never waits on the bus: an object event keeps its input gate, and a request does not pay a
+/// round trip to Redis. A signal is a hint to re-check data that is already committed when it
+/// is sent (the guest signals after its write returned), so sending it a moment later changes
+/// no outcome. When the queue is full (the bus is down or far behind) a signal is dropped with
+/// a warning; parked requests elsewhere then wake at their timeout, as after a bus outage.
+#[derive(Clone)]
+pub struct SignalPublisher {
+    queue: tokio::sync::mpsc::Sender<String>,
+}
+
+impl SignalPublisher {
+    /// Signals waiting to be published, at most.
+    const QUEUE: usize = 8192;
+    /// Publishes in flight at once (the Redis connection pipelines them).
+    const CONCURRENT: usize = 64;
+
+    fn start(bus: Arc<dyn SignalBus>, metrics: Arc<Metrics>) -> Self {
+        let (queue, mut rx) = tokio::sync::mpsc::channel::<String>(Self::QUEUE);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(Self::CONCURRENT);
+            while rx.recv_many(&mut batch, Self::CONCURRENT).await > 0 {
+                let sends = batch.drain(..).map(|message| {
+                    let (bus, metrics) = (bus.clone(), metrics.clone());
+                    async move {
+                        let started = std::time::Instant::now();
+                        let out = bus.publish(&message).await;
+                        metrics.binding_call("signals", bus.name(), started.elapsed(), out.is_err());
+                        if let Err(e) = out {
+                            tracing::warn!(error = %e, "cannot publish a signal to other processes");
+                        }
+                    }
+                });
+                futures::future::join_all(sends).await;
+            }
+        });
+        Self { queue }
+    }
+
+    /// Queues `message` for publishing; never waits.
+    pub fn publish(&self, message: String, metrics: &Metrics) {
+        if self.queue.try_send(message).is_err() {
+            metrics.binding_call("signals", "queue", std::time::Duration::ZERO, true);
+            tracing::warn!("the signal queue is full; a signal to other processes was dropped");
         }
     }
 }

@@ -79,6 +79,9 @@ fn unavailable(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Backen
     BackendError::unavailable(BACKEND, e)
 }
 
+/// A pooled connection idle at least this long is pinged before it is used again.
+const PING_IF_IDLE: Duration = Duration::from_secs(1);
+
 /// A lazily connecting pool with bounded waits.
 pub(crate) fn pool(url: &str) -> Result<PgPool, BackendError> {
     let options = PgConnectOptions::from_str(url)
@@ -93,6 +96,18 @@ pub(crate) fn pool(url: &str) -> Result<PgPool, BackendError> {
         .max_connections(MAX_CONNECTIONS)
         .acquire_timeout(CONNECT_TIMEOUT)
         .idle_timeout(Duration::from_secs(300))
+        // sqlx pings every connection it hands out by default: a round trip before each call.
+        // Only a connection that sat idle may have been cut (a server restart, a firewall);
+        // one in steady use is handed out as it is, and a failure on it is `unavailable`.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for < PING_IF_IDLE {
+                    return Ok(true);
+                }
+                Ok(sqlx::Connection::ping(conn).await.is_ok())
+            })
+        })
         .connect_lazy_with(options))
 }
 

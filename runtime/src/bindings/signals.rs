@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::generated::lattice::bindings::signals::Host;
-use crate::state::{Gate, ParkRequest, WorkerState};
+use crate::state::{ParkRequest, WorkerState};
 
 /// Keys one park may wait on.
 pub const MAX_PARK_KEYS: usize = 1024;
@@ -11,15 +11,9 @@ pub const MAX_PARK_KEYS: usize = 1024;
 impl Host for WorkerState {
     async fn signal(&mut self, key: String) -> wasmtime::Result<()> {
         self.shared.signals.signal(&key);
-        if let Some(bus) = self.shared.signal_bus.clone() {
-            let message = format!("{} {key}", self.shared.process_id);
-            let started = std::time::Instant::now();
-            let out = self.waiting(Gate::Open, async move { bus.publish(&message).await }).await?;
-            self.shared.metrics.binding_call("signals", "redis", started.elapsed(), out.is_err());
-            if let Err(e) = out {
-                // Other pods' parked requests then wake at their timeout instead.
-                tracing::warn!(error = %e, "cannot publish a signal to other processes");
-            }
+        if let Some(bus) = &self.shared.signal_bus {
+            // In the background: the guest does not wait for the bus (see `SignalPublisher`).
+            bus.publish(format!("{} {key}", self.shared.process_id), &self.shared.metrics);
         }
         Ok(())
     }
