@@ -451,11 +451,13 @@ fn write_queued(key: &str, q: &Queued, fresh: bool) -> Result<(), Failure> {
             writes.push((queued_key(device), json!(queued.saturating_sub(n)).to_string().into_bytes()));
         }
         if !writes.is_empty() {
-            storage::put(&writes).map_err(storage_fail)?;
+            storage::put_unconfirmed(&writes).map_err(storage_fail)?;
         }
     }
-    storage::delete(&[key.to_owned()]).map_err(storage_fail)?;
-    storage::put(&[(done_key(key), json!(crate::util::now_ms()).to_string().into_bytes())])
+    // Unconfirmed: the answer does not wait for the clean-up. Lost in a crash, the entry is
+    // written again by the alarm (adding nothing) and a count stays high until recounted.
+    storage::delete_unconfirmed(&[key.to_owned()]).map_err(storage_fail)?;
+    storage::put_unconfirmed(&[(done_key(key), json!(crate::util::now_ms()).to_string().into_bytes())])
         .map_err(storage_fail)?;
     Ok(())
 }

@@ -300,6 +300,8 @@ struct Inner {
     sealed: Pending,
     sealed_seq: u64,
     write_seq: u64,
+    /// The newest write a response must wait for (unconfirmed writes do not raise it).
+    confirmed_seq: u64,
     flushing: bool,
     broken: bool,
     txn: Option<Txn>,
@@ -318,6 +320,7 @@ struct Txn {
     open_seq: u64,
     /// Rolled-back writes never reach a flush, so nothing may wait for their sequence numbers.
     write_seq: u64,
+    confirmed_seq: u64,
     alarm: Option<Option<u64>>,
 }
 
@@ -329,6 +332,16 @@ impl Inner {
             && t.before_delete_all.is_none()
         {
             t.undo.entry(key.to_owned()).or_insert(prior);
+        }
+    }
+
+    /// Counts a write; a confirmed one (and any inside a transaction) holds responses until
+    /// it is durable.
+    fn wrote(&mut self, confirm: bool) {
+        self.write_seq += 1;
+        self.open_seq = self.write_seq;
+        if confirm || self.txn.is_some() {
+            self.confirmed_seq = self.write_seq;
         }
     }
 
@@ -351,6 +364,7 @@ impl Inner {
         self.open = t.open;
         self.open_seq = t.open_seq;
         self.write_seq = t.write_seq;
+        self.confirmed_seq = t.confirmed_seq;
         self.alarm = t.alarm;
         true
     }
@@ -415,6 +429,7 @@ impl LiveObject {
                 sealed: Pending::default(),
                 sealed_seq: 0,
                 write_seq: 0,
+                confirmed_seq: 0,
                 flushing: false,
                 broken: false,
                 txn: None,
@@ -484,7 +499,10 @@ impl LiveObject {
             .collect())
     }
 
-    pub fn put(&self, entries: Vec<(String, Vec<u8>)>) -> Result<(), ObjectError> {
+    /// Writes `entries`. `confirm`: the event's response waits until they are durable (the
+    /// output gate); without it (workerd's `allowUnconfirmed`) they commit with the next batch
+    /// and only a later confirmed write, `sync` or other I/O waits for them.
+    pub fn put(&self, entries: Vec<(String, Vec<u8>)>, confirm: bool) -> Result<(), ObjectError> {
         self.check()?;
         let mut i = self.lock();
         for (k, v) in entries {
@@ -492,12 +510,12 @@ impl LiveObject {
             i.cache.insert(k.clone(), Some(v.clone()));
             i.open.entries.insert(k, Some(v));
         }
-        i.write_seq += 1;
-        i.open_seq = i.write_seq;
+        i.wrote(confirm);
         Ok(())
     }
 
-    pub async fn delete(&self, keys: &[String]) -> Result<u32, ObjectError> {
+    /// Deletes `keys`; `confirm` as for [`LiveObject::put`].
+    pub async fn delete(&self, keys: &[String], confirm: bool) -> Result<u32, ObjectError> {
         let existing = self.get(keys).await?.len();
         let mut i = self.lock();
         for k in keys {
@@ -505,8 +523,7 @@ impl LiveObject {
             i.cache.insert(k.clone(), None);
             i.open.entries.insert(k.clone(), None);
         }
-        i.write_seq += 1;
-        i.open_seq = i.write_seq;
+        i.wrote(confirm);
         Ok(u32::try_from(existing).unwrap_or(u32::MAX))
     }
 
@@ -525,8 +542,7 @@ impl LiveObject {
         i.complete = true;
         i.alarm = Some(None);
         i.open = Pending { delete_all: true, entries: BTreeMap::new(), alarm: Some(None) };
-        i.write_seq += 1;
-        i.open_seq = i.write_seq;
+        i.wrote(true);
         Ok(())
     }
 
@@ -581,8 +597,7 @@ impl LiveObject {
         let mut i = self.lock();
         i.alarm = Some(at);
         i.open.alarm = Some(at);
-        i.write_seq += 1;
-        i.open_seq = i.write_seq;
+        i.wrote(true);
         Ok(())
     }
 
@@ -598,6 +613,7 @@ impl LiveObject {
             open: i.open.clone(),
             open_seq: i.open_seq,
             write_seq: i.write_seq,
+            confirmed_seq: i.confirmed_seq,
             alarm: i.alarm,
         });
         Ok(())
@@ -628,7 +644,7 @@ impl LiveObject {
     }
 
     /// Seals the open writes and makes sure a flusher runs; returns the sequence number a
-    /// response sent now must wait for.
+    /// response sent now must wait for (the newest confirmed write).
     fn seal(self: &Arc<Self>) -> u64 {
         let mut i = self.lock();
         let open = std::mem::take(&mut i.open);
@@ -636,7 +652,7 @@ impl LiveObject {
             i.sealed.absorb(open);
             i.sealed_seq = i.open_seq;
         }
-        let seq = i.write_seq;
+        let seq = i.confirmed_seq;
         if !i.sealed.is_empty() && !i.flushing && !i.broken {
             i.flushing = true;
             let obj = self.clone();
@@ -696,7 +712,8 @@ impl LiveObject {
         if self.in_transaction() {
             return Err(ObjectError::Transaction("sync inside a transaction"));
         }
-        let seq = self.seal();
+        self.seal();
+        let seq = self.lock().write_seq;
         self.wait_durable(seq).await
     }
 }

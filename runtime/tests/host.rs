@@ -68,20 +68,27 @@ async fn durable_object_response_waits_for_durable_write() {
     // The moment the response arrives, the write is in the SQLite file: read it from another
     // connection, then kill the runtime without warning and read it again.
     let db = s.dir.path().join("data/objects.sqlite");
-    let read = || {
+    let read = |key: &str| {
         let c = rusqlite::Connection::open(&db).expect("open objects db");
         let mut stmt = c
-            .prepare("SELECT CAST(value AS TEXT) FROM _lattice_do_entries WHERE CAST(key AS TEXT) = 'count'")
+            .prepare("SELECT CAST(value AS TEXT) FROM _lattice_do_entries WHERE CAST(key AS TEXT) = ?1")
             .expect("prepare");
         let rows: Vec<String> =
-            stmt.query_map([], |r| r.get(0)).expect("query").filter_map(Result::ok).collect();
+            stmt.query_map([key], |r| r.get(0)).expect("query").filter_map(Result::ok).collect();
         rows
     };
-    assert_eq!(read(), ["1"]);
+    assert_eq!(read("count"), ["1"]);
+    // An unconfirmed write is durable once a later confirmed write of the object is: they
+    // commit in order.
+    let r = post(&format!("{}/do/put-unconfirmed?name=durable&key=later", s.url), "").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(post(&format!("{}/do/increment?name=durable", s.url), "").await.json()["count"], 2);
+    assert_eq!(read("later"), ["1"]);
     let mut s = s;
     let _ = s.child.kill();
     let _ = s.child.wait();
-    assert_eq!(read(), ["1"]);
+    assert_eq!(read("count"), ["2"]);
+    assert_eq!(read("later"), ["1"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,7 +52,14 @@ async fn stopped_backends_give_503_and_recover_without_restart() {
     // PostgreSQL (D1 and Durable Object storage).
     assert_eq!(sql(&s, &format!("CREATE TABLE {t} (id INTEGER PRIMARY KEY, v TEXT)")).await.status, 200);
     assert_eq!(post(&format!("{}/do/increment?name={t}", s.url), "").await.json()["count"], 1);
+    let unconfirmed = format!("{t}-unconfirmed");
+    assert_eq!(post(&format!("{}/do/increment?name={unconfirmed}", s.url), "").await.json()["count"], 1);
     service("stop-one", "postgres");
+    // An unconfirmed write is answered without waiting for its commit, which cannot happen now.
+    let started = Instant::now();
+    let r = post(&format!("{}/do/put-unconfirmed?name={unconfirmed}&key=k", s.url), "").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(started.elapsed() < Duration::from_secs(2), "an unconfirmed write waited {:?}", started.elapsed());
     let started = Instant::now();
     let batch = json!([
         {"sql": format!("INSERT INTO {t} (id, v) VALUES (1, 'a')"), "params": []},
@@ -91,6 +98,12 @@ async fn stopped_backends_give_503_and_recover_without_restart() {
     // increment never became durable, so the next one is 2.
     until_ok("the Durable Object", async || post(&format!("{}/do/state?name={t}", s.url), "").await).await;
     assert_eq!(post(&format!("{}/do/increment?name={t}", s.url), "").await.json()["count"], 2);
+    // Its object lost the write with the failed commit, and serves again with its durable state.
+    until_ok("the object of the unconfirmed write", async || {
+        post(&format!("{}/do/state?name={unconfirmed}", s.url), "").await
+    })
+    .await;
+    assert_eq!(post(&format!("{}/do/increment?name={unconfirmed}", s.url), "").await.json()["count"], 2);
 
     // Redis (KV).
     let key = format!("{t}-k");

@@ -491,6 +491,14 @@ impl ObjectGuest for Worker {
                     Err((s, j)) => reply(s, j),
                 }
             }
+            "/put-unconfirmed" => {
+                // An unconfirmed write: the answer does not wait for it to be durable.
+                let key = param("key").unwrap_or_else(|| "unconfirmed".into());
+                match storage::put_unconfirmed(&[(key.clone(), b"1".to_vec())]) {
+                    Ok(()) => reply(200, json!({"put": key})),
+                    Err(e) => fail(e),
+                }
+            }
             "/fill" => {
                 let n: u32 = param("n").and_then(|v| v.parse().ok()).unwrap_or(10);
                 let entries: Vec<(String, Vec<u8>)> =

@@ -12,7 +12,8 @@
 //! room chain one after another; the D1 write happens after, with the gate open. Each D1 write
 //! carries every outbox entry up to its own, so D1 never holds an event without its
 //! predecessors, and writes of concurrent sends travel together (group commit). An outbox entry
-//! is deleted once D1 has it; an alarm retries entries whose write failed.
+//! is deleted once D1 has it, by an unconfirmed write (the answer does not wait for it; a
+//! replay after a crash is harmless); an alarm retries entries whose write failed.
 //!
 //! A flush claims what it writes (`c`, the newest `room_seq` taken), so a send that arrives
 //! while an earlier flush is in flight writes only its own entries, guarded by
@@ -585,12 +586,15 @@ fn flush(up_to: i64, claims: bool) -> Result<(), Failure> {
         // Others may have added to the index meanwhile: remove only what was written (and
         // entries another flush already wrote and deleted).
         let written: std::collections::HashSet<i64> = take.iter().copied().collect();
+        // Unconfirmed: the answer does not wait for this clean-up to be durable. Lost in a
+        // crash, it only makes a later flush write these events again, which is harmless
+        // (see `bounds`).
         let mut now: Vec<i64> = get_json(OUTBOX_INDEX)?.unwrap_or_default();
         now.retain(|s| !written.contains(s));
-        storage::put(&[(OUTBOX_INDEX.to_owned(), json!(now).to_string().into_bytes())])
+        storage::put_unconfirmed(&[(OUTBOX_INDEX.to_owned(), json!(now).to_string().into_bytes())])
             .map_err(storage_fail)?;
         let done: Vec<String> = written.iter().map(|s| outbox_key(*s)).collect();
-        storage::delete(&done).map_err(storage_fail)?;
+        storage::delete_unconfirmed(&done).map_err(storage_fail)?;
         let covered = take.last().is_some_and(|s| *s >= up_to);
         if covered || take.len() < MAX_OUTBOX_PER_WRITE as usize && !claims {
             return Ok(());

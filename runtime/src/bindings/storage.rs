@@ -55,33 +55,22 @@ impl Host for WorkerState {
     }
 
     async fn put(&mut self, entries: Vec<(String, Vec<u8>)>) -> wasmtime::Result<Result<(), GuestError>> {
-        finish((|| {
-            if entries.len() > MAX_KEYS_PER_CALL {
-                return Err(
-                    GuestError::Invalid(format!("at most {MAX_KEYS_PER_CALL} entries per call")).into()
-                );
-            }
-            for (k, v) in &entries {
-                if k.len() + v.len() > MAX_ENTRY_BYTES {
-                    return Err(GuestError::TooLarge(format!(
-                        "key and value of {k:?} are over {MAX_ENTRY_BYTES} bytes"
-                    ))
-                    .into());
-                }
-            }
-            self.object()?.put(entries).map_err(storage_error)
-        })())
+        finish(self.put_entries(entries, true))
     }
 
     async fn delete(&mut self, keys: Vec<String>) -> wasmtime::Result<Result<u32, GuestError>> {
-        finish(
-            async {
-                check_keys(&keys)?;
-                let obj = self.object()?;
-                self.waiting(Gate::Closed, obj.delete(&keys)).await?.map_err(storage_error)
-            }
-            .await,
-        )
+        finish(self.delete_keys(keys, true).await)
+    }
+
+    async fn put_unconfirmed(
+        &mut self,
+        entries: Vec<(String, Vec<u8>)>,
+    ) -> wasmtime::Result<Result<(), GuestError>> {
+        finish(self.put_entries(entries, false))
+    }
+
+    async fn delete_unconfirmed(&mut self, keys: Vec<String>) -> wasmtime::Result<Result<u32, GuestError>> {
+        finish(self.delete_keys(keys, false).await)
     }
 
     async fn delete_all(&mut self) -> wasmtime::Result<Result<(), GuestError>> {
@@ -147,5 +136,28 @@ impl Host for WorkerState {
             }
             .await,
         )
+    }
+}
+
+impl WorkerState {
+    fn put_entries(&mut self, entries: Vec<(String, Vec<u8>)>, confirm: bool) -> Result<(), Fail> {
+        if entries.len() > MAX_KEYS_PER_CALL {
+            return Err(GuestError::Invalid(format!("at most {MAX_KEYS_PER_CALL} entries per call")).into());
+        }
+        for (k, v) in &entries {
+            if k.len() + v.len() > MAX_ENTRY_BYTES {
+                return Err(GuestError::TooLarge(format!(
+                    "key and value of {k:?} are over {MAX_ENTRY_BYTES} bytes"
+                ))
+                .into());
+            }
+        }
+        self.object()?.put(entries, confirm).map_err(storage_error)
+    }
+
+    async fn delete_keys(&mut self, keys: Vec<String>, confirm: bool) -> Result<u32, Fail> {
+        check_keys(&keys)?;
+        let obj = self.object()?;
+        self.waiting(Gate::Closed, obj.delete(&keys, confirm)).await?.map_err(storage_error)
     }
 }
