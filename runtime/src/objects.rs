@@ -40,6 +40,8 @@ type HmacSha256 = Hmac<Sha256>;
 pub const MAX_ENTRY_BYTES: usize = 2 * 1024 * 1024;
 /// Keys one get/put/delete call may name.
 pub const MAX_KEYS_PER_CALL: usize = 1024;
+/// How long unconfirmed writes wait for a confirmed write to commit with, at most.
+pub const UNCONFIRMED_DELAY: Duration = Duration::from_millis(50);
 /// workerd alarm retries: first retry after 2 s, doubling, at most 6 retries.
 pub const ALARM_RETRY_START: Duration = Duration::from_secs(2);
 pub const ALARM_RETRY_MAX_TRIES: u32 = 6;
@@ -303,6 +305,8 @@ struct Inner {
     /// The newest write a response must wait for (unconfirmed writes do not raise it).
     confirmed_seq: u64,
     flushing: bool,
+    /// A delayed flush of unconfirmed writes is pending (see [`LiveObject::seal`]).
+    flush_scheduled: bool,
     broken: bool,
     txn: Option<Txn>,
 }
@@ -430,6 +434,7 @@ impl LiveObject {
                 sealed_seq: 0,
                 write_seq: 0,
                 confirmed_seq: 0,
+                flush_scheduled: false,
                 flushing: false,
                 broken: false,
                 txn: None,
@@ -645,7 +650,15 @@ impl LiveObject {
 
     /// Seals the open writes and makes sure a flusher runs; returns the sequence number a
     /// response sent now must wait for (the newest confirmed write).
+    ///
+    /// When everything not yet durable is unconfirmed, the flush waits up to
+    /// [`UNCONFIRMED_DELAY`]: the object's next confirmed write, usually the next event's,
+    /// carries them in its commit, so clean-up writes cost no commit of their own.
     fn seal(self: &Arc<Self>) -> u64 {
+        self.seal_with(false)
+    }
+
+    fn seal_with(self: &Arc<Self>, now: bool) -> u64 {
         let mut i = self.lock();
         let open = std::mem::take(&mut i.open);
         if !open.is_empty() {
@@ -654,9 +667,23 @@ impl LiveObject {
         }
         let seq = i.confirmed_seq;
         if !i.sealed.is_empty() && !i.flushing && !i.broken {
-            i.flushing = true;
-            let obj = self.clone();
-            tokio::spawn(async move { obj.flush_loop().await });
+            let durable = match *self.durable.borrow() {
+                Durability::UpTo(d) => d,
+                Durability::Broken => u64::MAX,
+            };
+            if now || seq > durable {
+                i.flushing = true;
+                let obj = self.clone();
+                tokio::spawn(async move { obj.flush_loop().await });
+            } else if !i.flush_scheduled {
+                i.flush_scheduled = true;
+                let obj = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(UNCONFIRMED_DELAY).await;
+                    obj.lock().flush_scheduled = false;
+                    obj.seal_with(true);
+                });
+            }
         }
         seq
     }
@@ -712,7 +739,7 @@ impl LiveObject {
         if self.in_transaction() {
             return Err(ObjectError::Transaction("sync inside a transaction"));
         }
-        self.seal();
+        self.seal_with(true);
         let seq = self.lock().write_seq;
         self.wait_durable(seq).await
     }
