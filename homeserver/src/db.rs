@@ -150,6 +150,27 @@ impl Db {
         Ok(out.iter().map(|r| r.meta.changes).collect())
     }
 
+    /// Read-only statements in one call and one transaction (one consistent view on both
+    /// engines); the rows of each.
+    pub fn read_batch(&self, statements: &[Bound]) -> Result<Vec<Vec<Row>>, DbError> {
+        if statements.is_empty() {
+            return Ok(Vec::new());
+        }
+        let raws: Vec<d1::Statement> = statements
+            .iter()
+            .map(|b| d1::Statement { sql: b.sql.text.to_owned(), params: b.params.clone() })
+            .collect();
+        let name = statements.first().map_or("batch", |b| b.sql.name);
+        let out = self.db.batch(&raws).map_err(|e| d1_error(name, e))?;
+        Ok(out
+            .into_iter()
+            .map(|r| {
+                let columns = std::rc::Rc::new(r.columns);
+                r.rows.into_iter().map(|values| Row { columns: columns.clone(), values }).collect()
+            })
+            .collect())
+    }
+
     /// Brings the schema to the newest version, once even when many processes start together:
     /// one takes the lock and migrates, the others get [`DbError::Migrating`] and retry.
     pub fn migrate(&self, holder: &str, now_ms: i64) -> Result<(), DbError> {

@@ -59,7 +59,11 @@ async fn stopped_backends_give_503_and_recover_without_restart() {
     let started = Instant::now();
     let r = post(&format!("{}/do/put-unconfirmed?name={unconfirmed}&key=k", s.url), "").await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    assert!(started.elapsed() < Duration::from_secs(2), "an unconfirmed write waited {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "an unconfirmed write waited {:?}",
+        started.elapsed()
+    );
     let started = Instant::now();
     let batch = json!([
         {"sql": format!("INSERT INTO {t} (id, v) VALUES (1, 'a')"), "params": []},

@@ -606,10 +606,19 @@ pub const PUSH_RULES_TYPE: &str = "m.push_rules";
 
 /// The user's push rules: their stored rule set, or the spec's defaults.
 pub fn ruleset(ctx: &Ctx, user_id: &str) -> Result<ruma::push::Ruleset> {
+    let stored = ctx.db()?.first(sql::ACCOUNT_DATA_GET, ruleset_params(user_id))?;
+    ruleset_from(user_id, stored.as_ref())
+}
+
+/// The parameters of [`sql::ACCOUNT_DATA_GET`] that read the user's push rules.
+pub fn ruleset_params(user_id: &str) -> Vec<db::Param> {
+    vec![db::t(user_id), db::t(""), db::t(PUSH_RULES_TYPE)]
+}
+
+/// The rule set stored in `row` (read with [`ruleset_params`]), or the default one.
+pub fn ruleset_from(user_id: &str, row: Option<&db::Row>) -> Result<ruma::push::Ruleset> {
     let user = ruma::UserId::parse(user_id).map_err(|e| Error::Internal(e.to_string()))?;
-    let stored =
-        ctx.db()?.first(sql::ACCOUNT_DATA_GET, vec![db::t(user_id), db::t(""), db::t(PUSH_RULES_TYPE)])?;
-    Ok(stored
+    Ok(row
         .and_then(|r| serde_json::from_str::<Value>(&r.str("content")).ok())
         .and_then(|v| serde_json::from_value(v["global"].clone()).ok())
         .unwrap_or_else(|| ruma::push::Ruleset::server_default(&user)))

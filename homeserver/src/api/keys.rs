@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{Ctx, Reply, ok};
-use crate::db::{self, bound, sql};
+use crate::db::{self, Bound, bound, sql};
 use crate::error::{Error, Result};
 use crate::keys::{self, UserRequest};
 
@@ -315,10 +315,9 @@ pub struct SyncE2ee {
     pub left: Vec<String>,
 }
 
-/// Everything for `/sync` in one query ([`sql::E2E_SYNC`]), and the deletion of acknowledged
-/// to-device messages when there are any. Device-list changes only with a since token.
-pub fn for_sync(ctx: &Ctx, user: &str, device: &str, since: Option<i64>, upto: i64) -> Result<SyncE2ee> {
-    let db = ctx.db()?;
+/// The one query ([`sql::E2E_SYNC`]) with everything end-to-end encryption adds to a `/sync`;
+/// its rows go to [`for_sync`]. Device-list changes only with a since token.
+pub fn sync_query(user: &str, device: &str, since: Option<i64>, upto: i64) -> Bound {
     let after = since.unwrap_or(0);
     let (from, to) = if since.is_some() { (after, upto) } else { (upto, upto) };
     let mut params = vec![
@@ -335,7 +334,12 @@ pub fn for_sync(ctx: &Ctx, user: &str, device: &str, since: Option<i64>, upto: i
     ];
     params.extend(changes_params(user, from, to));
     params.extend(left_params(user, from, to));
-    let rows = db.query(sql::E2E_SYNC, params)?;
+    bound(sql::E2E_SYNC, params)
+}
+
+/// Reads the rows of [`sync_query`], and deletes (through the user's object) the to-device
+/// messages the since token acknowledges, when there are any.
+pub fn for_sync(user: &str, device: &str, since: Option<i64>, rows: &[db::Row]) -> Result<SyncE2ee> {
     let mut out = SyncE2ee {
         one_time_key_counts: json!({}),
         unused_fallback_key_types: json!([]),
@@ -343,7 +347,7 @@ pub fn for_sync(ctx: &Ctx, user: &str, device: &str, since: Option<i64>, upto: i
     };
     let mut last = None;
     let mut acknowledged = 0;
-    for r in &rows {
+    for r in rows {
         match r.str("kind").as_str() {
             "d" => {
                 last = r.int("d");

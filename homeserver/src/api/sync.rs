@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{Ctx, Reply, Session, ok};
-use crate::db::{self, Row, sql};
+use crate::db::{self, Row, bound, sql};
 use crate::error::{Error, Result};
 use crate::room::pdu;
 
@@ -327,13 +327,40 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
     let db = ctx.db()?;
     let mut upto = db.first(sql::STREAM_MAX, vec![])?.and_then(|r| r.int("pos")).unwrap_or(0);
     let since_pos = since.unwrap_or(0);
+    // Everything else this sync reads about the user, in one call and one consistent view.
+    let user = s.user_id.as_str();
+    let since_upto = |upto: i64| {
+        vec![
+            bound(sql::ACCOUNT_DATA_SINCE, vec![db::t(user), db::i(since_pos), db::i(upto)]),
+            bound(sql::RECEIPTS_FOR_USER, vec![db::t(user), db::i(since_pos), db::i(upto)]),
+            bound(sql::PRESENCE_FOR_USER, vec![db::t(user), db::t(user), db::i(since_pos), db::i(upto)]),
+        ]
+    };
+    let mut statements = vec![
+        super::keys::sync_query(user, &s.device_id, since, upto),
+        bound(sql::USER_MEMBERSHIPS, vec![db::t(user)]),
+        bound(sql::TYPING_FOR_USER, vec![db::t(user)]),
+        bound(sql::ACCOUNT_DATA_GET, super::account::ruleset_params(user)),
+    ];
+    statements.extend(since_upto(upto));
+    let mut results = db.read_batch(&statements)?.into_iter();
+    let mut next = || results.next().unwrap_or_default();
+    let (e2ee_rows, memberships, typing, push_rules) = (next(), next(), next(), next());
+    let (mut room_data, mut receipts, mut presence_rows) = (next(), next(), next());
     // To-device messages first: when there are more than one sync carries, everything else
     // stops where they stop, so the next since token acknowledges only what was delivered.
-    let e2ee = super::keys::for_sync(ctx, &s.user_id, &s.device_id, since, upto)?;
+    let e2ee = super::keys::for_sync(user, &s.device_id, since, &e2ee_rows)?;
     if let Some(stop) = e2ee.stop {
         upto = stop;
+        let mut again = db.read_batch(&since_upto(upto))?.into_iter();
+        let mut next = || again.next().unwrap_or_default();
+        (room_data, receipts, presence_rows) = (next(), next(), next());
     }
-    let memberships = db.query(sql::USER_MEMBERSHIPS, vec![db::t(s.user_id.clone())])?;
+    let rules = super::account::ruleset_from(user, push_rules.first())?;
+    let presence: Vec<Value> = presence_rows
+        .iter()
+        .map(|r| json!({"type": "m.presence", "sender": r.str("user_id"), "content": super::ephemeral::presence_content(r)}))
+        .collect();
     let wanted = |room: &str| {
         filter.room.rooms.as_ref().is_none_or(|r| r.iter().any(|x| x == room))
             && filter.room.not_rooms.as_ref().is_none_or(|r| !r.iter().any(|x| x == room))
@@ -341,20 +368,6 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
     let (mut join, mut invite, mut leave, mut knock) =
         (serde_json::Map::new(), serde_json::Map::new(), serde_json::Map::new(), serde_json::Map::new());
     let mut park_keys = vec![format!("user:{}", s.user_id)];
-    let room_data =
-        db.query(sql::ACCOUNT_DATA_SINCE, vec![db::t(s.user_id.clone()), db::i(since_pos), db::i(upto)])?;
-    let rules = super::account::ruleset(ctx, &s.user_id)?;
-    let typing = db.query(sql::TYPING_FOR_USER, vec![db::t(s.user_id.clone())])?;
-    let receipts =
-        db.query(sql::RECEIPTS_FOR_USER, vec![db::t(s.user_id.clone()), db::i(since_pos), db::i(upto)])?;
-    let presence: Vec<Value> = db
-        .query(
-            sql::PRESENCE_FOR_USER,
-            vec![db::t(s.user_id.clone()), db::t(s.user_id.clone()), db::i(since_pos), db::i(upto)],
-        )?
-        .iter()
-        .map(|r| json!({"type": "m.presence", "sender": r.str("user_id"), "content": super::ephemeral::presence_content(r)}))
-        .collect();
     for m in &memberships {
         let room = m.str("room_id");
         if !wanted(&room) {
