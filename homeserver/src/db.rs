@@ -138,6 +138,10 @@ impl Db {
 
     /// All statements in one transaction; the rows changed by each.
     pub fn batch(&self, statements: &[Bound]) -> Result<Vec<u64>, DbError> {
+        Ok(self.raw_batch(statements)?.iter().map(|r| r.meta.changes).collect())
+    }
+
+    fn raw_batch(&self, statements: &[Bound]) -> Result<Vec<d1::QueryResult>, DbError> {
         if statements.is_empty() {
             return Ok(Vec::new());
         }
@@ -146,23 +150,14 @@ impl Db {
             .map(|b| d1::Statement { sql: b.sql.text.to_owned(), params: b.params.clone() })
             .collect();
         let name = statements.first().map_or("batch", |b| b.sql.name);
-        let out = self.db.batch(&raws).map_err(|e| d1_error(name, e))?;
-        Ok(out.iter().map(|r| r.meta.changes).collect())
+        self.db.batch(&raws).map_err(|e| d1_error(name, e))
     }
 
     /// Read-only statements in one call and one transaction (one consistent view on both
     /// engines); the rows of each.
     pub fn read_batch(&self, statements: &[Bound]) -> Result<Vec<Vec<Row>>, DbError> {
-        if statements.is_empty() {
-            return Ok(Vec::new());
-        }
-        let raws: Vec<d1::Statement> = statements
-            .iter()
-            .map(|b| d1::Statement { sql: b.sql.text.to_owned(), params: b.params.clone() })
-            .collect();
-        let name = statements.first().map_or("batch", |b| b.sql.name);
-        let out = self.db.batch(&raws).map_err(|e| d1_error(name, e))?;
-        Ok(out
+        Ok(self
+            .raw_batch(statements)?
             .into_iter()
             .map(|r| {
                 let columns = std::rc::Rc::new(r.columns);

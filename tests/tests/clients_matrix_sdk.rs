@@ -327,36 +327,111 @@ async fn flow(backend: Backend) {
     proxy.assert_clean();
 }
 
+/// The bodies of the messages `client` decrypts in the room's last 50 events (`/messages`).
+async fn decrypted_history(client: &Client, room_id: &RoomId) -> Vec<String> {
+    let history = client.get_room(room_id).expect("the device knows the room");
+    let mut options = MessagesOptions::backward();
+    options.limit = UInt::from(50_u32);
+    let page = history.messages(options).await.expect("/messages on the device");
+    page.chunk
+        .iter()
+        .filter(|e| e.encryption_info().is_some())
+        .filter_map(|e| match seen(e.raw()) {
+            Seen::Message { body, .. } => Some(body),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Alice and Bob, each signed in on a matrix-sdk client with crypto, in an encrypted room
+/// Alice created and Bob joined; every request through the validating proxy.
+struct EncryptedRoom {
+    hs: Homeserver,
+    proxy: ValidatingProxy,
+    url: String,
+    password: &'static str,
+    alice: Client,
+    alice_local: String,
+    alice_id: OwnedUserId,
+    bob: Client,
+    bob_id: OwnedUserId,
+    alice_sync: Syncer,
+    bob_sync: Syncer,
+    room: matrix_sdk::Room,
+    bob_room: matrix_sdk::Room,
+    room_id: matrix_sdk::ruma::OwnedRoomId,
+}
+
+impl EncryptedRoom {
+    async fn start(backend: Backend) -> Option<Self> {
+        let hs = Homeserver::start(Options::new(backend)).await?;
+        let proxy = ValidatingProxy::start(&hs.url).await;
+        let url = proxy.url.clone();
+        let password = "correct horse battery staple";
+        let alice = client(&url).await;
+        let alice_local = format!("alice{}", lattice_e2e::unique());
+        let alice_id = register(&alice, &alice_local, password).await.user_id;
+        let bob = client(&url).await;
+        let bob_id = register(&bob, &format!("bob{}", lattice_e2e::unique()), password).await.user_id;
+        // The first syncs upload each device's keys.
+        let mut alice_sync = Syncer::start(alice.clone()).await;
+        let mut bob_sync = Syncer::start(bob.clone()).await;
+
+        let mut create = create_room::v3::Request::new();
+        create.invite = vec![bob_id.clone()];
+        create.initial_state = vec![
+            InitialStateEvent::new(EmptyStateKey, RoomEncryptionEventContent::with_recommended_defaults())
+                .to_raw_any(),
+        ];
+        let room = alice.create_room(create).await.expect("create an encrypted room");
+        let room_id = room.room_id().to_owned();
+        bob_sync.until("the invite", |s| s.invited.contains(room_id.as_str())).await;
+        let bob_room = bob.get_room(&room_id).expect("bob knows the room");
+        bob_room.join().await.expect("bob joins");
+        let bob_joined = member(&bob_id, &bob_id, MembershipState::Join);
+        alice_sync.until("bob's join", |s| s.timeline(&room_id).contains(&bob_joined)).await;
+        Some(Self {
+            hs,
+            proxy,
+            url,
+            password,
+            alice,
+            alice_local,
+            alice_id,
+            bob,
+            bob_id,
+            alice_sync,
+            bob_sync,
+            room,
+            bob_room,
+            room_id,
+        })
+    }
+}
+
 /// Two users on matrix-sdk's crypto (vodozemac) in an encrypted room: device and one-time keys
 /// are uploaded, queried and claimed, Olm sessions carry the Megolm room keys as to-device
 /// messages, and each side decrypts the other's messages.
 async fn encrypted(backend: Backend) {
-    let Some(hs) = Homeserver::start(Options::new(backend)).await else { return };
-    let proxy = ValidatingProxy::start(&hs.url).await;
-    let url = proxy.url.clone();
-    let password = "correct horse battery staple";
-    let alice = client(&url).await;
-    let alice_local = format!("alice{}", lattice_e2e::unique());
-    let alice_id = register(&alice, &alice_local, password).await.user_id;
-    let bob = client(&url).await;
-    let bob_id = register(&bob, &format!("bob{}", lattice_e2e::unique()), password).await.user_id;
-    // The first syncs upload each device's keys.
-    let mut alice_sync = Syncer::start(alice.clone()).await;
-    let mut bob_sync = Syncer::start(bob.clone()).await;
-
-    let mut create = create_room::v3::Request::new();
-    create.invite = vec![bob_id.clone()];
-    create.initial_state = vec![
-        InitialStateEvent::new(EmptyStateKey, RoomEncryptionEventContent::with_recommended_defaults())
-            .to_raw_any(),
-    ];
-    let room = alice.create_room(create).await.expect("create an encrypted room");
-    let room_id = room.room_id().to_owned();
-    bob_sync.until("the invite", |s| s.invited.contains(room_id.as_str())).await;
-    let bob_room = bob.get_room(&room_id).expect("bob knows the room");
-    bob_room.join().await.expect("bob joins");
-    let bob_joined = member(&bob_id, &bob_id, MembershipState::Join);
-    alice_sync.until("bob's join", |s| s.timeline(&room_id).contains(&bob_joined)).await;
+    let Some(EncryptedRoom {
+        hs,
+        proxy,
+        url,
+        password,
+        alice,
+        alice_local,
+        alice_id,
+        bob,
+        bob_id,
+        mut alice_sync,
+        mut bob_sync,
+        room,
+        bob_room,
+        room_id,
+    }) = EncryptedRoom::start(backend).await
+    else {
+        return;
+    };
     assert!(room.latest_encryption_state().await.expect("encryption state").is_encrypted());
 
     for (sending, sender, body) in [
@@ -473,19 +548,7 @@ async fn encrypted(backend: Backend) {
         .download_room_keys_for_room(&room_id)
         .await
         .expect("download the room's keys");
-    let history = alice2.get_room(&room_id).expect("the new device knows the room");
-    let mut options = MessagesOptions::backward();
-    options.limit = UInt::from(50_u32);
-    let page = history.messages(options).await.expect("/messages on the new device");
-    let decrypted: Vec<String> = page
-        .chunk
-        .iter()
-        .filter(|e| e.encryption_info().is_some())
-        .filter_map(|e| match seen(e.raw()) {
-            Seen::Message { body, .. } => Some(body),
-            _ => None,
-        })
-        .collect();
+    let decrypted = decrypted_history(&alice2, &room_id).await;
     for body in ["a secret for bob", "a secret for alice", "still secret"] {
         assert!(
             decrypted.iter().any(|b| b == body),
@@ -514,31 +577,24 @@ async fn encrypted(backend: Backend) {
 /// dehydrated one with the pickle key, collects its to-device messages page by page through
 /// `/events` and decrypts Bob's message. The server sees only ciphertext and opaque device data.
 async fn dehydrated(backend: Backend) {
-    let Some(hs) = Homeserver::start(Options::new(backend)).await else { return };
-    let proxy = ValidatingProxy::start(&hs.url).await;
-    let url = proxy.url.clone();
-    let password = "correct horse battery staple";
-    let alice = client(&url).await;
-    let alice_local = format!("alice{}", lattice_e2e::unique());
-    let alice_id = register(&alice, &alice_local, password).await.user_id;
-    let bob = client(&url).await;
-    let bob_id = register(&bob, &format!("bob{}", lattice_e2e::unique()), password).await.user_id;
-    let mut alice_sync = Syncer::start(alice.clone()).await;
-    let mut bob_sync = Syncer::start(bob.clone()).await;
-
-    let mut create = create_room::v3::Request::new();
-    create.invite = vec![bob_id.clone()];
-    create.initial_state = vec![
-        InitialStateEvent::new(EmptyStateKey, RoomEncryptionEventContent::with_recommended_defaults())
-            .to_raw_any(),
-    ];
-    let room = alice.create_room(create).await.expect("create an encrypted room");
-    let room_id = room.room_id().to_owned();
-    bob_sync.until("the invite", |s| s.invited.contains(room_id.as_str())).await;
-    let bob_room = bob.get_room(&room_id).expect("bob knows the room");
-    bob_room.join().await.expect("bob joins");
-    let bob_joined = member(&bob_id, &bob_id, MembershipState::Join);
-    alice_sync.until("bob's join", |s| s.timeline(&room_id).contains(&bob_joined)).await;
+    // `_hs` keeps the server running to the end.
+    let Some(EncryptedRoom {
+        hs: _hs,
+        proxy,
+        url,
+        password,
+        alice,
+        alice_local,
+        alice_id,
+        bob,
+        mut bob_sync,
+        bob_room,
+        room_id,
+        ..
+    }) = EncryptedRoom::start(backend).await
+    else {
+        return;
+    };
 
     // Alice's device creates the dehydrated device; its keys are signed by her self-signing
     // key, without which other clients would withhold room keys from it.
@@ -629,19 +685,7 @@ async fn dehydrated(backend: Backend) {
         room_keys.iter().any(|k| k.room_id == room_id),
         "a room key for the room came through the dehydrated device: {room_keys:?}"
     );
-    let history = alice2.get_room(&room_id).expect("the new device knows the room");
-    let mut options = MessagesOptions::backward();
-    options.limit = UInt::from(50_u32);
-    let page = history.messages(options).await.expect("/messages on the new device");
-    let decrypted: Vec<String> = page
-        .chunk
-        .iter()
-        .filter(|e| e.encryption_info().is_some())
-        .filter_map(|e| match seen(e.raw()) {
-            Seen::Message { body, .. } => Some(body),
-            _ => None,
-        })
-        .collect();
+    let decrypted = decrypted_history(&alice2, &room_id).await;
     assert_eq!(decrypted, [body], "the new device decrypts bob's message with the rehydrated key");
     proxy.assert_clean();
 }
