@@ -60,14 +60,8 @@ LOG_PREFIX=kube
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() {
-    sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//' >&2
-    exit 2
-}
-
 # ----------------------------------------------------------------------------------------------
 # helpers
-
 
 ensure_base() {
     local missing=()
@@ -78,10 +72,6 @@ ensure_base() {
         apt_install "${missing[@]}"
     fi
 }
-
-
-
-
 
 # Holds an exclusive lock on the tool cache until the script exits, so two installs at once
 # (two test runs) build each tool once.

@@ -1,8 +1,16 @@
 # shellcheck shell=bash
-# Shell helpers shared by scripts/services.sh and scripts/kube.sh; sourced after LOG_PREFIX is set.
+# Shell helpers shared by scripts/services.sh, scripts/kube.sh and scripts/synapse.sh; sourced
+# after LOG_PREFIX is set.
 
 log() { printf '%s: %s\n' "$LOG_PREFIX" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+
+# Prints the script's header comment (everything after the shebang up to the first line that is
+# not a comment) as its usage, and exits 2.
+usage() {
+    awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0" >&2
+    exit 2
+}
 
 APT_UPDATED=0
 apt_install() {

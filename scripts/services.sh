@@ -34,16 +34,8 @@ LOG_PREFIX=services
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() {
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
-    exit 2
-}
-
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-
 
 # Polls "$@" until it succeeds, at most $READY_TIMEOUT seconds.
 wait_for() {
@@ -70,8 +62,6 @@ wait_gone() {
         sleep 0.1
     done
 }
-
-
 
 # ----------------------------------------------------------------------------------------------
 # PostgreSQL

@@ -38,11 +38,6 @@ LOG_PREFIX=synapse
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() {
-    sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//' >&2
-    exit 2
-}
-
 # ----------------------------------------------------------------------------------------------
 # venv
 
