@@ -101,8 +101,20 @@ pub fn cache_path(engine: &Engine, cache_dir: &Path, bytes: &[u8]) -> PathBuf {
     cache_dir.join(format!("{}.cwasm", hex::encode(&digest.finalize()[..16])))
 }
 
-/// Loads a component: from `cache_dir`, else from the read-only `seed` cache, else compiles it
-/// into `cache_dir`.
+/// The component's bytes and where its compiled form may be: in `cache_dir` (first, and where
+/// a compilation is written), then in the read-only `seed` cache.
+fn cache_candidates(
+    engine: &Engine,
+    path: &Path,
+    cache_dir: &Path,
+    seed: Option<&Path>,
+) -> anyhow::Result<(Vec<u8>, Vec<PathBuf>)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading component {}", path.display()))?;
+    let candidates =
+        std::iter::once(cache_dir).chain(seed).map(|dir| cache_path(engine, dir, &bytes)).collect();
+    Ok((bytes, candidates))
+}
+
 /// Whether [`load_component`] would find `path` compiled already (in `cache_dir` or `seed`).
 pub fn is_compiled(
     engine: &Engine,
@@ -110,32 +122,30 @@ pub fn is_compiled(
     cache_dir: &Path,
     seed: Option<&Path>,
 ) -> anyhow::Result<bool> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading component {}", path.display()))?;
-    Ok(std::iter::once(cache_dir).chain(seed).any(|dir| cache_path(engine, dir, &bytes).exists()))
+    Ok(cache_candidates(engine, path, cache_dir, seed)?.1.iter().any(|p| p.exists()))
 }
 
+/// Loads a component: from `cache_dir`, else from the read-only `seed` cache, else compiles it
+/// into `cache_dir`.
 pub fn load_component(
     engine: &Engine,
     path: &Path,
     cache_dir: &Path,
     seed: Option<&Path>,
 ) -> anyhow::Result<Component> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading component {}", path.display()))?;
-    let cached = cache_path(engine, cache_dir, &bytes);
-    let seeded = seed.map(|s| cache_path(engine, s, &bytes));
-    for candidate in std::iter::once(&cached).chain(seeded.as_ref()) {
-        if candidate.exists() {
-            match deserialize_cached(engine, candidate) {
-                Ok(c) => {
-                    tracing::info!(path = %candidate.display(), "loaded compiled component from cache");
-                    return Ok(c);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, path = %candidate.display(), "ignoring unusable compiled-component cache entry")
-                }
+    let (bytes, candidates) = cache_candidates(engine, path, cache_dir, seed)?;
+    for candidate in candidates.iter().filter(|c| c.exists()) {
+        match deserialize_cached(engine, candidate) {
+            Ok(c) => {
+                tracing::info!(path = %candidate.display(), "loaded compiled component from cache");
+                return Ok(c);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, path = %candidate.display(), "ignoring unusable compiled-component cache entry")
             }
         }
     }
+    let cached = &candidates[0];
     let started = std::time::Instant::now();
     let compiled = engine
         .precompile_component(&bytes)
@@ -146,8 +156,8 @@ pub fn load_component(
         .with_context(|| format!("creating cache dir {}", cache_dir.display()))?;
     let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, &compiled)?;
-    std::fs::rename(&tmp, &cached)?;
-    deserialize_cached(engine, &cached)
+    std::fs::rename(&tmp, cached)?;
+    deserialize_cached(engine, cached)
 }
 
 #[expect(
