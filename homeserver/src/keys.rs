@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::db::{self, Db, bound, sql};
-use crate::object::{Failure, fail, get_json, storage_fail};
+use crate::object::{Failure, db_fail, db_failure, fail, get_json, storage_fail};
 
 pub const BINDING: &str = "USERS";
 pub const CLASS: &str = "User";
@@ -120,7 +120,7 @@ fn unused_fallbacks(device: &str) -> Result<Vec<String>, Failure> {
 /// Writes the device's counts to D1 for `/sync`.
 fn publish_counts(user: &str, device: &str, counts: &BTreeMap<String, u64>) -> Result<(), Failure> {
     let fallbacks = unused_fallbacks(device)?;
-    let db = Db::open().map_err(|e| fail(503, "M_UNKNOWN", e.to_string()))?;
+    let db = Db::open().map_err(db_fail)?;
     db.execute(
         sql::E2E_COUNTS_UPSERT,
         vec![
@@ -130,12 +130,7 @@ fn publish_counts(user: &str, device: &str, counts: &BTreeMap<String, u64>) -> R
             db::t(json!(fallbacks).to_string()),
         ],
     )
-    .map_err(|e| match e {
-        db::DbError::Unavailable { .. } | db::DbError::Migrating => {
-            fail(503, "M_UNKNOWN", "the database is unavailable")
-        }
-        other => fail(500, "M_UNKNOWN", other.to_string()),
-    })?;
+    .map_err(db_fail)?;
     Ok(())
 }
 
@@ -250,22 +245,13 @@ fn drop_device(user: &str, device: &str) -> Result<UserReply, Failure> {
     }
     storage::delete(&[format!("n\0{device}"), queued_key(device), queue_version_key(device)])
         .map_err(storage_fail)?;
-    let db = Db::open().map_err(|e| fail(503, "M_UNKNOWN", e.to_string()))?;
+    let db = Db::open().map_err(db_fail)?;
     db.batch(&[
         bound(sql::E2E_COUNTS_DELETE, vec![db::t(user), db::t(device)]),
         bound(sql::TO_DEVICE_DROP_DEVICE, vec![db::t(user), db::t(device)]),
     ])
     .map_err(db_fail)?;
     Ok(UserReply::default())
-}
-
-fn db_fail(e: db::DbError) -> Failure {
-    match e {
-        db::DbError::Unavailable { .. } | db::DbError::Migrating => {
-            fail(503, "M_UNKNOWN", "the database is unavailable")
-        }
-        other => fail(500, "M_UNKNOWN", other.to_string()),
-    }
 }
 
 // ---- To-device queues ------------------------------------------------------------------------
@@ -430,11 +416,8 @@ fn write_queued(key: &str, q: &Queued, fresh: bool) -> Result<(), Failure> {
         ],
     ));
     let db = Db::open().map_err(db_fail)?;
-    let changes = db.batch(&batch).map_err(|e| match db_fail(e) {
-        f if f.status == 503 => {
-            fail(503, "M_UNKNOWN", "the database is unavailable; the messages are kept and will be queued")
-        }
-        f => f,
+    let changes = db.batch(&batch).map_err(|e| {
+        db_failure(e, "the database is unavailable; the messages are kept and will be queued")
     })?;
     if fresh {
         // Messages not written (the request was a repeat, or the device went away) give their

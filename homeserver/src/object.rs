@@ -32,6 +32,22 @@ pub fn storage_fail(e: types::Error) -> Failure {
     }
 }
 
+/// A failed D1 call inside an object: retryable (503, with `unavailable` as the message) when
+/// the database is down or migrating, else an internal error.
+pub fn db_failure(e: crate::db::DbError, unavailable: &str) -> Failure {
+    match e {
+        crate::db::DbError::Unavailable { .. } | crate::db::DbError::Migrating => {
+            fail(503, "M_UNKNOWN", unavailable)
+        }
+        other => fail(500, "M_UNKNOWN", other.to_string()),
+    }
+}
+
+/// [`db_failure`] with the plain message.
+pub fn db_fail(e: crate::db::DbError) -> Failure {
+    db_failure(e, "the database is unavailable")
+}
+
 /// One JSON value of the object's storage.
 pub fn get_json<T: DeserializeOwned>(key: &str) -> Result<Option<T>, Failure> {
     storage::get(&[key.to_owned()])

@@ -125,12 +125,7 @@ pub struct RoomReply {
 }
 
 fn db_fail(e: db::DbError) -> Failure {
-    match e {
-        db::DbError::Unavailable { .. } | db::DbError::Migrating => {
-            fail(503, "M_UNKNOWN", "the database is unavailable; the event is kept and will be written")
-        }
-        other => fail(500, "M_UNKNOWN", other.to_string()),
-    }
+    crate::object::db_failure(e, "the database is unavailable; the event is kept and will be written")
 }
 
 fn state_key(kind: &str, key: &str) -> String {
