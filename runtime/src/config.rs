@@ -385,6 +385,12 @@ pub struct Testing {
 }
 
 impl Config {
+    /// Where compiled components are cached: `component.cache_dir`, by default
+    /// `<data_dir>/compiled`.
+    pub fn component_cache_dir(&self) -> PathBuf {
+        self.component.cache_dir.clone().unwrap_or_else(|| self.server.data_dir.join("compiled"))
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;

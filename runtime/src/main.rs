@@ -44,8 +44,7 @@ fn main() -> anyhow::Result<()> {
         }
         "compile" => {
             let e = engine::build_engine(&config.limits)?;
-            let cache =
-                config.component.cache_dir.clone().unwrap_or_else(|| config.server.data_dir.join("compiled"));
+            let cache = config.component_cache_dir();
             engine::load_component(
                 &e,
                 &config.component.path,
@@ -90,7 +89,7 @@ fn init_logging(format: &str) {
 /// in the serving process's resident set (~60 MB more, measured in BENCHMARKS.md). The serving
 /// process loads the entry the child wrote. Compiling in-process remains the fallback.
 fn compile_in_child(config: &Config, config_path: &std::path::Path) -> anyhow::Result<()> {
-    let cache = config.component.cache_dir.clone().unwrap_or_else(|| config.server.data_dir.join("compiled"));
+    let cache = config.component_cache_dir();
     let e = engine::build_engine(&config.limits)?;
     if engine::is_compiled(&e, &config.component.path, &cache, config.component.seed_cache_dir.as_deref())? {
         return Ok(());

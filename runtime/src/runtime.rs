@@ -236,8 +236,7 @@ impl Shared {
         };
 
         let engine = engine::build_engine(&config.limits)?;
-        let cache_dir =
-            config.component.cache_dir.clone().unwrap_or_else(|| config.server.data_dir.join("compiled"));
+        let cache_dir = config.component_cache_dir();
         let component = engine::load_component(
             &engine,
             &config.component.path,
@@ -393,6 +392,7 @@ impl Shared {
 #[derive(Clone)]
 pub struct SignalPublisher {
     queue: tokio::sync::mpsc::Sender<String>,
+    metrics: Arc<Metrics>,
 }
 
 impl SignalPublisher {
@@ -403,11 +403,12 @@ impl SignalPublisher {
 
     fn start(bus: Arc<dyn SignalBus>, metrics: Arc<Metrics>) -> Self {
         let (queue, mut rx) = tokio::sync::mpsc::channel::<String>(Self::QUEUE);
+        let task_metrics = metrics.clone();
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(Self::CONCURRENT);
             while rx.recv_many(&mut batch, Self::CONCURRENT).await > 0 {
                 let sends = batch.drain(..).map(|message| {
-                    let (bus, metrics) = (bus.clone(), metrics.clone());
+                    let (bus, metrics) = (bus.clone(), task_metrics.clone());
                     async move {
                         let started = std::time::Instant::now();
                         let out = bus.publish(&message).await;
@@ -420,13 +421,13 @@ impl SignalPublisher {
                 futures::future::join_all(sends).await;
             }
         });
-        Self { queue }
+        Self { queue, metrics }
     }
 
     /// Queues `message` for publishing; never waits.
-    pub fn publish(&self, message: String, metrics: &Metrics) {
+    pub fn publish(&self, message: String) {
         if self.queue.try_send(message).is_err() {
-            metrics.binding_call("signals", "queue", std::time::Duration::ZERO, true);
+            self.metrics.binding_call("signals", "queue", std::time::Duration::ZERO, true);
             tracing::warn!("the signal queue is full; a signal to other processes was dropped");
         }
     }

@@ -13,7 +13,7 @@ impl Host for WorkerState {
         self.shared.signals.signal(&key);
         if let Some(bus) = &self.shared.signal_bus {
             // In the background: the guest does not wait for the bus (see `SignalPublisher`).
-            bus.publish(format!("{} {key}", self.shared.process_id), &self.shared.metrics);
+            bus.publish(format!("{} {key}", self.shared.process_id));
         }
         Ok(())
     }
