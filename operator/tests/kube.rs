@@ -905,13 +905,18 @@ async fn the_binary_leads_reconciles_and_serves_metrics() {
         .expect("generation");
     let api = Api::<MatrixHomeserver>::namespaced(client.clone(), &ns);
     wait_status(&api, g, "the binary to reconcile", |hs| is(hs, PROGRESSING, "True", "RollingOut")).await;
-    let metrics = get("/metrics").await.expect("/metrics");
-    let reconciles = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("lattice_operator_reconciles_total "))
-        .and_then(|v| v.parse::<u64>().ok())
-        .expect("the reconcile counter");
-    assert!(reconciles >= 1, "{metrics}");
+    // The status is patched inside the reconcile and the counter moves when it returns, so the
+    // counter may lag the status by a moment.
+    let reconciled = |m: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("lattice_operator_reconciles_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n >= 1)
+    };
+    let metrics = wait_for("/metrics to count a reconcile", || async {
+        get("/metrics").await.filter(|m| reconciled(m))
+    })
+    .await;
     assert!(metrics.contains("lattice_operator_reconcile_duration_seconds_count"), "{metrics}");
 
     let term =
