@@ -487,6 +487,20 @@ async fn object_storage_contract(b: &dyn ObjectStorageBackend) {
     assert!(matches!(err, BackendError::Fenced { shard: 0, .. }), "{err:?}");
     assert_eq!(b.get(&addr, &["z".into(), "a".into()]).await.unwrap(), vec![("a".into(), b"1".to_vec())]);
     assert_eq!(b.get_alarm(&addr).await.unwrap(), Some(1000));
+    // Without delete_all too (PostgreSQL writes these in one statement): no put, no delete, no
+    // alarm change.
+    let stale = ObjectWrite {
+        entries: vec![put("z", "stale"), (String::from("a"), None)],
+        alarm: Some(Some(7)),
+        delete_all: false,
+    };
+    let err = b.commit(&addr, e1, &stale).await.unwrap_err();
+    assert!(matches!(err, BackendError::Fenced { shard: 0, .. }), "{err:?}");
+    assert_eq!(b.get(&addr, &["z".into(), "a".into()]).await.unwrap(), vec![("a".into(), b"1".to_vec())]);
+    assert_eq!(b.get_alarm(&addr).await.unwrap(), Some(1000));
+    let stale = ObjectWrite { alarm: Some(None), ..Default::default() };
+    assert!(matches!(b.commit(&addr, e1, &stale).await, Err(BackendError::Fenced { .. })));
+    assert_eq!(b.get_alarm(&addr).await.unwrap(), Some(1000));
     // A shard never acquired is fenced too.
     let unowned = ObjectAddr { shard: 7, ..addr.clone() };
     assert!(matches!(b.commit(&unowned, 1, &ObjectWrite::default()).await, Err(BackendError::Fenced { .. })));
@@ -608,6 +622,36 @@ async fn postgres_sql() {
     let sql = PostgresSql::new(&url).unwrap();
     let store = PostgresObjectStorage::new(&url).unwrap();
     sql_contract(&sql, Some(&store)).await;
+}
+
+/// A batch of reads sees one snapshot, as it does on SQLite: a row committed by another
+/// connection while the batch runs is in neither of its counts.
+#[tokio::test]
+async fn postgres_read_batch_sees_one_snapshot() {
+    let Some(url) = postgres_url() else { return };
+    let sql = std::sync::Arc::new(PostgresSql::new(&url).unwrap());
+    let t = unique("snap_");
+    sql.batch(vec![st(&format!("CREATE TABLE {t} (id INTEGER PRIMARY KEY)"), vec![])], None).await.unwrap();
+    sql.batch(vec![st(&format!("INSERT INTO {t} (id) VALUES (1)"), vec![])], None).await.unwrap();
+    let count = format!("SELECT count(*) AS n FROM {t}");
+    let reader = {
+        let (sql, count) = (sql.clone(), count.clone());
+        tokio::spawn(async move {
+            sql.batch(
+                vec![st(&count, vec![]), st("SELECT pg_sleep(0.6) AS slept", vec![]), st(&count, vec![])],
+                None,
+            )
+            .await
+            .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sql.batch(vec![st(&format!("INSERT INTO {t} (id) VALUES (2)"), vec![])], None).await.unwrap();
+    let after = sql.batch(vec![st(&count, vec![])], None).await.unwrap();
+    assert_eq!(after[0].rows, vec![vec![SqlValue::Integer(2)]], "the insert committed during the batch");
+    let out = reader.await.unwrap();
+    assert_eq!(out[0].rows, vec![vec![SqlValue::Integer(1)]]);
+    assert_eq!(out[2].rows, out[0].rows, "both reads of the batch see the same snapshot");
 }
 
 #[tokio::test]
