@@ -16,6 +16,7 @@
 pub mod fs;
 pub mod kube_lease;
 pub mod lease;
+mod pgwire;
 pub mod postgres;
 pub mod redis;
 pub mod s3;

@@ -1,5 +1,5 @@
-//! Production backends on PostgreSQL: D1 ([`PostgresSql`]) and Durable Object storage
-//! ([`PostgresObjectStorage`]).
+//! Production backends on PostgreSQL: D1 ([`PostgresSql`], pipelined over tokio-postgres, see
+//! `pgwire.rs`) and Durable Object storage ([`PostgresObjectStorage`], over sqlx).
 //!
 //! D1 is SQLite's dialect; the guest's SQL runs unchanged on a portable subset. The only
 //! rewrites ([`translate`]) are `?`/`?NNN` placeholders to `$N`, SQLite type names whose
@@ -16,24 +16,18 @@
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::TryStreamExt;
-use sqlx::postgres::{
-    PgArgumentBuffer, PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow, PgTypeInfo, PgValueRef,
-    Postgres,
-};
-use sqlx::{
-    Arguments, AssertSqlSafe, Column, ConnectOptions, Connection, Either, Executor, Row, SqlSafeStr,
-    Statement, TypeInfo, ValueRef,
-};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions};
 use tokio::sync::OnceCell;
 
+use crate::pgwire::{BatchError, Clients, Job, Lease, Mode, run_pipelined};
 use crate::sqlite::list_range_sql;
 use crate::{
-    BackendError, Fence, ObjectAddr, ObjectListRange, ObjectStorageBackend, ObjectWrite, QueryMeta,
-    QueryOutput, SqlBackend, SqlError, SqlStatement, SqlValue,
+    BackendError, Fence, ObjectAddr, ObjectListRange, ObjectStorageBackend, ObjectWrite, QueryOutput,
+    SqlBackend, SqlError, SqlStatement,
 };
 
 const BACKEND: &str = "postgres";
@@ -281,61 +275,8 @@ pub fn translate(sql: &str) -> Result<Translated, String> {
 // ---------------------------------------------------------------------------------------------
 // Values
 
-/// A NULL parameter whose type PostgreSQL infers from the statement (OID 0, "unspecified"), so
-/// that a NULL fits any column, as in SQLite.
-struct UntypedNull;
-
-impl sqlx::Type<Postgres> for UntypedNull {
-    fn type_info() -> PgTypeInfo {
-        PgTypeInfo::with_oid(sqlx::postgres::types::Oid(0))
-    }
-    fn compatible(_: &PgTypeInfo) -> bool {
-        true
-    }
-}
-
-impl sqlx::Encode<'_, Postgres> for UntypedNull {
-    fn encode_by_ref(
-        &self,
-        _: &mut PgArgumentBuffer,
-    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
-        Ok(sqlx::encode::IsNull::Yes)
-    }
-}
-
-fn bind_params(params: &[SqlValue]) -> Result<PgArguments, sqlx::error::BoxDynError> {
-    let mut args = PgArguments::default();
-    for p in params {
-        match p {
-            SqlValue::Null => args.add(UntypedNull)?,
-            SqlValue::Integer(v) => args.add(*v)?,
-            SqlValue::Real(v) => args.add(*v)?,
-            SqlValue::Text(v) => args.add(v.as_str())?,
-            SqlValue::Blob(v) => args.add(v.as_slice())?,
-        }
-    }
-    Ok(args)
-}
-
-/// A suffix that makes the statement text differ per parameter type signature: sqlx caches
-/// prepared statements by text, and a statement prepared for an `INT8` parameter must not be
-/// reused with a `TEXT` one.
-fn signature_comment(params: &[SqlValue]) -> String {
-    let sig: String = params
-        .iter()
-        .map(|p| match p {
-            SqlValue::Null => 'n',
-            SqlValue::Integer(_) => 'i',
-            SqlValue::Real(_) => 'r',
-            SqlValue::Text(_) => 't',
-            SqlValue::Blob(_) => 'b',
-        })
-        .collect();
-    format!("\n/* lattice:{sig} */")
-}
-
 /// Decodes PostgreSQL's binary NUMERIC into an f64.
-fn numeric_to_f64(bytes: &[u8]) -> Result<f64, String> {
+pub(crate) fn numeric_to_f64(bytes: &[u8]) -> Result<f64, String> {
     let word = |i: usize| -> Result<i16, String> {
         bytes
             .get(i..i + 2)
@@ -360,53 +301,6 @@ fn numeric_to_f64(bytes: &[u8]) -> Result<f64, String> {
     Ok(if sign == 0x4000 { -value } else { value })
 }
 
-fn decode_value(v: PgValueRef<'_>, column: &str) -> Result<SqlValue, String> {
-    use sqlx::Decode;
-    if v.is_null() {
-        return Ok(SqlValue::Null);
-    }
-    let ty = v.type_info().name().to_string();
-    let err = |e: sqlx::error::BoxDynError| format!("column {column:?} ({ty}): {e}");
-    Ok(match ty.as_str() {
-        "INT2" => SqlValue::Integer(i16::decode(v).map_err(err)?.into()),
-        "INT4" => SqlValue::Integer(i32::decode(v).map_err(err)?.into()),
-        "INT8" => SqlValue::Integer(i64::decode(v).map_err(err)?),
-        "OID" => SqlValue::Integer(i64::from(
-            <sqlx::postgres::types::Oid as Decode<Postgres>>::decode(v).map_err(err)?.0,
-        )),
-        "FLOAT4" => SqlValue::Real(f32::decode(v).map_err(err)?.into()),
-        "FLOAT8" => SqlValue::Real(f64::decode(v).map_err(err)?),
-        "NUMERIC" => SqlValue::Real(
-            numeric_to_f64(v.as_bytes().map_err(err)?).map_err(|e| format!("column {column:?}: {e}"))?,
-        ),
-        "BOOL" => SqlValue::Integer(i64::from(bool::decode(v).map_err(err)?)),
-        "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" | "CHAR" | "UNKNOWN" | "JSON" | "CITEXT" => {
-            SqlValue::Text(v.as_str().map_err(err)?.to_owned())
-        }
-        "JSONB" => {
-            // Binary JSONB is a version byte (1) followed by the JSON text.
-            let bytes = v.as_bytes().map_err(err)?;
-            SqlValue::Text(String::from_utf8_lossy(bytes.get(1..).unwrap_or_default()).into_owned())
-        }
-        "UUID" => {
-            let b = v.as_bytes().map_err(err)?;
-            let h = hex::encode(b);
-            if h.len() != 32 {
-                return Err(format!("column {column:?}: bad UUID"));
-            }
-            SqlValue::Text(format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]))
-        }
-        "BYTEA" => SqlValue::Blob(v.as_bytes().map_err(err)?.to_vec()),
-        "VOID" => SqlValue::Null,
-        other => {
-            return Err(format!(
-                "column {column:?} has PostgreSQL type {other}, which D1 cannot represent; \
-                 CAST it to TEXT, INTEGER or REAL in the query"
-            ));
-        }
-    })
-}
-
 // ---------------------------------------------------------------------------------------------
 // D1
 
@@ -418,20 +312,26 @@ fn decode_value(v: PgValueRef<'_>, column: &str) -> Result<SqlValue, String> {
 /// is 0 (measuring the database on every statement would cost more than the statement);
 /// `changed_db` is true when rows changed or the statement was DDL.
 ///
+/// Round trips: every batch is pipelined (see [`crate::pgwire`]): one round trip for a batch
+/// whose statements this connection has prepared before, in a transaction (`REPEATABLE READ
+/// READ ONLY` for reads only, so the batch sees one snapshot as on SQLite) unless it is one
+/// unfenced statement, which runs in autocommit.
+///
 /// Fencing: with a [`Fence`], the batch's transaction first reads the shard's row in
 /// `lattice_do_shards` `FOR SHARE`: a different epoch fails the batch with
-/// [`BackendError::Fenced`], and the lock holds off a concurrent `acquire_shard` until the batch
-/// commits. A shard with no row has never been acquired in this database (Durable Object storage
+/// [`BackendError::Fenced`] (and rolls it back), and the lock holds off a concurrent
+/// `acquire_shard` until the batch commits. A shard with no row has never been acquired in this database (Durable Object storage
 /// lives elsewhere) and is not fenced here.
 ///
 /// Group commit: fenced batches (the writes Durable Objects make) that arrive while another
-/// group is committing are queued and committed together, each in its own savepoint, in one
-/// transaction: one WAL flush for many batches, and each batch still commits or fails alone.
+/// group is committing are queued and committed together in one transaction: one WAL flush for
+/// many batches. Each batch still commits or fails alone: when one fails, the transaction rolls
+/// back, that batch gets its error and the others are committed again without it.
 /// Unfenced batches (reads and writes from stateless requests) run on their own connection
 /// and transaction, in parallel.
 #[derive(Debug, Clone)]
 pub struct PostgresSql {
-    pool: PgPool,
+    clients: std::sync::Arc<Clients>,
     schema: std::sync::Arc<OnceCell<()>>,
     group: std::sync::Arc<GroupCommit>,
 }
@@ -464,7 +364,30 @@ impl PostgresSql {
     /// A backend for `url` (`postgres://user@host:port/db`). Connects lazily: a database that is
     /// down makes calls fail with `Unavailable`, not this constructor.
     pub fn new(url: &str) -> Result<Self, BackendError> {
-        Ok(Self { pool: pool(url)?, schema: Default::default(), group: Default::default() })
+        Ok(Self {
+            clients: std::sync::Arc::new(Clients::new(url)?),
+            schema: Default::default(),
+            group: Default::default(),
+        })
+    }
+
+    /// Creates the shard table fenced batches read, once per process (again after a failure).
+    async fn ensure_shards(&self) -> Result<(), BackendError> {
+        self.schema
+            .get_or_try_init(|| async {
+                let mut lease = self.clients.acquire().await?;
+                // Two processes creating the same table at once can collide in PostgreSQL's
+                // catalog even with IF NOT EXISTS; the loser's retry finds it there.
+                let client = lease.conn().client();
+                let r = match client.batch_execute(SHARDS_SCHEMA).await {
+                    Ok(()) => Ok(()),
+                    Err(_) => client.batch_execute(SHARDS_SCHEMA).await.map_err(unavailable),
+                };
+                lease.set_clean(r.is_ok());
+                r
+            })
+            .await
+            .map(drop)
     }
 
     /// Queues a batch for the next group commit; whoever takes the leader lock first commits
@@ -500,264 +423,81 @@ impl PostgresSql {
         }
     }
 
+    /// Commits `jobs` in one transaction. A job that fails is answered with its error and the
+    /// transaction is run again without it; each job is answered only once its outcome is
+    /// final (committed, or failed alone).
     async fn commit_group(&self, jobs: Vec<GroupJob>) {
-        let fail_all = |jobs: Vec<GroupJob>, e: &BackendError| {
-            for j in jobs {
-                let _ = j.reply.send(Err(SqlError::Backend(unavailable(e.to_string()))));
-            }
-        };
-        let mut conn = match self.pool.acquire().await {
-            Ok(c) => c,
-            Err(e) => return fail_all(jobs, &unavailable(e)),
-        };
-        // A batch alone in its group needs no savepoint: two round trips fewer.
-        if let [_] = jobs.as_slice() {
-            let job = jobs.into_iter().next().expect("one job");
-            let out = run_alone(&mut conn, &job.statements, job.fence.as_ref()).await;
-            let _ = job.reply.send(out);
-            return;
-        }
-        let mut tx = match sqlx::Connection::begin(&mut *conn).await {
-            Ok(t) => t,
-            Err(e) => return fail_all(jobs, &unavailable(e)),
-        };
-        let mut results = Vec::with_capacity(jobs.len());
-        for job in &jobs {
-            let mut retried = false;
-            let out = loop {
-                let r = run_in_savepoint(&mut tx, &job.statements, job.fence.as_ref()).await;
-                match r {
-                    Err(BatchError::StalePlan) if !retried => {
-                        retried = true;
-                        if let Err(e) = (*tx).clear_cached_statements().await {
-                            break Err(SqlError::Backend(unavailable(e)));
-                        }
-                    }
-                    Err(BatchError::StalePlan) => {
-                        break Err(SqlError::Backend(unavailable(
-                            "prepared statement still stale after a retry",
-                        )));
-                    }
-                    Err(BatchError::Sql(e)) => break Err(e),
-                    Ok(o) => break Ok(o),
+        let mut lease = match self.clients.acquire().await {
+            Ok(l) => l,
+            Err(e) => {
+                for j in jobs {
+                    let _ = j.reply.send(Err(SqlError::Backend(unavailable(e.to_string()))));
                 }
-            };
-            results.push(out);
-        }
-        if let Err(e) = tx.commit().await {
-            return fail_all(jobs, &unavailable(e));
-        }
-        for (job, out) in jobs.into_iter().zip(results) {
-            let _ = job.reply.send(out);
-        }
-    }
-}
-
-/// One batch inside a group commit: its own savepoint, released on success and rolled back on
-/// failure, so it commits or fails alone.
-async fn run_in_savepoint(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    statements: &[SqlStatement],
-    fence: Option<&Fence>,
-) -> Result<Vec<QueryOutput>, BatchError> {
-    let mut sp = sqlx::Connection::begin(&mut **tx).await.map_err(unavailable)?;
-    if let Some(fence) = fence {
-        check_fence(&mut sp, fence).await?;
-    }
-    let mut outputs = Vec::with_capacity(statements.len());
-    for (index, st) in statements.iter().enumerate() {
-        // On error `sp` is dropped, which rolls back to the savepoint.
-        outputs.push(run_statement(&mut sp, index, st).await?);
-    }
-    sp.commit().await.map_err(unavailable)?;
-    Ok(outputs)
-}
-
-enum BatchError {
-    Sql(SqlError),
-    /// PostgreSQL refused a cached prepared statement because a table changed under it.
-    StalePlan,
-}
-
-impl From<BackendError> for BatchError {
-    fn from(e: BackendError) -> Self {
-        Self::Sql(SqlError::Backend(e))
-    }
-}
-
-/// Whether a sqlx error is the infrastructure's fault rather than the statement's.
-fn is_infrastructure(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Database(db) => {
-            let code = db.code().unwrap_or_default();
-            // 08 connection, 40 serialisation/deadlock, 53 resources, 57 shutdown/cancel,
-            // 58 system, XX internal.
-            ["08", "40", "53", "57", "58", "XX"].iter().any(|class| code.starts_with(class))
-        }
-        sqlx::Error::ColumnDecode { .. }
-        | sqlx::Error::ColumnNotFound(_)
-        | sqlx::Error::ColumnIndexOutOfBounds { .. }
-        | sqlx::Error::TypeNotFound { .. }
-        | sqlx::Error::Encode(_)
-        | sqlx::Error::Decode(_) => false,
-        _ => true,
-    }
-}
-
-fn is_stale_plan(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db)
-        if db.code().as_deref() == Some("0A000") && db.message().contains("cached plan"))
-}
-
-fn sql_error(index: usize, e: sqlx::Error) -> BatchError {
-    if is_stale_plan(&e) {
-        BatchError::StalePlan
-    } else if is_infrastructure(&e) {
-        BatchError::Sql(SqlError::Backend(unavailable(e)))
-    } else {
-        let message = match &e {
-            sqlx::Error::Database(db) => db.message().to_string(),
-            other => other.to_string(),
-        };
-        BatchError::Sql(SqlError::Statement { index, message })
-    }
-}
-
-async fn run_statement(
-    conn: &mut sqlx::PgConnection,
-    index: usize,
-    st: &SqlStatement,
-) -> Result<QueryOutput, BatchError> {
-    let start = Instant::now();
-    let t = translate(&st.sql).map_err(|message| BatchError::Sql(SqlError::Statement { index, message }))?;
-    let sql = format!("{}{}", t.sql, signature_comment(&st.params));
-    let args = bind_params(&st.params)
-        .map_err(|e| BatchError::Sql(SqlError::Statement { index, message: e.to_string() }))?;
-
-    let mut rows_affected = 0u64;
-    let mut rows: Vec<PgRow> = Vec::new();
-    {
-        let query = sqlx::query_with(AssertSqlSafe(sql.clone()), args);
-        let mut stream = (&mut *conn).fetch_many(query);
-        while let Some(item) = stream.try_next().await.map_err(|e| sql_error(index, e))? {
-            match item {
-                Either::Left(done) => rows_affected += done.rows_affected(),
-                Either::Right(row) => rows.push(row),
+                return;
             }
+        };
+        let mut pending = jobs;
+        let mut retried_stale = false;
+        while !pending.is_empty() {
+            let runs: Vec<Job<'_>> =
+                pending.iter().map(|j| Job { statements: &j.statements, fence: j.fence.as_ref() }).collect();
+            let (outcomes, clean) = run_pipelined(lease.conn(), &runs, Mode::Write).await;
+            drop(runs);
+            lease.set_clean(clean);
+            let mut again = Vec::new();
+            let mut stale = false;
+            for (job, outcome) in pending.into_iter().zip(outcomes) {
+                match outcome {
+                    None => again.push(job),
+                    Some(Ok(out)) => {
+                        let _ = job.reply.send(Ok(out));
+                    }
+                    Some(Err(BatchError::Sql(e))) => {
+                        let _ = job.reply.send(Err(e));
+                    }
+                    Some(Err(BatchError::StalePlan)) if !retried_stale => {
+                        stale = true;
+                        again.push(job);
+                    }
+                    Some(Err(BatchError::StalePlan)) => {
+                        let _ = job.reply.send(Err(SqlError::Backend(unavailable(
+                            "prepared statement still stale after a retry",
+                        ))));
+                    }
+                }
+            }
+            if stale {
+                retried_stale = true;
+                lease.conn().forget_statements();
+            }
+            pending = again;
         }
-    }
-
-    let columns: Vec<String> = match rows.first() {
-        Some(row) => row.columns().iter().map(|c| c.name().to_owned()).collect(),
-        // No row to read the names from: the statement sqlx just ran is in its cache, so this
-        // is answered without a round trip.
-        None => match (&mut *conn).prepare(AssertSqlSafe(sql).into_sql_str()).await {
-            Ok(stmt) => stmt.columns().iter().map(|c| c.name().to_owned()).collect(),
-            Err(e) => return Err(sql_error(index, e)),
-        },
-    };
-    let mut out_rows = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let mut values = Vec::with_capacity(columns.len());
-        for (i, name) in columns.iter().enumerate() {
-            let raw = row.try_get_raw(i).map_err(|e| sql_error(index, e))?;
-            values.push(
-                decode_value(raw, name)
-                    .map_err(|message| BatchError::Sql(SqlError::Statement { index, message }))?,
-            );
-        }
-        out_rows.push(values);
-    }
-    let changes = if t.writes { rows_affected } else { 0 };
-    let ddl = matches!(t.first_word.as_str(), "CREATE" | "ALTER" | "DROP");
-    Ok(QueryOutput {
-        columns,
-        meta: QueryMeta {
-            duration_ms: start.elapsed().as_secs_f64() * 1000.0,
-            changes,
-            last_row_id: 0,
-            changed_db: changes > 0 || ddl,
-            rows_read: out_rows.len() as u64,
-            rows_written: changes,
-            size_after: 0,
-        },
-        rows: out_rows,
-    })
-}
-
-async fn check_fence(conn: &mut sqlx::PgConnection, fence: &Fence) -> Result<(), BackendError> {
-    let current: Option<i64> = sqlx::query_scalar(
-        "SELECT epoch FROM lattice_do_shards WHERE namespace = $1 AND shard = $2 FOR SHARE",
-    )
-    .bind(&fence.namespace)
-    .bind(i64::from(fence.shard))
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(unavailable)?;
-    match current {
-        Some(e) if u64::try_from(e).ok() != Some(fence.epoch) => {
-            Err(BackendError::Fenced { shard: fence.shard, epoch: fence.epoch })
-        }
-        _ => Ok(()),
     }
 }
 
-async fn run_batch(
-    conn: &mut sqlx::PgConnection,
-    statements: &[SqlStatement],
-    fence: Option<&Fence>,
-) -> Result<Vec<QueryOutput>, BatchError> {
-    // A batch of reads sees one snapshot, as on SQLite: READ COMMITTED (PostgreSQL's default)
-    // would give each statement its own.
-    let reads_only = statements.iter().all(|st| {
-        translate(&st.sql)
-            .is_ok_and(|t| !t.writes && matches!(t.first_word.as_str(), "SELECT" | "WITH" | "VALUES"))
-    });
-    let mut tx = if reads_only {
-        conn.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await
-    } else {
-        conn.begin().await
-    }
-    .map_err(unavailable)?;
-    if let Some(fence) = fence {
-        check_fence(&mut tx, fence).await?;
-    }
-    let mut outputs = Vec::with_capacity(statements.len());
-    for (index, st) in statements.iter().enumerate() {
-        // On error `tx` is dropped, which rolls the transaction back.
-        outputs.push(run_statement(&mut tx, index, st).await?);
-    }
-    tx.commit().await.map_err(unavailable)?;
-    Ok(outputs)
-}
-
-/// One batch in a transaction of its own, run again once if PostgreSQL refused a cached plan
+/// One batch in a pipeline of its own, run again once if PostgreSQL refused a cached plan
 /// (nothing was committed then).
 async fn run_alone(
-    conn: &mut sqlx::PgConnection,
+    lease: &mut Lease<'_>,
     statements: &[SqlStatement],
     fence: Option<&Fence>,
+    mode: Mode,
 ) -> Result<Vec<QueryOutput>, SqlError> {
     let mut retried = false;
     loop {
-        // One unfenced statement needs no explicit transaction: in autocommit it is one round
-        // trip instead of three, and just as atomic.
-        let result = if statements.len() == 1 && fence.is_none() {
-            run_statement(conn, 0, &statements[0]).await.map(|o| vec![o])
-        } else {
-            run_batch(conn, statements, fence).await
-        };
-        match result {
-            Ok(out) => return Ok(out),
-            Err(BatchError::Sql(e)) => return Err(e),
-            Err(BatchError::StalePlan) if !retried => {
-                // Forget the prepared statements and run the whole batch again.
+        let (mut outcomes, clean) = run_pipelined(lease.conn(), &[Job { statements, fence }], mode).await;
+        lease.set_clean(clean);
+        match outcomes.pop().flatten() {
+            Some(Ok(out)) => return Ok(out),
+            Some(Err(BatchError::Sql(e))) => return Err(e),
+            Some(Err(BatchError::StalePlan)) if !retried => {
                 retried = true;
-                conn.clear_cached_statements().await.map_err(unavailable)?;
+                lease.conn().forget_statements();
             }
-            Err(BatchError::StalePlan) => {
+            Some(Err(BatchError::StalePlan)) => {
                 return Err(SqlError::Backend(unavailable("prepared statement still stale after a retry")));
             }
+            None => return Err(SqlError::Backend(unavailable("the batch got no outcome"))),
         }
     }
 }
@@ -773,24 +513,41 @@ impl SqlBackend for PostgresSql {
         statements: Vec<SqlStatement>,
         fence: Option<Fence>,
     ) -> Result<Vec<QueryOutput>, SqlError> {
+        let translated: Vec<Option<Translated>> =
+            statements.iter().map(|st| translate(&st.sql).ok()).collect();
         // Reads need no fence: a stale owner reading harms nothing, and a read-only batch then
         // takes no lock on the shard row and does not wait for (or hold up) a group commit.
-        let fence =
-            fence.filter(|_| statements.iter().any(|st| translate(&st.sql).map_or(true, |t| t.writes)));
+        let fence = fence.filter(|_| translated.iter().any(|t| t.as_ref().is_none_or(|t| t.writes)));
         bounded(async {
             if fence.is_some() {
-                ensure_schema(&self.schema, &self.pool, SHARDS_SCHEMA).await?;
+                self.ensure_shards().await?;
                 return self.grouped(statements, fence).await;
             }
-            let mut conn = self.pool.acquire().await.map_err(unavailable)?;
-            run_alone(&mut conn, &statements, None).await
+            let reads_only = translated.iter().all(|t| {
+                t.as_ref().is_some_and(|t| {
+                    !t.writes && matches!(t.first_word.as_str(), "SELECT" | "WITH" | "VALUES")
+                })
+            });
+            // One statement needs no explicit transaction: in autocommit it is just as atomic.
+            let mode = match (statements.len(), reads_only) {
+                (1, _) => Mode::Single,
+                (_, true) => Mode::Snapshot,
+                (_, false) => Mode::Write,
+            };
+            let mut lease = self.clients.acquire().await?;
+            run_alone(&mut lease, &statements, None, mode).await
         })
         .await
     }
 
     async fn ping(&self) -> Result<(), BackendError> {
-        bounded(async { sqlx::query("SELECT 1").execute(&self.pool).await.map(drop).map_err(unavailable) })
-            .await
+        bounded(async {
+            let mut lease = self.clients.acquire().await?;
+            let r = lease.conn().client().check_connection().await.map_err(unavailable);
+            lease.set_clean(r.is_ok());
+            r
+        })
+        .await
     }
 }
 

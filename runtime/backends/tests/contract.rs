@@ -193,8 +193,40 @@ async fn sql_contract(b: &dyn SqlBackend, fence_store: Option<&dyn ObjectStorage
     assert!(matches!(err, SqlError::Statement { index: 1, .. }), "{err:?}");
     let err = b.batch(vec![st("SELEC nonsense", vec![])], None).await.unwrap_err();
     assert!(matches!(err, SqlError::Statement { index: 0, .. }), "{err:?}");
-    let out =
-        b.batch(vec![st(&format!("SELECT count(*) FROM {t} WHERE id = 2"), vec![])], None).await.unwrap();
+    // A statement given too few parameters fails the batch before anything of it is kept,
+    // including a later statement, and one with an unrepresentable column likewise.
+    for bad in [
+        st(&format!("INSERT INTO {t} (id, name) VALUES (?, ?)"), vec![SqlValue::Integer(3)]),
+        st("SELECT CURRENT_TIMESTAMP AS now, ? AS x", vec![SqlValue::Integer(1)]),
+    ] {
+        let r = b
+            .batch(
+                vec![
+                    st(
+                        &format!("INSERT INTO {t} (id, name) VALUES (?, ?)"),
+                        vec![SqlValue::Integer(2), text("two")],
+                    ),
+                    bad,
+                    st(
+                        &format!("INSERT INTO {t} (id, name) VALUES (?, ?)"),
+                        vec![SqlValue::Integer(4), text("four")],
+                    ),
+                ],
+                None,
+            )
+            .await;
+        // SQLite represents a timestamp as text, so only the parameter count fails there.
+        if let Err(err) = &r {
+            assert!(matches!(err, SqlError::Statement { index: 1, .. }), "{err:?}");
+        } else {
+            b.batch(vec![st(&format!("DELETE FROM {t} WHERE id IN (2, 4)"), vec![])], None).await.unwrap();
+            assert_eq!(b.name(), "sqlite", "{r:?}");
+        }
+    }
+    let out = b
+        .batch(vec![st(&format!("SELECT count(*) FROM {t} WHERE id IN (2, 4)"), vec![])], None)
+        .await
+        .unwrap();
     assert_eq!(out[0].rows, vec![vec![SqlValue::Integer(0)]]);
 
     if let Some(store) = fence_store {
@@ -652,6 +684,29 @@ async fn postgres_read_batch_sees_one_snapshot() {
     let out = reader.await.unwrap();
     assert_eq!(out[0].rows, vec![vec![SqlValue::Integer(1)]]);
     assert_eq!(out[2].rows, out[0].rows, "both reads of the batch see the same snapshot");
+}
+
+/// A statement prepared before its table changed shape is prepared again, not failed: the
+/// same `SELECT *` before and after an `ALTER TABLE`, alone and inside a batch.
+#[tokio::test]
+async fn postgres_statement_after_alter_table() {
+    let Some(url) = postgres_url() else { return };
+    let sql = PostgresSql::new(&url).unwrap();
+    let t = unique("alter_");
+    sql.batch(vec![st(&format!("CREATE TABLE {t} (id INTEGER PRIMARY KEY)"), vec![])], None).await.unwrap();
+    sql.batch(vec![st(&format!("INSERT INTO {t} (id) VALUES (1)"), vec![])], None).await.unwrap();
+    let all = format!("SELECT * FROM {t}");
+    let out = sql.batch(vec![st(&all, vec![])], None).await.unwrap();
+    assert_eq!(out[0].columns, ["id"]);
+    sql.batch(vec![st(&format!("ALTER TABLE {t} ADD COLUMN note TEXT DEFAULT 'n'"), vec![])], None)
+        .await
+        .unwrap();
+    let out = sql.batch(vec![st(&all, vec![])], None).await.unwrap();
+    assert_eq!(out[0].columns, ["id", "note"]);
+    assert_eq!(out[0].rows, vec![vec![SqlValue::Integer(1), text("n")]]);
+    sql.batch(vec![st(&format!("ALTER TABLE {t} ADD COLUMN extra INTEGER"), vec![])], None).await.unwrap();
+    let out = sql.batch(vec![st(&all, vec![]), st(&all, vec![])], None).await.unwrap();
+    assert_eq!(out[1].columns, ["id", "note", "extra"]);
 }
 
 #[tokio::test]
