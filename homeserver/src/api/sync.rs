@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{Ctx, Reply, Session, ok};
-use crate::db::{self, Row, bound, sql};
+use crate::db::{self, Bound, Row, bound, sql};
 use crate::error::{Error, Result};
 use crate::room::pdu;
 
@@ -126,24 +126,49 @@ struct RoomSync {
 
 /// Timeline and state of one room for events in `(since, upto]`; the timeline ends at `ceiling`
 /// (exclusive) for rooms the user left.
+fn timeline_limit(filter: &RoomFilter) -> i64 {
+    filter.timeline.limit.unwrap_or(DEFAULT_TIMELINE_LIMIT).clamp(1, MAX_TIMELINE_LIMIT)
+}
+
+/// The statement that reads a room's timeline for [`room_sync`].
+fn events_since(room: &str, since: i64, upto: i64, filter: &RoomFilter) -> Bound {
+    bound(sql::EVENTS_SINCE, vec![db::t(room), db::i(since), db::i(upto), db::i(timeline_limit(filter) + 1)])
+}
+
+/// What sync read about a joined room ahead, in batches for all rooms at once.
+#[derive(Default)]
+struct Prefetched {
+    /// [`sql::HISTORY_VISIBILITY_EVENTS`], when the room had timeline events.
+    visibility: Option<Vec<Row>>,
+    /// [`sql::CURRENT_STATE`], when another user's event may count as unread.
+    state: Option<Vec<Row>>,
+    /// [`sql::EVENTS_AFTER`] the user's read marker (or their join).
+    unread: Vec<Row>,
+}
+
+/// Timeline and state of one room from its [`events_since`] rows; the timeline ends at `upto`.
+/// The room's history visibility rows and `current` state are used when read ahead, else read
+/// here; `membership` is the user's row of [`sql::USER_MEMBERSHIPS`].
+#[allow(clippy::too_many_arguments, reason = "the reads sync made ahead, passed as they are")]
 fn room_sync(
     ctx: &Ctx,
     s: &Session,
     room: &str,
-    since: i64,
+    rows: Vec<Row>,
     upto: i64,
     filter: &RoomFilter,
     full_state: bool,
+    (membership, visibility, current): (Option<&Row>, Option<&[Row]>, Option<&[Row]>),
 ) -> Result<RoomSync> {
-    let limit = filter.timeline.limit.unwrap_or(DEFAULT_TIMELINE_LIMIT).clamp(1, MAX_TIMELINE_LIMIT);
-    let rows =
-        ctx.db()?.query(sql::EVENTS_SINCE, vec![db::t(room), db::i(since), db::i(upto), db::i(limit + 1)])?;
+    let limit = timeline_limit(filter);
     let limited = rows.len() as i64 > limit;
-    let page: Vec<Row> = rows.iter().take(limit as usize).cloned().collect();
-    let mut kept: Vec<&Row> = if page.is_empty() {
-        Vec::new()
-    } else {
-        super::visibility::Visibility::new(ctx, room, &s.user_id)?.filter(ctx, &page)?
+    let page: Vec<Row> = rows.into_iter().take(limit as usize).collect();
+    let mut kept: Vec<&Row> = match visibility {
+        _ if page.is_empty() => Vec::new(),
+        Some(settings) => {
+            super::visibility::Visibility::from_rows(&s.user_id, membership, settings).filter(ctx, &page)?
+        }
+        None => super::visibility::Visibility::new(ctx, room, &s.user_id)?.filter(ctx, &page)?,
     };
     kept.reverse();
     let first_seq = kept.first().and_then(|r| r.int("room_seq"));
@@ -156,12 +181,10 @@ fn room_sync(
     let prev_batch = first_seq.map_or_else(|| format!("s{upto}"), |seq| format!("t{seq}"));
     let mut state = Vec::new();
     if full_state || limited {
-        let map = match first_seq {
-            Some(seq) => state_before(ctx, room, seq)?,
-            None => super::rooms::current_state(ctx, room)?
-                .iter()
-                .map(|r| ((r.str("type"), r.str("state_key")), (r.str("event_id"), r.str("json"))))
-                .collect(),
+        let map = match (first_seq, current) {
+            (Some(seq), _) => state_before(ctx, room, seq)?,
+            (None, Some(rows)) => state_map(rows),
+            (None, None) => state_map(&super::rooms::current_state(ctx, room)?),
         };
         let in_timeline: std::collections::HashSet<&str> =
             timeline.iter().filter_map(|e| e["event_id"].as_str()).collect();
@@ -184,6 +207,10 @@ fn room_sync(
     Ok(RoomSync { timeline, limited, prev_batch, state })
 }
 
+fn state_map(rows: &[Row]) -> StateWithJson {
+    rows.iter().map(|r| ((r.str("type"), r.str("state_key")), (r.str("event_id"), r.str("json")))).collect()
+}
+
 fn stripped_state(ctx: &Ctx, room: &str, invite_event: &str) -> Result<Vec<Value>> {
     const KEEP: [&str; 6] = [
         "m.room.create",
@@ -204,27 +231,29 @@ fn stripped_state(ctx: &Ctx, room: &str, invite_event: &str) -> Result<Vec<Value
     Ok(out)
 }
 
-/// Notification and highlight counts: events after the user's read receipt (or their join)
-/// that the push rules say notify.
+/// Notification and highlight counts: of `rows`, the events after the user's read receipt (or
+/// their join), those that the push rules say notify. The room's current state is read here
+/// unless it was read ahead.
 fn unread_counts(
     ctx: &Ctx,
     s: &Session,
     rules: &ruma::push::Ruleset,
     room: &str,
     version: &str,
-    joined_seq: i64,
+    rows: &[Row],
+    state: Option<&[Row]>,
 ) -> Result<(u64, u64)> {
-    let db = ctx.db()?;
-    let read = db
-        .first(sql::READ_UP_TO, vec![db::t(room), db::t(s.user_id.clone())])?
-        .and_then(|r| r.int("seq"))
-        .unwrap_or(0)
-        .max(joined_seq);
-    let rows = db.query(sql::EVENTS_AFTER, vec![db::t(room), db::i(read), db::i(MAX_COUNTED_UNREAD)])?;
     if rows.iter().all(|r| pdu_sender(r) == s.user_id) {
         return Ok((0, 0));
     }
-    let state = super::rooms::current_state(ctx, room)?;
+    let read_here;
+    let state = match state {
+        Some(rows) => rows,
+        None => {
+            read_here = super::rooms::current_state(ctx, room)?;
+            &read_here
+        }
+    };
     let content = |t: &str, k: &str| {
         state
             .iter()
@@ -259,7 +288,7 @@ fn unread_counts(
     };
     let evaluator = crate::push::Evaluator::new(&s.user_id, &facts, rules.clone());
     let (mut notify, mut highlight) = (0, 0);
-    for r in &rows {
+    for r in rows {
         let ev = super::rooms::client_event(r, None, true);
         let o = evaluator.evaluate(&ev);
         notify += u64::from(o.notify);
@@ -310,6 +339,91 @@ fn ephemeral(s: &Session, room: &str, since: Option<i64>, typing: &[Row], receip
         out.push(json!({"type": "m.receipt", "content": content}));
     }
     out
+}
+
+/// Reads ahead what the joined rooms' sections need, in three batches whatever the number of
+/// rooms (one round trip each on PostgreSQL, where a batch is pipelined): every room's
+/// timeline; then, for the rooms with something to report, history visibility (when there are
+/// timeline events), the read marker and, when another user's event is in the timeline, the
+/// current state; then the events after each read marker, for the unread counts.
+struct ReadAhead<'a> {
+    since: Option<i64>,
+    since_pos: i64,
+    upto: i64,
+    full_state: bool,
+    filter: &'a RoomFilter,
+}
+
+type Timelines = std::collections::HashMap<String, Vec<Row>>;
+
+impl ReadAhead<'_> {
+    /// `room_rows`: account data, typing and receipt rows, each with a `room_id`: a room with
+    /// one of these has something to report even without timeline events.
+    fn run(
+        &self,
+        ctx: &Ctx,
+        s: &Session,
+        joined: &[&Row],
+        room_rows: [&[Row]; 3],
+    ) -> Result<(Timelines, std::collections::HashMap<String, Prefetched>)> {
+        let db = ctx.db()?;
+        let rooms: Vec<String> = joined.iter().map(|m| m.str("room_id")).collect();
+        let statements: Vec<Bound> =
+            rooms.iter().map(|r| events_since(r, self.since_pos, self.upto, self.filter)).collect();
+        let timelines: Timelines = rooms.iter().cloned().zip(db.read_batch(&statements)?).collect();
+
+        let reports = |m: &Row, room: &str| {
+            self.since.is_none()
+                || self.full_state
+                || m.int("stream_pos").unwrap_or(0) > self.since_pos
+                || timelines.get(room).is_some_and(|t| !t.is_empty())
+                || room_rows.iter().any(|rows| rows.iter().any(|r| r.str("room_id") == room))
+        };
+        let candidates: Vec<(&Row, &String)> =
+            joined.iter().zip(&rooms).filter(|(m, room)| reports(m, room)).map(|(m, r)| (*m, r)).collect();
+        // Per candidate: which of its reads are in the batch, by position.
+        let mut statements = Vec::new();
+        let mut at: Vec<(Option<usize>, usize, Option<usize>)> = Vec::new();
+        for (_, room) in &candidates {
+            let events = timelines.get(*room).map(Vec::as_slice).unwrap_or_default();
+            let mut push = |b: Bound| {
+                statements.push(b);
+                statements.len() - 1
+            };
+            let visibility = (!events.is_empty())
+                .then(|| push(bound(sql::HISTORY_VISIBILITY_EVENTS, vec![db::t(room.as_str())])));
+            let read = push(bound(sql::READ_UP_TO, vec![db::t(room.as_str()), db::t(s.user_id.as_str())]));
+            let state = events
+                .iter()
+                .any(|r| pdu_sender(r) != s.user_id)
+                .then(|| push(bound(sql::CURRENT_STATE, vec![db::t(room.as_str())])));
+            at.push((visibility, read, state));
+        }
+        let mut second: Vec<Option<Vec<Row>>> = db.read_batch(&statements)?.into_iter().map(Some).collect();
+        let mut take = |i: usize| second.get_mut(i).and_then(Option::take).unwrap_or_default();
+        let mut unread_reads = Vec::new();
+        let mut prefetched = std::collections::HashMap::new();
+        for ((m, room), (visibility, read, state)) in candidates.iter().zip(at) {
+            let marker = take(read).first().and_then(|r| r.int("seq")).unwrap_or(0);
+            let from = marker.max(m.int("room_seq").unwrap_or(0));
+            unread_reads.push(bound(
+                sql::EVENTS_AFTER,
+                vec![db::t(room.as_str()), db::i(from), db::i(MAX_COUNTED_UNREAD)],
+            ));
+            let ahead = Prefetched {
+                visibility: visibility.map(&mut take),
+                state: state.map(&mut take),
+                unread: Vec::new(),
+            };
+            prefetched.insert((*room).clone(), ahead);
+        }
+        for ((_, room), unread) in candidates.iter().zip(db.read_batch(&unread_reads)?) {
+            if let Some(p) = prefetched.get_mut(*room) {
+                p.unread = unread;
+            }
+        }
+        Ok((timelines, prefetched))
+    }
 }
 
 /// # `GET /_matrix/client/v3/sync`
@@ -368,6 +482,11 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
     let (mut join, mut invite, mut leave, mut knock) =
         (serde_json::Map::new(), serde_json::Map::new(), serde_json::Map::new(), serde_json::Map::new());
     let mut park_keys = vec![format!("user:{}", s.user_id)];
+    let joined: Vec<&Row> =
+        memberships.iter().filter(|m| m.str("membership") == "join" && wanted(&m.str("room_id"))).collect();
+    let reads = ReadAhead { since, since_pos, upto, full_state, filter: &filter.room };
+    let (mut timelines, mut prefetched) =
+        reads.run(ctx, &s, &joined, [room_data.as_slice(), typing.as_slice(), receipts.as_slice()])?;
     for m in &memberships {
         let room = m.str("room_id");
         if !wanted(&room) {
@@ -379,7 +498,17 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
             "join" => {
                 park_keys.push(format!("room:{room}"));
                 let newly = since.is_none() || changed_at > since_pos;
-                let rs = room_sync(ctx, &s, &room, since_pos, upto, &filter.room, full_state || newly)?;
+                let ahead = prefetched.remove(&room).unwrap_or_default();
+                let rs = room_sync(
+                    ctx,
+                    &s,
+                    &room,
+                    timelines.remove(&room).unwrap_or_default(),
+                    upto,
+                    &filter.room,
+                    full_state || newly,
+                    (Some(m), ahead.visibility.as_deref(), ahead.state.as_deref()),
+                )?;
                 let account: Vec<Value> = room_data
                     .iter()
                     .filter(|r| r.str("room_id") == room)
@@ -402,7 +531,8 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
                     &rules,
                     &room,
                     &m.str("room_version"),
-                    m.int("room_seq").unwrap_or(0),
+                    &ahead.unread,
+                    ahead.state.as_deref(),
                 )?;
                 join.insert(
                     room.clone(),
@@ -424,8 +554,11 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
                 knock.insert(room, json!({"knock_state": {"events": events}}));
             }
             "leave" | "ban" if since.is_some() && changed_at > since_pos => {
-                let ceiling = changed_at;
-                let rs = room_sync(ctx, &s, &room, since_pos, ceiling.min(upto), &filter.room, false)?;
+                let ceiling = changed_at.min(upto);
+                let rows = db.read_batch(&[events_since(&room, since_pos, ceiling, &filter.room)])?;
+                let rows = rows.into_iter().next().unwrap_or_default();
+                let rs =
+                    room_sync(ctx, &s, &room, rows, ceiling, &filter.room, false, (Some(m), None, None))?;
                 leave.insert(
                     room,
                     json!({

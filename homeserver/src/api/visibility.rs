@@ -44,10 +44,15 @@ fn content_field(ctx: &Ctx, event_id: &str, field: &str) -> Result<Option<String
 impl Visibility {
     pub fn new(ctx: &Ctx, room: &str, user: &str) -> Result<Self> {
         let db = ctx.db()?;
-        let current = db
-            .first(sql::MEMBERSHIP_GET, vec![db::t(room), db::t(user)])?
-            .map(|r| (r.str("membership"), r.int("room_seq").unwrap_or(0)));
+        let membership = db.first(sql::MEMBERSHIP_GET, vec![db::t(room), db::t(user)])?;
         let settings = db.query(sql::HISTORY_VISIBILITY_EVENTS, vec![db::t(room)])?;
+        Ok(Self::from_rows(user, membership.as_ref(), &settings))
+    }
+
+    /// From rows already read: the user's membership row (`membership`, `room_seq`) and the
+    /// room's [`sql::HISTORY_VISIBILITY_EVENTS`].
+    pub fn from_rows(user: &str, membership: Option<&Row>, settings: &[Row]) -> Self {
+        let current = membership.map(|r| (r.str("membership"), r.int("room_seq").unwrap_or(0)));
         let open = |r: &Row| {
             serde_json::from_str::<Value>(&r.str("json")).is_ok_and(|v| {
                 matches!(v["content"]["history_visibility"].as_str(), Some("shared" | "world_readable"))
@@ -56,7 +61,7 @@ impl Visibility {
         let everything = current.as_ref().is_some_and(|(m, _)| m == "join")
             && settings.len() <= 1
             && settings.iter().all(open);
-        Ok(Self { user: user.to_owned(), current, everything, by_group: HashMap::new() })
+        Self { user: user.to_owned(), current, everything, by_group: HashMap::new() }
     }
 
     /// `(history_visibility, the user's membership)` in the state after the event.
