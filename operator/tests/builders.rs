@@ -4,7 +4,11 @@
 //! and who may reach it), and every rendered config file checked by the runtime's own
 //! `lattice check-config` (when `LATTICE_BIN` names the binary; CI sets it).
 
-use std::path::{Path, PathBuf};
+#[path = "common/paths.rs"]
+mod paths;
+use paths::manifest_dir;
+
+use std::path::PathBuf;
 
 use lattice_operator::config::{CONFIG_FILE, PEER_PORT, SHARD_CONFIG_FILE, lease_set, render};
 use lattice_operator::crd::MatrixHomeserver;
@@ -135,7 +139,7 @@ fn rendered_objects(hs: &MatrixHomeserver) -> String {
 }
 
 fn check_snapshot(name: &str, actual: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots").join(name);
+    let path = manifest_dir().join("tests/snapshots").join(name);
     if std::env::var_os("LATTICE_UPDATE_SNAPSHOTS").is_some() {
         std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
         std::fs::write(&path, actual).expect("write snapshot");

@@ -2,17 +2,23 @@
 //! renders for the options (`LATTICE_HELM` names helm; `scripts/services.sh` writes it). The
 //! server-side dry run of the rendered output is in `kube.rs`.
 
+#[path = "common/paths.rs"]
+mod paths;
+use paths::manifest_dir;
+
 use std::process::Command;
 
 #[path = "common/helm.rs"]
 mod helm_bin;
 use helm_bin::helm;
 
-const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/lattice-operator");
+fn chart() -> std::path::PathBuf {
+    manifest_dir().join("../charts/lattice-operator")
+}
 
 fn template(helm: &str, sets: &[&str]) -> String {
     let mut cmd = Command::new(helm);
-    cmd.args(["template", "lattice", CHART, "--namespace", "lattice"]);
+    cmd.args(["template", "lattice"]).arg(chart()).args(["--namespace", "lattice"]);
     for s in sets {
         cmd.args(["--set", s]);
     }
@@ -26,7 +32,7 @@ fn chart_lints() {
     let Some(helm) = helm() else { return };
     for sets in [&[][..], &["sample.enabled=true", "watchNamespace=chat"][..]] {
         let mut cmd = Command::new(&helm);
-        cmd.args(["lint", "--strict", CHART]);
+        cmd.args(["lint", "--strict"]).arg(chart());
         for s in sets {
             cmd.args(["--set", s]);
         }

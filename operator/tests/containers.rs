@@ -2,16 +2,18 @@
 //! operator and the chart expect, the packages and binaries they build exist, and the runtime
 //! image's build step (`lattice compile`) succeeds on the real component.
 
-use std::path::{Path, PathBuf};
+#[path = "common/paths.rs"]
+mod paths;
+use paths::manifest_dir;
+
+use std::path::PathBuf;
 
 use lattice_operator::config::{COMPONENT_PATH, CONFIG_DIR, CONFIG_FILE, render};
 use lattice_operator::crd::MatrixHomeserver;
 use lattice_operator::resources::desired_deployment;
 
-const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-
 fn read(path: &str) -> String {
-    std::fs::read_to_string(Path::new(ROOT).join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+    std::fs::read_to_string(manifest_dir().join("..").join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
 /// The instructions of the last stage (after the last `FROM`).

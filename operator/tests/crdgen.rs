@@ -1,10 +1,12 @@
 //! `crds/` and the chart's CRD are what `lattice-operator crdgen` writes from the Rust types.
 
-use std::path::Path;
+#[path = "common/paths.rs"]
+mod paths;
+use paths::manifest_dir;
 
 #[test]
 fn generated_crds_are_fresh() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = manifest_dir().join("..");
     let stale = lattice_operator::crdgen::stale(&root).expect("generating the CRD");
     assert!(
         stale.is_empty(),

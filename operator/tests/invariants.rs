@@ -1,9 +1,13 @@
 //! DESIGN.md invariant 3: the operator knows the runtime only through its config file format
 //! and command line. It links no other Lattice crate, and names none in its sources.
 
+#[path = "common/paths.rs"]
+mod paths;
+use paths::manifest_dir;
+
 #[test]
 fn the_operator_depends_on_no_other_lattice_crate() {
-    let manifest: toml::Table = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+    let manifest: toml::Table = std::fs::read_to_string(manifest_dir().join("Cargo.toml"))
         .expect("Cargo.toml")
         .parse()
         .expect("toml");
@@ -20,7 +24,7 @@ fn the_operator_depends_on_no_other_lattice_crate() {
             );
         }
     }
-    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/src")).expect("src") {
+    for entry in std::fs::read_dir(manifest_dir().join("src")).expect("src") {
         let path = entry.expect("entry").path();
         let text = std::fs::read_to_string(&path).expect("source");
         for forbidden in

@@ -8,6 +8,10 @@
 //! collection needs kube-controller-manager; the clean-up assertion runs only when it is there
 //! (and says so when it is skipped).
 
+#[path = "common/paths.rs"]
+mod paths;
+use paths::manifest_dir;
+
 #[path = "common/access.rs"]
 mod access;
 #[path = "common/helm.rs"]
@@ -540,9 +544,9 @@ async fn cel_rules_refuse_invalid_specs() {
 
 /// `helm template` of the chart in `ns` with extra `--set` values, as documents.
 fn helm_template(helm: &str, ns: &str, sets: &[&str]) -> Vec<serde_json::Value> {
-    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/lattice-operator");
+    let chart = manifest_dir().join("../charts/lattice-operator");
     let mut cmd = std::process::Command::new(helm);
-    cmd.args(["template", "lattice", chart, "--namespace", ns]);
+    cmd.args(["template", "lattice"]).arg(&chart).args(["--namespace", ns]);
     for s in sets {
         cmd.args(["--set", s]);
     }

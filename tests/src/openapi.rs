@@ -366,7 +366,7 @@ impl Operation {
 
 /// `tests/matrix-spec/data`.
 fn spec_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("matrix-spec/data")
+    crate::manifest_dir().join("matrix-spec/data")
 }
 
 fn canonical(path: &Path) -> Result<PathBuf, String> {

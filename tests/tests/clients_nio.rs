@@ -13,7 +13,7 @@
 #[path = "common/python.rs"]
 mod python;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ use lattice_e2e::{Backend, Homeserver, Options};
 const SCRIPT_DEADLINE: Duration = Duration::from_secs(240);
 
 fn clients_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("clients")
+    lattice_e2e::manifest_dir().join("clients")
 }
 
 /// The nio venv, built at most once per test process.

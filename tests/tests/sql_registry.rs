@@ -176,7 +176,7 @@ async fn every_statement_and_migration_runs_on_postgres() {
 }
 
 fn source(path: &str) -> String {
-    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path))
+    std::fs::read_to_string(lattice_e2e::manifest_dir().join("..").join(path))
         .unwrap_or_else(|e| panic!("reading {path}: {e}"))
 }
 
@@ -205,7 +205,7 @@ fn the_registry_lists_every_statement() {
 /// No SQL text anywhere in the homeserver but the registry.
 #[test]
 fn no_sql_outside_the_registry() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../homeserver/src");
+    let root = lattice_e2e::manifest_dir().join("../homeserver/src");
     let mut offenders = Vec::new();
     let mut stack = vec![root];
     while let Some(dir) = stack.pop() {
