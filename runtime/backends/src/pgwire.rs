@@ -31,7 +31,7 @@ use tokio_postgres::types::{FromSql, IsNull, Kind, ToSql, Type};
 use tokio_postgres::{Client, Config, NoTls, Statement};
 
 use crate::postgres::{
-    CONNECT_TIMEOUT, IDLE_IN_TRANSACTION_TIMEOUT_MS, MAX_CONNECTIONS, Translated, numeric_to_f64, translate,
+    CONNECT_TIMEOUT, IDLE_IN_TRANSACTION_TIMEOUT_MS, MAX_CONNECTIONS, Translated, numeric_to_f64,
 };
 use crate::{BackendError, Fence, QueryMeta, QueryOutput, SqlError, SqlStatement, SqlValue};
 
@@ -357,10 +357,19 @@ fn statement_error(index: usize, e: &tokio_postgres::Error) -> BatchError {
 // ---------------------------------------------------------------------------------------------
 // Pipelines
 
-/// One job of a pipeline: a batch, with its fence, committed or failed as a whole.
+/// One job of a pipeline: a batch, with its fence, committed or failed as a whole; its
+/// statements as the guest wrote them and as [`crate::postgres::translate`] made them for PostgreSQL (the
+/// caller translates once, since it also needs to know which statements write).
 pub(crate) struct Job<'a> {
     pub statements: &'a [SqlStatement],
+    pub translated: &'a [Translated],
     pub fence: Option<&'a Fence>,
+}
+
+impl Job<'_> {
+    fn each(&self) -> impl Iterator<Item = (&SqlStatement, &Translated)> {
+        self.statements.iter().zip(self.translated)
+    }
 }
 
 /// How a pipeline runs its jobs.
@@ -403,13 +412,10 @@ async fn all_in_order<'a>(mut steps: Vec<Step<'a>>) -> Vec<StepResult> {
 }
 
 /// Prepares (concurrently, in one round trip) the statements this connection has not seen.
-async fn prepare_missing(
-    conn: &mut Conn,
-    jobs: &[(&Job<'_>, Vec<Translated>)],
-) -> Result<(), (usize, BatchError)> {
+async fn prepare_missing(conn: &mut Conn, jobs: &[Job<'_>]) -> Result<(), (usize, BatchError)> {
     let mut wanted: Vec<(String, &str, Vec<Type>, usize)> = Vec::new();
-    for (job_index, (job, translated)) in jobs.iter().enumerate() {
-        for (st, t) in job.statements.iter().zip(translated) {
+    for (job_index, job) in jobs.iter().enumerate() {
+        for (st, t) in job.each() {
             let key = cache_key(&t.sql, &st.params);
             if !conn.statements.contains_key(&key) && !wanted.iter().any(|w| w.0 == key) {
                 wanted.push((key, &t.sql, st.params.iter().map(declared_type).collect(), job_index));
@@ -430,10 +436,8 @@ async fn prepare_missing(
             }
             Err(e) if failed.is_none() => {
                 let index = jobs[job_index]
-                    .1
-                    .iter()
-                    .zip(jobs[job_index].0.statements)
-                    .position(|(t, st)| cache_key(&t.sql, &st.params) == key)
+                    .each()
+                    .position(|(st, t)| cache_key(&t.sql, &st.params) == key)
                     .unwrap_or(0);
                 failed = Some((job_index, statement_error(index, &e)));
             }
@@ -455,56 +459,29 @@ pub(crate) async fn run_pipelined(
     mode: Mode,
 ) -> (Vec<Option<Result<Vec<QueryOutput>, BatchError>>>, bool) {
     let mut outcomes: Vec<Option<Result<Vec<QueryOutput>, BatchError>>> = jobs.iter().map(|_| None).collect();
-    // Translate everything first: a statement PostgreSQL cannot take fails its own job only.
-    let mut ready: Vec<(&Job<'_>, Vec<Translated>)> = Vec::new();
-    let mut ready_index = Vec::new();
-    for (i, job) in jobs.iter().enumerate() {
-        let mut translated = Vec::with_capacity(job.statements.len());
-        let mut error = None;
-        for (index, st) in job.statements.iter().enumerate() {
-            match translate(&st.sql) {
-                Ok(t) => translated.push(t),
-                Err(message) => {
-                    error = Some(BatchError::Sql(SqlError::Statement { index, message }));
-                    break;
-                }
-            }
-        }
-        match error {
-            Some(e) => outcomes[i] = Some(Err(e)),
-            None => {
-                ready.push((job, translated));
-                ready_index.push(i);
-            }
-        }
-    }
-    if ready.is_empty() {
-        return (outcomes, true);
-    }
     // A batch that changes the schema cannot be prepared ahead: its later statements may name
     // a table its earlier ones create. It runs alone, one statement after another.
-    if let Some(n) = ready.iter().position(|(_, ts)| ts.iter().any(is_ddl)) {
-        let (job, translated) = &ready[n];
-        let (outcome, clean) = run_sequential(conn, job, translated, mode).await;
-        outcomes[ready_index[n]] = Some(outcome);
+    if let Some(n) = jobs.iter().position(|j| j.translated.iter().any(is_ddl)) {
+        let (outcome, clean) = run_sequential(conn, &jobs[n], mode).await;
+        outcomes[n] = Some(outcome);
         return (outcomes, clean);
     }
     if conn.statements.len() > MAX_CACHED_STATEMENTS {
         // Dropping them closes them on the server.
         conn.statements.clear();
     }
-    if let Err((job, e)) = prepare_missing(conn, &ready).await {
+    if let Err((job, e)) = prepare_missing(conn, jobs).await {
         // Preparing runs outside any transaction: nothing happened. The caller runs the others
         // again.
-        outcomes[ready_index[job]] = Some(Err(e));
+        outcomes[job] = Some(Err(e));
         return (outcomes, true);
     }
     // Whatever would fail on this side must fail before anything is sent: a request refused
     // here is never sent, and the ones after it would still run and commit. So the parameter
     // counts are checked now, and every column must be one D1 can represent (a decoding error
     // after the pipeline would come after its COMMIT).
-    for (n, (job, translated)) in ready.iter().enumerate() {
-        for (index, (st, t)) in job.statements.iter().zip(translated).enumerate() {
+    for (n, job) in jobs.iter().enumerate() {
+        for (index, (st, t)) in job.each().enumerate() {
             let stmt = conn.statements.get(&cache_key(&t.sql, &st.params)).expect("prepared above");
             let message = if stmt.params().len() != st.params.len() {
                 format!(
@@ -517,41 +494,23 @@ pub(crate) async fn run_pipelined(
             } else {
                 continue;
             };
-            outcomes[ready_index[n]] = Some(Err(BatchError::Sql(SqlError::Statement { index, message })));
+            outcomes[n] = Some(Err(BatchError::Sql(SqlError::Statement { index, message })));
             return (outcomes, true);
         }
     }
-    let fence_stmt = if ready.iter().any(|(j, _)| j.fence.is_some()) {
-        let key = cache_key(FENCE_CHECK, &[]);
-        if !conn.statements.contains_key(&key) {
-            match conn.client.prepare_typed(FENCE_CHECK, &[Type::TEXT, Type::INT8, Type::INT8]).await {
-                Ok(s) => {
-                    conn.statements.insert(key.clone(), s);
+    let fence_stmt = match jobs.iter().any(|j| j.fence.is_some()) {
+        false => None,
+        true => match fence_statement(conn).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                for outcome in &mut outcomes {
+                    *outcome = Some(Err(BatchError::Sql(SqlError::Backend(unavailable(e.to_string())))));
                 }
-                Err(e) => {
-                    for i in &ready_index {
-                        outcomes[*i] =
-                            Some(Err(BatchError::Sql(SqlError::Backend(unavailable(e.to_string())))));
-                    }
-                    return (outcomes, !is_infrastructure(&e));
-                }
+                return (outcomes, !is_infrastructure(&e));
             }
-        }
-        conn.statements.get(&key).cloned()
-    } else {
-        None
+        },
     };
-
-    let mut fence_params: Vec<[SqlValue; 3]> = Vec::new();
-    for (job, _) in &ready {
-        if let Some(f) = job.fence {
-            fence_params.push([
-                SqlValue::Text(f.namespace.clone()),
-                SqlValue::Integer(i64::from(f.shard)),
-                SqlValue::Integer(i64::try_from(f.epoch).unwrap_or(i64::MAX)),
-            ]);
-        }
-    }
+    let fence_params: Vec<[SqlValue; 3]> = jobs.iter().filter_map(|j| j.fence.map(fence_values)).collect();
     let client = &conn.client;
     let started = Instant::now();
     let mut steps: Vec<Step<'_>> = Vec::new();
@@ -567,7 +526,7 @@ pub(crate) async fn run_pipelined(
     // Where each job's steps start in `steps` (its fence step first when it has one).
     let mut layout: Vec<(usize, bool)> = Vec::new();
     let mut fence_values = fence_params.iter();
-    for (job, translated) in &ready {
+    for job in jobs {
         let start = steps.len();
         let fenced = job.fence.is_some();
         if fenced && let (Some(stmt), Some(values)) = (fence_stmt.clone(), fence_values.next()) {
@@ -580,7 +539,7 @@ pub(crate) async fn run_pipelined(
                 StepResult::Fence(r)
             }));
         }
-        for (st, t) in job.statements.iter().zip(translated) {
+        for (st, t) in job.each() {
             let stmt = conn.statements.get(&cache_key(&t.sql, &st.params)).cloned().expect("prepared above");
             steps.push(Box::pin(async move {
                 let r = async {
@@ -607,35 +566,27 @@ pub(crate) async fn run_pipelined(
     if mode != Mode::Single {
         for r in [results.first(), results.last()].into_iter().flatten() {
             if let StepResult::Command(Err(e)) = r {
-                for i in &ready_index {
-                    outcomes[*i] = Some(Err(BatchError::Sql(SqlError::Backend(unavailable(e.to_string())))));
+                for outcome in &mut outcomes {
+                    *outcome = Some(Err(BatchError::Sql(SqlError::Backend(unavailable(e.to_string())))));
                 }
                 return (outcomes, !is_infrastructure(e));
             }
         }
     }
     let mut clean = true;
-    let mut answers: Vec<Result<Vec<QueryOutput>, BatchError>> = Vec::with_capacity(ready.len());
-    for ((job, translated), (start, fenced)) in ready.iter().zip(&layout) {
+    let mut answers: Vec<Result<Vec<QueryOutput>, BatchError>> = Vec::with_capacity(jobs.len());
+    for (job, (start, fenced)) in jobs.iter().zip(&layout) {
         let mut at = *start;
         let mut error: Option<BatchError> = None;
         if *fenced {
-            if let StepResult::Fence(Err(e)) = &results[at] {
-                error = Some(if e.code() == Some(&SqlState::DIVISION_BY_ZERO) {
-                    let f = job.fence.expect("a fenced job has its fence");
-                    BatchError::Sql(SqlError::Backend(BackendError::Fenced {
-                        shard: f.shard,
-                        epoch: f.epoch,
-                    }))
-                } else {
-                    clean &= !is_infrastructure(e);
-                    statement_error(0, e)
-                });
+            if let (StepResult::Fence(Err(e)), Some(f)) = (&results[at], job.fence) {
+                clean &= !is_infrastructure(e);
+                error = Some(fence_failure(f, e));
             }
             at += 1;
         }
         let mut outputs = Vec::with_capacity(job.statements.len());
-        for (index, (st, t)) in job.statements.iter().zip(translated).enumerate() {
+        for (index, (st, t)) in job.each().enumerate() {
             if error.is_some() {
                 break;
             }
@@ -663,12 +614,11 @@ pub(crate) async fn run_pipelined(
     // error; the others get no outcome and are run again by the caller.
     match answers.iter().position(Result::is_err) {
         Some(failed) if mode != Mode::Single => {
-            let answer = answers.swap_remove(failed);
-            outcomes[ready_index[failed]] = Some(answer);
+            outcomes[failed] = Some(answers.swap_remove(failed));
         }
         _ => {
-            for (i, answer) in ready_index.iter().zip(answers) {
-                outcomes[*i] = Some(answer);
+            for (outcome, answer) in outcomes.iter_mut().zip(answers) {
+                *outcome = Some(answer);
             }
         }
     }
@@ -679,19 +629,47 @@ fn is_ddl(t: &Translated) -> bool {
     matches!(t.first_word.as_str(), "CREATE" | "ALTER" | "DROP")
 }
 
+/// [`FENCE_CHECK`], prepared once per connection.
+async fn fence_statement(conn: &mut Conn) -> Result<Statement, tokio_postgres::Error> {
+    let key = cache_key(FENCE_CHECK, &[]);
+    if let Some(s) = conn.statements.get(&key) {
+        return Ok(s.clone());
+    }
+    let s = conn.client.prepare_typed(FENCE_CHECK, &[Type::TEXT, Type::INT8, Type::INT8]).await?;
+    conn.statements.insert(key, s.clone());
+    Ok(s)
+}
+
+/// [`FENCE_CHECK`]'s parameters for `f`.
+fn fence_values(f: &Fence) -> [SqlValue; 3] {
+    [
+        SqlValue::Text(f.namespace.clone()),
+        SqlValue::Integer(i64::from(f.shard)),
+        SqlValue::Integer(i64::try_from(f.epoch).unwrap_or(i64::MAX)),
+    ]
+}
+
+/// What a failed [`FENCE_CHECK`] means: the division by zero is a stale epoch.
+fn fence_failure(f: &Fence, e: &tokio_postgres::Error) -> BatchError {
+    if e.code() == Some(&SqlState::DIVISION_BY_ZERO) {
+        BatchError::Sql(SqlError::Backend(BackendError::Fenced { shard: f.shard, epoch: f.epoch }))
+    } else {
+        statement_error(0, e)
+    }
+}
+
 /// One job, one request at a time (each statement prepared just before it runs), in a
 /// transaction unless `mode` is [`Mode::Single`]; rolled back on the first error.
 async fn run_sequential(
     conn: &mut Conn,
     job: &Job<'_>,
-    translated: &[Translated],
     mode: Mode,
 ) -> (Result<Vec<QueryOutput>, BatchError>, bool) {
     let in_transaction = mode != Mode::Single;
     if in_transaction && let Err(e) = conn.client.batch_execute("BEGIN").await {
         return (Err(BatchError::Sql(SqlError::Backend(unavailable(e.to_string())))), false);
     }
-    let result = sequential_steps(conn, job, translated).await;
+    let result = sequential_steps(conn, job).await;
     let clean = match (&result, in_transaction) {
         (_, false) => result.as_ref().err().is_none_or(|(_, clean)| *clean),
         (Ok(_), true) => match conn.client.batch_execute("COMMIT").await {
@@ -704,46 +682,20 @@ async fn run_sequential(
 }
 
 /// The statements of [`run_sequential`]; an error says whether the connection is still usable.
-async fn sequential_steps(
-    conn: &mut Conn,
-    job: &Job<'_>,
-    translated: &[Translated],
-) -> Result<Vec<QueryOutput>, (BatchError, bool)> {
+async fn sequential_steps(conn: &mut Conn, job: &Job<'_>) -> Result<Vec<QueryOutput>, (BatchError, bool)> {
     let started = Instant::now();
     let fail = |index: usize, e: &tokio_postgres::Error| (statement_error(index, e), !is_infrastructure(e));
     if let Some(f) = job.fence {
-        let values = [
-            SqlValue::Text(f.namespace.clone()),
-            SqlValue::Integer(i64::from(f.shard)),
-            SqlValue::Integer(i64::try_from(f.epoch).unwrap_or(i64::MAX)),
-        ];
-        let types = [Type::TEXT, Type::INT8, Type::INT8];
-        if let Err(e) = conn
-            .client
-            .query_typed(
-                FENCE_CHECK,
-                &[
-                    (&Param(&values[0]), types[0].clone()),
-                    (&Param(&values[1]), types[1].clone()),
-                    (&Param(&values[2]), types[2].clone()),
-                ],
-            )
-            .await
+        let stmt = fence_statement(conn).await.map_err(|e| fail(0, &e))?;
+        let values = fence_values(f);
+        if let Err(e) =
+            conn.client.query(&stmt, &[&Param(&values[0]), &Param(&values[1]), &Param(&values[2])]).await
         {
-            if e.code() == Some(&SqlState::DIVISION_BY_ZERO) {
-                return Err((
-                    BatchError::Sql(SqlError::Backend(BackendError::Fenced {
-                        shard: f.shard,
-                        epoch: f.epoch,
-                    })),
-                    true,
-                ));
-            }
-            return Err(fail(0, &e));
+            return Err((fence_failure(f, &e), !is_infrastructure(&e)));
         }
     }
     let mut outputs = Vec::with_capacity(job.statements.len());
-    for (index, (st, t)) in job.statements.iter().zip(translated).enumerate() {
+    for (index, (st, t)) in job.each().enumerate() {
         let key = cache_key(&t.sql, &st.params);
         let stmt = match conn.statements.get(&key) {
             Some(s) => s.clone(),

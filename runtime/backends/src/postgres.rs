@@ -343,6 +343,7 @@ type BatchReply = tokio::sync::oneshot::Sender<Result<Vec<QueryOutput>, SqlError
 
 struct GroupJob {
     statements: Vec<SqlStatement>,
+    translated: Vec<Translated>,
     fence: Option<Fence>,
     reply: BatchReply,
 }
@@ -395,11 +396,13 @@ impl PostgresSql {
     async fn grouped(
         &self,
         statements: Vec<SqlStatement>,
+        translated: Vec<Translated>,
         fence: Option<Fence>,
     ) -> Result<Vec<QueryOutput>, SqlError> {
         let (reply, mut answer) = tokio::sync::oneshot::channel();
         self.group.queue.lock().unwrap_or_else(|p| p.into_inner()).push(GroupJob {
             statements,
+            translated,
             fence,
             reply,
         });
@@ -439,8 +442,14 @@ impl PostgresSql {
         let mut pending = jobs;
         let mut retried_stale = false;
         while !pending.is_empty() {
-            let runs: Vec<Job<'_>> =
-                pending.iter().map(|j| Job { statements: &j.statements, fence: j.fence.as_ref() }).collect();
+            let runs: Vec<Job<'_>> = pending
+                .iter()
+                .map(|j| Job {
+                    statements: &j.statements,
+                    translated: &j.translated,
+                    fence: j.fence.as_ref(),
+                })
+                .collect();
             let (outcomes, clean) = run_pipelined(lease.conn(), &runs, Mode::Write).await;
             drop(runs);
             lease.set_clean(clean);
@@ -475,17 +484,18 @@ impl PostgresSql {
     }
 }
 
-/// One batch in a pipeline of its own, run again once if PostgreSQL refused a cached plan
-/// (nothing was committed then).
+/// One unfenced batch in a pipeline of its own, run again once if PostgreSQL refused a cached
+/// plan (nothing was committed then).
 async fn run_alone(
     lease: &mut Lease<'_>,
     statements: &[SqlStatement],
-    fence: Option<&Fence>,
+    translated: &[Translated],
     mode: Mode,
 ) -> Result<Vec<QueryOutput>, SqlError> {
     let mut retried = false;
     loop {
-        let (mut outcomes, clean) = run_pipelined(lease.conn(), &[Job { statements, fence }], mode).await;
+        let job = Job { statements, translated, fence: None };
+        let (mut outcomes, clean) = run_pipelined(lease.conn(), &[job], mode).await;
         lease.set_clean(clean);
         match outcomes.pop().flatten() {
             Some(Ok(out)) => return Ok(out),
@@ -513,21 +523,24 @@ impl SqlBackend for PostgresSql {
         statements: Vec<SqlStatement>,
         fence: Option<Fence>,
     ) -> Result<Vec<QueryOutput>, SqlError> {
-        let translated: Vec<Option<Translated>> =
-            statements.iter().map(|st| translate(&st.sql).ok()).collect();
+        // Translated once here: a statement PostgreSQL cannot take fails the batch before
+        // anything runs.
+        let translated = statements
+            .iter()
+            .enumerate()
+            .map(|(index, st)| translate(&st.sql).map_err(|message| SqlError::Statement { index, message }))
+            .collect::<Result<Vec<Translated>, SqlError>>()?;
         // Reads need no fence: a stale owner reading harms nothing, and a read-only batch then
         // takes no lock on the shard row and does not wait for (or hold up) a group commit.
-        let fence = fence.filter(|_| translated.iter().any(|t| t.as_ref().is_none_or(|t| t.writes)));
+        let fence = fence.filter(|_| translated.iter().any(|t| t.writes));
         bounded(async {
             if fence.is_some() {
                 self.ensure_shards().await?;
-                return self.grouped(statements, fence).await;
+                return self.grouped(statements, translated, fence).await;
             }
-            let reads_only = translated.iter().all(|t| {
-                t.as_ref().is_some_and(|t| {
-                    !t.writes && matches!(t.first_word.as_str(), "SELECT" | "WITH" | "VALUES")
-                })
-            });
+            let reads_only = translated
+                .iter()
+                .all(|t| !t.writes && matches!(t.first_word.as_str(), "SELECT" | "WITH" | "VALUES"));
             // One statement needs no explicit transaction: in autocommit it is just as atomic.
             let mode = match (statements.len(), reads_only) {
                 (1, _) => Mode::Single,
@@ -535,7 +548,7 @@ impl SqlBackend for PostgresSql {
                 (_, false) => Mode::Write,
             };
             let mut lease = self.clients.acquire().await?;
-            run_alone(&mut lease, &statements, None, mode).await
+            run_alone(&mut lease, &statements, &translated, mode).await
         })
         .await
     }
@@ -590,8 +603,9 @@ impl PostgresObjectStorage {
     }
 }
 
-/// One object commit without `deleteAll`: the fence and every write in one statement. The
-/// data-modifying parts run once whatever the final SELECT reads; each runs only under the
+/// One object commit: the fence and every write in one statement (preceded, in a transaction,
+/// by the deletion `deleteAll` asks for). The data-modifying parts run once whatever the final
+/// SELECT reads; each runs only under the
 /// caller's epoch ($4). `$8` says what to do with the alarm: 0 nothing, 1 set to `$9`, 2 delete.
 const COMMIT_ONE_STATEMENT: &str = "
 WITH fence AS (
@@ -616,76 +630,6 @@ WITH fence AS (
     WHERE namespace = $1 AND object_id = $2 AND $8::int = 2 AND EXISTS (SELECT 1 FROM owned)
 )
 SELECT epoch FROM fence";
-
-/// A commit that deletes all of the object's entries first, in a transaction: the deletion
-/// and the puts touch the same rows, which one statement cannot.
-async fn commit_in_transaction(
-    pool: &PgPool,
-    addr: &ObjectAddr,
-    epoch: u64,
-    alarm: Option<Option<u64>>,
-    put_keys: &[&[u8]],
-    put_values: &[&[u8]],
-) -> Result<(), BackendError> {
-    let mut tx = pool.begin().await.map_err(unavailable)?;
-    let current: Option<i64> = sqlx::query_scalar(
-        "SELECT epoch FROM lattice_do_shards WHERE namespace = $1 AND shard = $2 FOR SHARE",
-    )
-    .bind(&addr.namespace)
-    .bind(i64::from(addr.shard))
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(unavailable)?;
-    if current.and_then(|e| u64::try_from(e).ok()) != Some(epoch) {
-        return Err(BackendError::Fenced { shard: addr.shard, epoch });
-    }
-    sqlx::query("DELETE FROM lattice_do_entries WHERE namespace = $1 AND object_id = $2")
-        .bind(&addr.namespace)
-        .bind(&addr.id)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-    if !put_keys.is_empty() {
-        sqlx::query(
-            "INSERT INTO lattice_do_entries (namespace, object_id, key, value)
-             SELECT $1, $2, k, v FROM UNNEST($3::bytea[], $4::bytea[]) AS t(k, v)",
-        )
-        .bind(&addr.namespace)
-        .bind(&addr.id)
-        .bind(put_keys)
-        .bind(put_values)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-    }
-    match alarm {
-        Some(Some(ms)) => {
-            sqlx::query(
-                "INSERT INTO lattice_do_alarms (namespace, object_id, shard, scheduled_ms)
-                 VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (namespace, object_id)
-                 DO UPDATE SET shard = EXCLUDED.shard, scheduled_ms = EXCLUDED.scheduled_ms",
-            )
-            .bind(&addr.namespace)
-            .bind(&addr.id)
-            .bind(i64::from(addr.shard))
-            .bind(to_i64(ms))
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-        }
-        Some(None) => {
-            sqlx::query("DELETE FROM lattice_do_alarms WHERE namespace = $1 AND object_id = $2")
-                .bind(&addr.namespace)
-                .bind(&addr.id)
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-        }
-        None => {}
-    }
-    tx.commit().await.map_err(unavailable)
-}
 
 fn key_string(bytes: Vec<u8>) -> String {
     String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
@@ -788,19 +732,12 @@ impl ObjectStorageBackend for PostgresObjectStorage {
             let deletes: Vec<&[u8]> = last.iter().filter(|(_, v)| v.is_none()).map(|(k, _)| *k).collect();
             let (put_keys, put_values): (Vec<&[u8]>, Vec<&[u8]>) =
                 last.iter().filter_map(|(k, v)| v.map(|v| (*k, v.as_slice()))).unzip();
-            if writes.delete_all {
-                return commit_in_transaction(&self.pool, addr, epoch, writes.alarm, &put_keys, &put_values)
-                    .await;
-            }
-            // Everything else is one statement in autocommit: one round trip instead of six
-            // (BEGIN, fence, deletes, puts, alarm, COMMIT), and just as atomic. Its writes run
-            // only if the shard's epoch, read `FOR SHARE`, is the caller's.
             let (alarm_mode, alarm_ms) = match writes.alarm {
                 None => (0, 0),
                 Some(Some(ms)) => (1, to_i64(ms)),
                 Some(None) => (2, 0),
             };
-            let current: Option<i64> = sqlx::query_scalar(COMMIT_ONE_STATEMENT)
+            let commit = sqlx::query_scalar::<_, i64>(COMMIT_ONE_STATEMENT)
                 .bind(&addr.namespace)
                 .bind(&addr.id)
                 .bind(i64::from(addr.shard))
@@ -809,10 +746,27 @@ impl ObjectStorageBackend for PostgresObjectStorage {
                 .bind(&put_keys)
                 .bind(&put_values)
                 .bind(alarm_mode)
-                .bind(alarm_ms)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(unavailable)?;
+                .bind(alarm_ms);
+            // Without deleteAll the statement runs alone in autocommit: one round trip instead
+            // of six (BEGIN, fence, deletes, puts, alarm, COMMIT), and just as atomic. With it,
+            // the deletion comes first in a transaction (one statement cannot delete and upsert
+            // the same rows), and a stale epoch rolls both back.
+            let current = if writes.delete_all {
+                let mut tx = self.pool.begin().await.map_err(unavailable)?;
+                sqlx::query("DELETE FROM lattice_do_entries WHERE namespace = $1 AND object_id = $2")
+                    .bind(&addr.namespace)
+                    .bind(&addr.id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                let current = commit.fetch_optional(&mut *tx).await.map_err(unavailable)?;
+                if current.and_then(|e| u64::try_from(e).ok()) == Some(epoch) {
+                    tx.commit().await.map_err(unavailable)?;
+                }
+                current
+            } else {
+                commit.fetch_optional(&self.pool).await.map_err(unavailable)?
+            };
             if current.and_then(|e| u64::try_from(e).ok()) != Some(epoch) {
                 return Err(BackendError::Fenced { shard: addr.shard, epoch });
             }
