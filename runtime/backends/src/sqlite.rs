@@ -304,7 +304,9 @@ fn run_statement(
 
     let mut stmt = conn.prepare(&st.sql).map_err(err)?;
     let expected = stmt.parameter_count();
-    if st.params.len() > expected {
+    // workerd refuses a count that differs either way; SQLite alone would bind NULL to the
+    // missing ones, and PostgreSQL refuses them too.
+    if st.params.len() != expected {
         return Err(SqlError::Statement {
             index,
             message: format!(
