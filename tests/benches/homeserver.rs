@@ -812,6 +812,10 @@ async fn run(n: usize, settings: &Settings, base_pg: &str) -> RunFigures {
     if errors > 0 {
         println!("  note: {errors} ERROR lines in the lattice log");
     }
+    drop(hs);
+    if let Err(e) = lattice_e2e::drop_postgres_database(base_pg, &db_url).await {
+        println!("  note: {e}");
+    }
     let mut it = send.into_iter();
     let mut next = || it.next().unwrap_or_else(|| Err("not run".into()));
     RunFigures {

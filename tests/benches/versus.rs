@@ -451,6 +451,9 @@ async fn lattice(s: &Settings, base_pg: &str) -> Figures {
         let hs = Homeserver::start(options()).await.expect("restart");
         figures[11].push(Ok(time_to_versions(&hs.url, t).await));
     }
+    if let Err(e) = lattice_e2e::drop_postgres_database(base_pg, &db).await {
+        eprintln!("note: {e}");
+    }
     figures
 }
 

@@ -178,6 +178,23 @@ pub async fn fresh_postgres_database(base_url: &str) -> String {
     }
 }
 
+/// Drops a database [`fresh_postgres_database`] made, once nothing uses it: benchmarks write
+/// hundreds of megabytes per run, which would otherwise pile up on a long-lived test server.
+pub async fn drop_postgres_database(base_url: &str, url: &str) -> Result<(), String> {
+    use sqlx::Connection as _;
+    let name = url.rsplit_once('/').map(|(_, n)| n).unwrap_or_default();
+    let name = name.split('?').next().unwrap_or_default();
+    if !name.starts_with("lattice_") || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!("not a database this crate made: {name:?}"));
+    }
+    let mut conn = sqlx::PgConnection::connect(base_url).await.map_err(|e| e.to_string())?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+        .execute(&mut conn)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("drop database {name}: {e}"))
+}
+
 impl Homeserver {
     /// Starts a homeserver, or returns `None` for [`Backend::Production`] when the services are
     /// not configured (and not required).
