@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::db::{self, Db, bound, sql};
-use crate::object::{Failure, db_fail, db_failure, fail, get_json, storage_fail};
+use crate::object::{Failure, db_fail, db_failure, fail, get_json, storage_fail, to_bytes};
 
 pub const BINDING: &str = "USERS";
 pub const CLASS: &str = "User";
@@ -180,10 +180,10 @@ fn upload(
             continue;
         }
         let f = Fallback { key_id: id.to_owned(), key: key.clone(), used: false };
-        writes.push((storage_key, json!(f).to_string().into_bytes()));
+        writes.push((storage_key, to_bytes(&f)));
     }
     if !writes.is_empty() {
-        writes.push((format!("n\0{device}"), json!(n).to_string().into_bytes()));
+        writes.push((format!("n\0{device}"), to_bytes(&n)));
         storage::put(&writes).map_err(storage_fail)?;
     }
     publish_counts(user, device, &n)?;
@@ -200,7 +200,7 @@ fn claim_one(device: &str, algorithm: &str) -> Result<Option<(String, Value)>, F
             *c = c.saturating_sub(1);
         }
         storage::delete(std::slice::from_ref(&k)).map_err(storage_fail)?;
-        storage::put(&[(format!("n\0{device}"), json!(n).to_string().into_bytes())]).map_err(storage_fail)?;
+        storage::put(&[(format!("n\0{device}"), to_bytes(&n))]).map_err(storage_fail)?;
         return Ok(Some((format!("{algorithm}:{}", &k[prefix.len()..]), key)));
     }
     let fkey = format!("f\0{device}\0{algorithm}");
@@ -209,7 +209,7 @@ fn claim_one(device: &str, algorithm: &str) -> Result<Option<(String, Value)>, F
             let out = (format!("{algorithm}:{}", f.key_id), f.key.clone());
             if !f.used {
                 f.used = true;
-                storage::put(&[(fkey, json!(f).to_string().into_bytes())]).map_err(storage_fail)?;
+                storage::put(&[(fkey, to_bytes(&f))]).map_err(storage_fail)?;
             }
             Ok(Some(out))
         }
@@ -346,8 +346,8 @@ fn enqueue(
             ));
         }
         let version: u64 = get_json(&queue_version_key(d))?.unwrap_or(0);
-        writes.push((queued_key(d), json!(queued + n).to_string().into_bytes()));
-        writes.push((queue_version_key(d), json!(version + 1).to_string().into_bytes()));
+        writes.push((queued_key(d), to_bytes(&(queued + n))));
+        writes.push((queue_version_key(d), to_bytes(&(version + 1))));
     }
     let entry = Queued {
         user: user.to_owned(),
@@ -359,7 +359,7 @@ fn enqueue(
         targets,
         decided_ms: crate::util::now_ms(),
     };
-    writes.push((key.clone(), json!(entry).to_string().into_bytes()));
+    writes.push((key.clone(), to_bytes(&entry)));
     storage::put(&writes).map_err(storage_fail)?;
     let due = entry.decided_ms + TO_DEVICE_ALARM_MS;
     if storage::get_alarm().map_err(storage_fail)?.is_none_or(|at| at > due) {
@@ -431,7 +431,7 @@ fn write_queued(key: &str, q: &Queued, fresh: bool) -> Result<(), Failure> {
         let mut writes = Vec::new();
         for (device, n) in unused {
             let queued: u64 = get_json(&queued_key(device))?.unwrap_or(0);
-            writes.push((queued_key(device), json!(queued.saturating_sub(n)).to_string().into_bytes()));
+            writes.push((queued_key(device), to_bytes(&queued.saturating_sub(n))));
         }
         if !writes.is_empty() {
             storage::put_unconfirmed(&writes).map_err(storage_fail)?;
@@ -440,8 +440,7 @@ fn write_queued(key: &str, q: &Queued, fresh: bool) -> Result<(), Failure> {
     // Unconfirmed: the answer does not wait for the clean-up. Lost in a crash, the entry is
     // written again by the alarm (adding nothing) and a count stays high until recounted.
     storage::delete_unconfirmed(&[key.to_owned()]).map_err(storage_fail)?;
-    storage::put_unconfirmed(&[(done_key(key), json!(crate::util::now_ms()).to_string().into_bytes())])
-        .map_err(storage_fail)?;
+    storage::put_unconfirmed(&[(done_key(key), to_bytes(&crate::util::now_ms()))]).map_err(storage_fail)?;
     Ok(())
 }
 
@@ -470,7 +469,7 @@ fn ack(user: &str, device: &str, upto: i64) -> Result<UserReply, Failure> {
         _ => queued.saturating_sub(deleted),
     };
     if next != queued {
-        storage::put(&[(queued_key(device), json!(next).to_string().into_bytes())]).map_err(storage_fail)?;
+        storage::put(&[(queued_key(device), to_bytes(&next))]).map_err(storage_fail)?;
     }
     Ok(UserReply::default())
 }

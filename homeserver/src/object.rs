@@ -5,7 +5,6 @@
 use lattice_worker::bindings::lattice::bindings::{durable_object, storage, types};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::error::Error;
 
@@ -48,6 +47,13 @@ pub fn db_fail(e: crate::db::DbError) -> Failure {
     db_failure(e, "the database is unavailable")
 }
 
+/// A value as JSON bytes, serialized directly (not through a `serde_json::Value` tree).
+pub fn to_bytes<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    // Serializing fails only for maps with non-string keys, which no stored type has; `json!`,
+    // which this replaces, panics in the same case.
+    serde_json::to_vec(value).expect("JSON-serializable value")
+}
+
 /// One JSON value of the object's storage.
 pub fn get_json<T: DeserializeOwned>(key: &str) -> Result<Option<T>, Failure> {
     storage::get(&[key.to_owned()])
@@ -69,10 +75,10 @@ pub fn serve<Req: DeserializeOwned, Rep: Serialize>(
         .map_err(|e| fail(400, "M_BAD_JSON", format!("object request: {e}")))
         .and_then(handler);
     let (status, body) = match out {
-        Ok(reply) => (200, json!(reply)),
-        Err(f) => (f.status, json!(f)),
+        Ok(reply) => (200, to_bytes(&reply)),
+        Err(f) => (f.status, to_bytes(&f)),
     };
-    durable_object::Response { status, headers: vec![], body: body.to_string().into_bytes() }
+    durable_object::Response { status, headers: vec![], body }
 }
 
 /// Calls the object named `name` of namespace `binding` and decodes its answer.
@@ -91,7 +97,7 @@ pub fn call<Req: Serialize, Rep: DeserializeOwned>(
                 method: "POST".into(),
                 path: "/".into(),
                 headers,
-                body: json!(request).to_string().into_bytes(),
+                body: to_bytes(request),
             },
         )
         .map_err(|e| match e {

@@ -129,7 +129,7 @@ async fn bad_input_production() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sends_are_idempotent_and_redaction_strips_content() {
-    let Some((_hs, proxy)) = start(Options::new(Backend::Embedded)).await else { return };
+    let Some((hs, proxy)) = start(Options::new(Backend::Embedded)).await else { return };
     let alice = Client::new(&proxy.url).register("alice", "pw-alice").await;
     let room = create_room(&alice, json!({})).await;
     let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/same-txn", enc(&room));
@@ -142,6 +142,37 @@ async fn sends_are_idempotent_and_redaction_strips_content() {
     // The sender's own device sees its transaction id.
     let mine = chunk.iter().find(|e| e["content"]["body"] == "once").expect("the message");
     assert_eq!(mine["unsigned"]["transaction_id"], "same-txn");
+
+    // Many transactions (the room keeps a device's ids in several buckets), each retried after
+    // all of them: every retry answers its first event, and none adds one.
+    let mut first = Vec::new();
+    for n in 0..40 {
+        let p = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/t{n}", enc(&room));
+        let r = alice.put(&p, json!({"msgtype": "m.text", "body": format!("m{n}")})).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        first.push(r.body["event_id"].clone());
+    }
+    for (n, id) in first.iter().enumerate() {
+        let p = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/t{n}", enc(&room));
+        let r = alice.put(&p, json!({"msgtype": "m.text", "body": format!("m{n}")})).await;
+        assert_eq!((r.status, &r.body["event_id"]), (200, id), "retry of t{n}");
+    }
+    let chunk = messages(&alice, &room).await;
+    for n in 0..40 {
+        let body = format!("m{n}");
+        assert_eq!(chunk.iter().filter(|e| e["content"]["body"] == body.as_str()).count(), 1, "{body}");
+    }
+    // A room this server does not have: 404, for a send and for a join.
+    let nowhere = format!("!nowhere:{}", hs.server_name);
+    let r = alice
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/x1", enc(&nowhere)),
+            json!({"body": "x"}),
+        )
+        .await;
+    assert_eq!((r.status, r.errcode()), (404, "M_NOT_FOUND"), "{:?}", r.body);
+    let r = alice.post(&format!("/_matrix/client/v3/rooms/{}/join", enc(&nowhere)), json!({})).await;
+    assert_eq!((r.status, r.errcode()), (404, "M_NOT_FOUND"), "{:?}", r.body);
 
     let id = a.body["event_id"].as_str().expect("event id");
     let r = alice

@@ -176,7 +176,6 @@ pub fn upgrade_route(ctx: &Ctx, room: &str) -> Result<Reply> {
 
     // The old room points at the new one and goes quiet.
     send_events(
-        ctx,
         &s,
         room,
         vec![template(
@@ -190,14 +189,13 @@ pub fn upgrade_route(ctx: &Ctx, room: &str) -> Result<Reply> {
         let quiet = restricted(pl);
         if &quiet != pl {
             // The upgrader may lack the power to change levels; the tombstone is what matters.
-            let _ = send_events(ctx, &s, room, vec![template("m.room.power_levels", Some(""), quiet)], None);
+            let _ = send_events(&s, room, vec![template("m.room.power_levels", Some(""), quiet)], None);
         }
     }
     let db = ctx.db()?;
     db.execute(sql::ALIASES_MOVE, vec![db::t(new_room_id.clone()), db::t(room)])?;
     if content("m.room.canonical_alias", "").is_some() {
-        let _ =
-            send_events(ctx, &s, room, vec![template("m.room.canonical_alias", Some(""), json!({}))], None);
+        let _ = send_events(&s, room, vec![template("m.room.canonical_alias", Some(""), json!({}))], None);
     }
     let published = db.first(sql::ROOM_GET, vec![db::t(room)])?.and_then(|r| r.int("published")).unwrap_or(0);
     if published != 0 {

@@ -5,7 +5,8 @@
 //! persists it to D1. Its storage holds:
 //! - `meta`: version, last `room_seq`, forward extremities, depth, current state group;
 //! - `s\0<type>\0<state_key>`: the current state, event id and PDU;
-//! - `t\0<user>\0<device>`: the device's recent transaction ids (idempotent sends);
+//! - `t\0<user>\0<device>\0<bucket>`: the device's recent transaction ids (idempotent sends),
+//!   spread over [`TXN_BUCKETS`] keys by a hash of the id so a send rewrites a small record;
 //! - `p\0<seq>`: events decided but not yet in D1 (the outbox), and `o`, their index.
 //!
 //! Ordering is decided under the input gate (storage calls only), so concurrent events of the
@@ -31,7 +32,7 @@ use serde_json::{Value, json};
 use super::auth;
 use super::pdu::{self, Pdu, Position, SigningKey, Template};
 use crate::db::{self, Bound, Db, bound, sql};
-use crate::object::{Failure, fail, get_json, storage_fail};
+use crate::object::{Failure, fail, get_json, storage_fail, to_bytes};
 use crate::util::now_ms;
 
 /// The Durable Object namespace binding and class of rooms.
@@ -44,8 +45,14 @@ pub const SIGNING_KEY_SECRET: &str = "signing_key";
 pub const STATE_SNAPSHOT_EVERY: i64 = 64;
 /// Outbox entries one D1 write carries at most; the rest go in the next write.
 pub const MAX_OUTBOX_PER_WRITE: u32 = 256;
-/// Transaction ids remembered per device and room (clients retry recent ones only).
-pub const TXNS_KEPT_PER_DEVICE: usize = 256;
+/// Transaction ids remembered per device and room (clients retry recent ones only): the
+/// newest [`TXNS_KEPT_PER_BUCKET`] of each of [`TXN_BUCKETS`] buckets.
+pub const TXNS_KEPT_PER_DEVICE: usize = TXN_BUCKETS as usize * TXNS_KEPT_PER_BUCKET;
+/// How many keys a device's transaction ids are spread over. A send reads and rewrites one
+/// bucket (about 1 KiB), not the device's whole history; once a device has used every bucket
+/// they are all in the object's cache, so a new id costs no storage read.
+pub const TXN_BUCKETS: u64 = 16;
+pub const TXNS_KEPT_PER_BUCKET: usize = 16;
 /// The storage key of the outbox index: the `room_seq`s of the entries not yet in D1.
 const OUTBOX_INDEX: &str = "o";
 /// The storage key of the newest `room_seq` a flush has taken to write; later flushes leave
@@ -233,22 +240,35 @@ fn send(sender: &str, templates: &[Template], txn: Option<(String, String)>) -> 
             }
         }
     }
-    // One key per device holds its recent transaction ids, so a new id is a cache hit, not a
-    // storage read while the input gate is closed.
-    let txn_key = txn.as_ref().map(|(device, _)| format!("t\0{sender}\0{device}"));
-    let mut txns: Vec<(String, Vec<String>)> = match &txn_key {
-        Some(k) => get_json(k)?.unwrap_or_default(),
-        None => Vec::new(),
-    };
-    if let Some((_, id)) = &txn
-        && let Some((_, ids)) = txns.iter().find(|(t, _)| t == id)
-    {
-        // A retry: the events were decided, but their D1 write may have failed. Answer only
-        // once D1 has them, like the first time.
-        let ids = ids.clone();
-        let up_to = get_json::<Meta>("meta")?.map_or(0, |m| m.seq);
-        flush_or_retry_later(up_to)?;
-        return Ok(RoomReply { event_ids: ids });
+    // A device's recent transaction ids live in a few keys; the one for this id is usually a
+    // cache hit, not a storage read while the input gate is closed. Rooms written before the
+    // ids were bucketed keep the device's older ids under one key, read but no longer written.
+    let txn_keys = txn.as_ref().map(|(device, id)| {
+        (
+            format!("t\0{sender}\0{device}\0{:02}", fnv1a(id.as_bytes()) % TXN_BUCKETS),
+            format!("t\0{sender}\0{device}"),
+        )
+    });
+    let mut txns: Vec<(String, Vec<String>)> = Vec::new();
+    if let (Some((bucket, legacy)), Some((_, id))) = (&txn_keys, &txn) {
+        let mut found = None;
+        for (k, v) in storage::get(&[bucket.clone(), legacy.clone()]).map_err(storage_fail)? {
+            let list: Vec<(String, Vec<String>)> = serde_json::from_slice(&v)
+                .map_err(|e| fail(500, "M_UNKNOWN", format!("transaction ids: {e}")))?;
+            if found.is_none() {
+                found = list.iter().find(|(t, _)| t == id).map(|(_, ids)| ids.clone());
+            }
+            if &k == bucket {
+                txns = list;
+            }
+        }
+        if let Some(ids) = found {
+            // A retry: the events were decided, but their D1 write may have failed. Answer
+            // only once D1 has them, like the first time.
+            let up_to = get_json::<Meta>("meta")?.map_or(0, |m| m.seq);
+            flush_or_retry_later(up_to)?;
+            return Ok(RoomReply { event_ids: ids });
+        }
     }
     let mut meta: Meta = get_json("meta")?.ok_or_else(|| fail(404, "M_NOT_FOUND", "no such room"))?;
     let mut state = HashMap::new();
@@ -270,18 +290,23 @@ fn send(sender: &str, templates: &[Template], txn: Option<(String, String)>) -> 
         ids.push(id);
         writes.push(p);
     }
-    let txn_record = match (txn_key, &txn) {
-        (Some(k), Some((_, id))) => {
+    let txn_record = match (txn_keys, &txn) {
+        (Some((bucket, _)), Some((_, id))) => {
             txns.push((id.clone(), ids.clone()));
-            let excess = txns.len().saturating_sub(TXNS_KEPT_PER_DEVICE);
+            let excess = txns.len().saturating_sub(TXNS_KEPT_PER_BUCKET);
             txns.drain(..excess);
-            Some((k, json!(txns).to_string().into_bytes()))
+            Some((bucket, to_bytes(&txns)))
         }
         _ => None,
     };
     commit(&meta, &state, &writes, txn_record)?;
     finish(&meta, &writes)?;
     Ok(RoomReply { event_ids: ids })
+}
+
+/// FNV-1a: a hash that stays the same across builds (it names storage keys).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 fn canonical_string(v: &Value) -> String {
@@ -474,18 +499,18 @@ fn commit(
     writes: &[Planned],
     txn: Option<(String, Vec<u8>)>,
 ) -> Result<(), Failure> {
-    let mut entries: Vec<(String, Vec<u8>)> = vec![("meta".into(), json!(meta).to_string().into_bytes())];
+    let mut entries: Vec<(String, Vec<u8>)> = vec![("meta".into(), to_bytes(&meta))];
     let mut index: Vec<i64> = get_json(OUTBOX_INDEX)?.unwrap_or_default();
     index.extend(writes.iter().map(|w| w.seq));
-    entries.push((OUTBOX_INDEX.into(), json!(index).to_string().into_bytes()));
+    entries.push((OUTBOX_INDEX.into(), to_bytes(&index)));
     for w in writes {
         if let Some(sk) = &w.state_key {
             let k = state_key(&w.kind, sk);
             if let Some(e) = state.get(&k) {
-                entries.push((k, json!(e).to_string().into_bytes()));
+                entries.push((k, to_bytes(&e)));
             }
         }
-        entries.push((outbox_key(w.seq), json!(w).to_string().into_bytes()));
+        entries.push((outbox_key(w.seq), to_bytes(&w)));
     }
     if let Some(record) = txn {
         entries.push(record);
@@ -545,8 +570,7 @@ fn flush(up_to: i64, claims: bool) -> Result<(), Failure> {
         };
         if claims {
             let last = take.last().copied().unwrap_or(first);
-            storage::put(&[(OUTBOX_CLAIM.to_owned(), json!(last).to_string().into_bytes())])
-                .map_err(storage_fail)?;
+            storage::put(&[(OUTBOX_CLAIM.to_owned(), to_bytes(&last))]).map_err(storage_fail)?;
         }
         let keys: Vec<String> = take.iter().map(|s| outbox_key(*s)).collect();
         let mut planned = Vec::new();
@@ -586,8 +610,7 @@ fn flush(up_to: i64, claims: bool) -> Result<(), Failure> {
         // (see `bounds`).
         let mut now: Vec<i64> = get_json(OUTBOX_INDEX)?.unwrap_or_default();
         now.retain(|s| !written.contains(s));
-        storage::put_unconfirmed(&[(OUTBOX_INDEX.to_owned(), json!(now).to_string().into_bytes())])
-            .map_err(storage_fail)?;
+        storage::put_unconfirmed(&[(OUTBOX_INDEX.to_owned(), to_bytes(&now))]).map_err(storage_fail)?;
         let done: Vec<String> = written.iter().map(|s| outbox_key(*s)).collect();
         storage::delete_unconfirmed(&done).map_err(storage_fail)?;
         let covered = take.last().is_some_and(|s| *s >= up_to);
@@ -705,4 +728,18 @@ fn bounds(p: &Planned) -> Vec<Bound> {
 /// Sends a request to a room's object and decodes its answer.
 pub fn call(room_id: &str, request: &RoomRequest) -> Result<RoomReply, crate::error::Error> {
     crate::object::call(BINDING, room_id, vec![], request)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transaction_buckets_never_move() {
+        // The bucket is part of a storage key, so its hash must stay FNV-1a (its published
+        // test vectors) across builds and releases.
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+    }
 }
