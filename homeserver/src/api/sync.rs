@@ -439,9 +439,11 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
     let woken_by_timeout = ctx.req.header("lattice-wake").as_deref() == Some("timeout");
     let filter = load_filter(ctx, &s.user_id)?;
     let db = ctx.db()?;
-    let mut upto = db.first(sql::STREAM_MAX, vec![])?.and_then(|r| r.int("pos")).unwrap_or(0);
     let since_pos = since.unwrap_or(0);
-    // Everything else this sync reads about the user, in one call and one consistent view.
+    // The stream head and everything else this sync reads about the user, in one call. The
+    // batch is one snapshot, and every row's position comes from the stream counter a writer
+    // bumps in its own transaction (a later writer waits for the earlier one's commit), so no
+    // row in the snapshot is past its head: reading "up to the end" reads up to the head.
     let user = s.user_id.as_str();
     let since_upto = |upto: i64| {
         vec![
@@ -451,14 +453,16 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
         ]
     };
     let mut statements = vec![
-        super::keys::sync_query(user, &s.device_id, since, upto),
+        bound(sql::STREAM_MAX, vec![]),
+        super::keys::sync_query(user, &s.device_id, since, i64::MAX),
         bound(sql::USER_MEMBERSHIPS, vec![db::t(user)]),
         bound(sql::TYPING_FOR_USER, vec![db::t(user)]),
         bound(sql::ACCOUNT_DATA_GET, super::account::ruleset_params(user)),
     ];
-    statements.extend(since_upto(upto));
+    statements.extend(since_upto(i64::MAX));
     let mut results = db.read_batch(&statements)?.into_iter();
     let mut next = || results.next().unwrap_or_default();
+    let mut upto = next().first().and_then(|r| r.int("pos")).unwrap_or(0);
     let (e2ee_rows, memberships, typing, push_rules) = (next(), next(), next(), next());
     let (mut room_data, mut receipts, mut presence_rows) = (next(), next(), next());
     // To-device messages first: when there are more than one sync carries, everything else

@@ -7,7 +7,8 @@
 //! - `s\0<type>\0<state_key>`: the current state, event id and PDU;
 //! - `t\0<user>\0<device>\0<bucket>`: the device's recent transaction ids (idempotent sends),
 //!   spread over [`TXN_BUCKETS`] keys by a hash of the id so a send rewrites a small record;
-//! - `p\0<seq>`: events decided but not yet in D1 (the outbox), and `o`, their index.
+//! - `p\0<seq>`: events decided but not yet in D1 (the outbox), and `o`, their index;
+//! - `k\0<key version>`: the public key of the server's signing key.
 //!
 //! Ordering is decided under the input gate (storage calls only), so concurrent events of the
 //! room chain one after another; the D1 write happens after, with the gate open. Each D1 write
@@ -99,6 +100,12 @@ struct Planned {
     membership: Option<(String, String)>,
     redact: Option<(String, String)>,
     creator: Option<String>,
+    /// The event's `m.relates_to` (parent event id, rel_type), read when it was planned.
+    /// Entries planned before this field existed have `relation_known` false and are read again.
+    #[serde(default)]
+    relation: Option<(String, String)>,
+    #[serde(default)]
+    relation_known: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -151,8 +158,24 @@ pub fn server_signing_key() -> Result<SigningKey, String> {
     SigningKey::from_seed(&seed).map_err(|e| e.to_string())
 }
 
+/// The server's signing key, with its public key kept in the object's storage (`k\0<key
+/// version>`): deriving it is a scalar multiplication, as costly as the signature itself, and
+/// every event would pay it. The version is a hash of the seed, so a new seed never meets an old
+/// public key.
 fn signing_key() -> Result<SigningKey, Failure> {
-    server_signing_key().map_err(|e| fail(500, "M_UNKNOWN", e))
+    let seed = config::secret(SIGNING_KEY_SECRET)
+        .map_err(|e| fail(500, "M_UNKNOWN", format!("the signing key secret: {e:?}")))?
+        .ok_or_else(|| fail(500, "M_UNKNOWN", "the server has no signing key (secret `signing_key`)"))?;
+    let kept = format!("k\0{}", SigningKey::version_of(&seed));
+    if let Some((_, public)) =
+        storage::get(std::slice::from_ref(&kept)).map_err(storage_fail)?.into_iter().next()
+        && let Ok(key) = SigningKey::from_seed_and_public(&seed, &public)
+    {
+        return Ok(key);
+    }
+    let key = SigningKey::from_seed(&seed).map_err(|e| fail(500, "M_UNKNOWN", e.to_string()))?;
+    storage::put(&[(kept, key.public_key().to_vec())]).map_err(storage_fail)?;
+    Ok(key)
 }
 
 /// Handles one request to a room object.
@@ -225,6 +248,10 @@ fn create(
 }
 
 fn send(sender: &str, templates: &[Template], txn: Option<(String, String)>) -> Result<RoomReply, Failure> {
+    // A room this object does not hold gets its 404 before anything is written here.
+    if get_json::<Meta>("meta")?.is_none() {
+        return Err(fail(404, "M_NOT_FOUND", "no such room"));
+    }
     // Everything that waits on other I/O happens before the room's head is read: the signing
     // key, and the event a redaction redacts.
     let key = signing_key()?;
@@ -453,7 +480,18 @@ fn plan(
         membership,
         redact,
         creator: creator.map(str::to_owned),
+        relation: relation_of(json_value),
+        relation_known: true,
     })
+}
+
+/// An event's `m.relates_to`: the parent's event id and the relation type.
+fn relation_of(event: &Value) -> Option<(String, String)> {
+    let relates = event.pointer("/content/m.relates_to")?;
+    Some((
+        relates.get("event_id")?.as_str()?.to_owned(),
+        relates.get("rel_type")?.as_str()?.to_owned(),
+    ))
 }
 
 /// The whole current state as `(type, state_key, event_id)`, from storage overlaid with this
@@ -697,12 +735,12 @@ fn bounds(p: &Planned) -> Vec<Bound> {
             ],
         ));
     }
-    if let Ok(v) = serde_json::from_str::<Value>(&p.json)
-        && let (Some(parent), Some(rel)) = (
-            v.pointer("/content/m.relates_to/event_id").and_then(Value::as_str),
-            v.pointer("/content/m.relates_to/rel_type").and_then(Value::as_str),
-        )
-    {
+    let relation = if p.relation_known {
+        p.relation.clone()
+    } else {
+        serde_json::from_str::<Value>(&p.json).ok().as_ref().and_then(relation_of)
+    };
+    if let Some((parent, rel)) = relation {
         out.push(bound(
             sql::RELATION_INSERT,
             vec![

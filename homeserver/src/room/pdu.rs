@@ -7,10 +7,11 @@
 
 use std::collections::BTreeMap;
 
+use ed25519_dalek::hazmat::ExpandedSecretKey;
 use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue, RedactedBecause, redact};
 use ruma::events::TimelineEventType;
 use ruma::room_version_rules::RoomVersionRules;
-use ruma::signatures::{Ed25519KeyPair, KeyPair as _};
+use ruma::signatures::KeyPair as _;
 use ruma::{
     EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UInt,
     UserId,
@@ -49,8 +50,26 @@ pub fn rules(version: &str) -> Result<RoomVersionRules, PduError> {
 
 /// The server's signing key: an ed25519 key from a 32-byte seed, with its key id.
 pub struct SigningKey {
-    pair: Ed25519KeyPair,
+    pair: Pair,
     pub key_id: String,
+}
+
+/// An ed25519 key pair as ruma signs with it: the expanded secret and the public key.
+struct Pair {
+    secret: ExpandedSecretKey,
+    public: ed25519_dalek::VerifyingKey,
+    version: String,
+}
+
+impl ruma::signatures::KeyPair for Pair {
+    fn sign(&self, message: &[u8]) -> ruma::signatures::Signature {
+        let signature =
+            ed25519_dalek::hazmat::raw_sign::<ed25519_dalek::Sha512>(&self.secret, message, &self.public);
+        ruma::signatures::Signature::new(
+            ruma::SigningKeyId::from_parts(ruma::SigningKeyAlgorithm::Ed25519, self.version.as_str().into()),
+            signature.to_bytes().to_vec(),
+        )
+    }
 }
 
 impl std::fmt::Debug for SigningKey {
@@ -59,40 +78,63 @@ impl std::fmt::Debug for SigningKey {
     }
 }
 
+fn seed_bytes(seed: &[u8]) -> Result<[u8; 32], PduError> {
+    seed.get(..32)
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(|| PduError::Key("the seed must have 32 bytes".into()))
+}
+
 impl SigningKey {
     /// `seed` is the 32-byte secret; the key id's version is derived from it, so the same seed
     /// always gives the same id.
     pub fn from_seed(seed: &[u8]) -> Result<Self, PduError> {
-        // From a hash of the seed, not the public key: deriving the public key is a scalar
-        // multiplication, and this runs for every event a room signs.
+        Self::from_seed_with_version(seed, &Self::version_of(seed))
+    }
+
+    /// The key id version (`ed25519:<version>`) of a seed: from a hash of the seed, not the
+    /// public key, since deriving the public key is a scalar multiplication.
+    pub fn version_of(seed: &[u8]) -> String {
         let mut material = b"lattice signing key id\0".to_vec();
         material.extend_from_slice(seed);
-        let version = crate::util::b64(&crate::util::sha256(&material))
+        crate::util::b64(&crate::util::sha256(&material))
             .chars()
             .filter(char::is_ascii_alphanumeric)
             .take(6)
-            .collect::<String>();
-        Self::from_seed_with_version(seed, &version)
+            .collect::<String>()
     }
 
-    /// A key with a given key id version (`ed25519:<version>`).
+    /// A key with a given key id version (`ed25519:<version>`); derives the public key.
     pub fn from_seed_with_version(seed: &[u8], version: &str) -> Result<Self, PduError> {
-        let seed: [u8; 32] = seed
-            .get(..32)
-            .and_then(|s| s.try_into().ok())
-            .ok_or_else(|| PduError::Key("the seed must have 32 bytes".into()))?;
-        // PKCS#8 v1 for an Ed25519 private key (RFC 8410): a fixed prefix, then the seed.
-        let mut der = vec![
-            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
-        ];
-        der.extend_from_slice(&seed);
-        let pair =
-            Ed25519KeyPair::from_der(&der, version.to_owned()).map_err(|e| PduError::Key(e.to_string()))?;
-        Ok(Self { pair, key_id: format!("ed25519:{version}") })
+        let secret = ExpandedSecretKey::from(&seed_bytes(seed)?);
+        let public = ed25519_dalek::VerifyingKey::from(&secret);
+        Ok(Self::from_parts(secret, public, version))
+    }
+
+    /// The key of `seed` whose public key is known already (kept from [`SigningKey::public_key`]
+    /// of the same seed): no scalar multiplication. The caller answers for the pairing; a wrong
+    /// public key gives signatures nobody can verify.
+    pub fn from_seed_and_public(seed: &[u8], public: &[u8]) -> Result<Self, PduError> {
+        let secret = ExpandedSecretKey::from(&seed_bytes(seed)?);
+        let public: [u8; 32] =
+            public.try_into().map_err(|_| PduError::Key("a public key has 32 bytes".into()))?;
+        let public =
+            ed25519_dalek::VerifyingKey::from_bytes(&public).map_err(|e| PduError::Key(e.to_string()))?;
+        Ok(Self::from_parts(secret, public, &Self::version_of(seed)))
+    }
+
+    fn from_parts(secret: ExpandedSecretKey, public: ed25519_dalek::VerifyingKey, version: &str) -> Self {
+        Self {
+            pair: Pair { secret, public, version: version.to_owned() },
+            key_id: format!("ed25519:{version}"),
+        }
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.pair.public.to_bytes()
     }
 
     pub fn public_key_b64(&self) -> String {
-        crate::util::b64(&self.pair.public_key())
+        crate::util::b64(&self.public_key())
     }
 
     /// Signs arbitrary JSON (server keys, for example).
@@ -201,7 +243,7 @@ pub fn hash_and_sign(
 /// The public keys to verify events of this server with.
 pub fn public_key_map(server_name: &str, key: &SigningKey) -> ruma::signatures::PublicKeyMap {
     let mut set = ruma::signatures::PublicKeySet::new();
-    set.insert(key.key_id.clone(), ruma::serde::Base64::new(key.pair.public_key().to_vec()));
+    set.insert(key.key_id.clone(), ruma::serde::Base64::new(key.public_key().to_vec()));
     let mut map = ruma::signatures::PublicKeyMap::new();
     map.insert(server_name.to_owned(), set);
     map

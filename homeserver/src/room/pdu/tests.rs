@@ -237,3 +237,20 @@ fn oversized_events_are_refused() {
         Position { room_id: Some("!r:e"), prev_events: &[], auth_events: &[], depth: 1, origin_server_ts: 1 };
     assert!(matches!(build("12", "e", &key, "@a:e", &t, &at), Err(PduError::TooLarge)));
 }
+
+#[test]
+fn a_kept_public_key_signs_like_a_derived_one() {
+    let seed = [7u8; 32];
+    let derived = SigningKey::from_seed(&seed).expect("a valid seed");
+    let kept = SigningKey::from_seed_and_public(&seed, &derived.public_key()).expect("a valid public key");
+    assert_eq!(kept.key_id, derived.key_id);
+    assert_eq!(kept.sign_bytes(b"lattice"), derived.sign_bytes(b"lattice"));
+    // And it matches what ruma's own key pair makes of the same seed.
+    let mut der =
+        vec![0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
+    der.extend_from_slice(&seed);
+    let ruma_pair = ruma::signatures::Ed25519KeyPair::from_der(&der, "x".into()).expect("ruma key pair");
+    assert_eq!(ruma_pair.public_key(), derived.public_key());
+    assert_eq!(ruma_pair.sign(b"lattice").as_bytes(), derived.sign_bytes(b"lattice").as_slice());
+    assert!(SigningKey::from_seed_and_public(&seed, &[1u8; 5]).is_err(), "a public key has 32 bytes");
+}
