@@ -595,6 +595,20 @@ impl ObjectGuest for Worker {
                 let _ = kv::Namespace::open("KV").and_then(|ns| ns.get("anything"));
                 reply(200, json!({"unreachable": true}))
             }
+            "/secret-then-write" => {
+                // A secret read in the middle of an event: part of the environment, not I/O, so
+                // the input gate stays closed and concurrent events cannot interleave here.
+                let r = (|| {
+                    let n = read_u64("count")?;
+                    let _ = config::secret("conformance_secret")?;
+                    storage::put(&[("count".to_owned(), (n + 1).to_string().into_bytes())])?;
+                    Ok(n + 1)
+                })();
+                match r {
+                    Ok(n) => reply(200, json!({"count": n})),
+                    Err(e) => fail(e),
+                }
+            }
             "/kv-then-write" => {
                 // Other I/O in the middle of an event (opens the input gate), then a write.
                 let r = (|| {

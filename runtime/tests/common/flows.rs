@@ -224,6 +224,25 @@ pub async fn objects(s: &Server) {
     eprintln!("50 increments, {commits} commits");
     assert!(commits < 50.0, "every event committed on its own ({commits} commits)");
 
+    // Reading a secret does not open the input gate (workerd's `env.SECRET` is no I/O): 30
+    // concurrent read-secret-then-write events hand out every value exactly once.
+    let tasks: Vec<_> = (0..30)
+        .map(|_| {
+            let url = format!("{}/do/secret-then-write?name={p}s1", s.url);
+            tokio::spawn(async move { post(&url, "").await })
+        })
+        .collect();
+    let mut seen = BTreeSet::new();
+    for t in tasks {
+        let r = t.await.expect("task");
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert!(
+            seen.insert(r.json()["count"].as_u64().unwrap_or(0)),
+            "events interleaved across a secret read"
+        );
+    }
+    assert_eq!(seen, (1..=30).collect::<BTreeSet<u64>>());
+
     // 20 items, 50 concurrent claims: exactly 20 distinct items go out.
     assert_eq!(post(&format!("{}/do/fill?name={p}pool&n=20", s.url), "").await.status, 200);
     let tasks: Vec<_> = (0..50)
