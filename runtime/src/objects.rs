@@ -752,6 +752,16 @@ fn in_range(k: &str, r: &ObjectListRange) -> bool {
         && r.end.as_deref().is_none_or(|e| k < e)
 }
 
+/// Tickets for the D1 batches of object events, in the order the events seal their writes.
+static SEAL_TICKETS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The next seal ticket (see `SqlBackend::batch_ordered`). An event draws it while it holds
+/// its object's execution token, right before it seals, so one object's tickets follow the
+/// order of its events.
+pub fn next_seal_ticket() -> u64 {
+    SEAL_TICKETS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A running event's hold on its object: the execution token while guest code runs.
 pub struct ObjectEvent {
     pub obj: Arc<LiveObject>,

@@ -488,10 +488,7 @@ fn plan(
 /// An event's `m.relates_to`: the parent's event id and the relation type.
 fn relation_of(event: &Value) -> Option<(String, String)> {
     let relates = event.pointer("/content/m.relates_to")?;
-    Some((
-        relates.get("event_id")?.as_str()?.to_owned(),
-        relates.get("rel_type")?.as_str()?.to_owned(),
-    ))
+    Some((relates.get("event_id")?.as_str()?.to_owned(), relates.get("rel_type")?.as_str()?.to_owned()))
 }
 
 /// The whole current state as `(type, state_key, event_id)`, from storage overlaid with this

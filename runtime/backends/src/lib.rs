@@ -116,6 +116,19 @@ pub trait SqlBackend: Send + Sync {
         statements: Vec<SqlStatement>,
         fence: Option<Fence>,
     ) -> Result<Vec<QueryOutput>, SqlError>;
+    /// [`SqlBackend::batch`] with the ticket a Durable Object event drew when it sealed its
+    /// writes (tickets grow in the order events seal). A backend that commits concurrent
+    /// fenced batches as one group runs the group in ticket order, so one object's batches
+    /// keep the order of its events; concurrent batches have no other order to keep.
+    async fn batch_ordered(
+        &self,
+        statements: Vec<SqlStatement>,
+        fence: Option<Fence>,
+        ticket: Option<u64>,
+    ) -> Result<Vec<QueryOutput>, SqlError> {
+        let _ = ticket;
+        self.batch(statements, fence).await
+    }
     /// Whether the backend answers at all (for /readyz and metrics).
     async fn ping(&self) -> Result<(), BackendError>;
 }

@@ -346,6 +346,10 @@ struct GroupJob {
     translated: Vec<Translated>,
     fence: Option<Fence>,
     reply: BatchReply,
+    /// The ticket of [`SqlBackend::batch_ordered`]: a group runs its jobs in ticket order.
+    ticket: Option<u64>,
+    /// Failed once in this group and was moved behind the others (see `commit_group`).
+    deferred: bool,
 }
 
 /// The queue of batches waiting for the next group commit, and the lock its leader holds.
@@ -398,6 +402,7 @@ impl PostgresSql {
         statements: Vec<SqlStatement>,
         translated: Vec<Translated>,
         fence: Option<Fence>,
+        ticket: Option<u64>,
     ) -> Result<Vec<QueryOutput>, SqlError> {
         let (reply, mut answer) = tokio::sync::oneshot::channel();
         self.group.queue.lock().unwrap_or_else(|p| p.into_inner()).push(GroupJob {
@@ -405,6 +410,8 @@ impl PostgresSql {
             translated,
             fence,
             reply,
+            ticket,
+            deferred: false,
         });
         loop {
             let _leader = self.group.leader.lock().await;
@@ -417,11 +424,14 @@ impl PostgresSql {
                 }
                 Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
             }
-            let jobs: Vec<GroupJob> = {
+            let mut jobs: Vec<GroupJob> = {
                 let mut q = self.group.queue.lock().unwrap_or_else(|p| p.into_inner());
                 let n = q.len().min(MAX_GROUP_BATCHES);
                 q.drain(..n).collect()
             };
+            // Objects' batches queue in the order their waits for durability end, which is not
+            // the order their events sealed when one storage commit made several durable.
+            jobs.sort_by_key(|j| j.ticket);
             self.commit_group(jobs).await;
         }
     }
@@ -429,6 +439,12 @@ impl PostgresSql {
     /// Commits `jobs` in one transaction. A job that fails is answered with its error and the
     /// transaction is run again without it; each job is answered only once its outcome is
     /// final (committed, or failed alone).
+    ///
+    /// A job whose statement fails while others are in the group (or waiting for the next one)
+    /// first gets a second run behind them, in the same transaction: concurrent batches have
+    /// no order among themselves, and a batch that checks a row another one writes (the room
+    /// object's outbox guard) would otherwise fail only because it was queued first. It is
+    /// answered with its error when it fails again.
     async fn commit_group(&self, jobs: Vec<GroupJob>) {
         let mut lease = match self.clients.acquire().await {
             Ok(l) => l,
@@ -451,15 +467,36 @@ impl PostgresSql {
                 })
                 .collect();
             let (outcomes, clean) = run_pipelined(lease.conn(), &runs, Mode::Write).await;
+            eprintln!(
+                "DEBUG group of {} -> {:?}",
+                runs.len(),
+                outcomes
+                    .iter()
+                    .map(|o| match o {
+                        None => "none",
+                        Some(Ok(_)) => "ok",
+                        Some(Err(_)) => "err",
+                    })
+                    .collect::<Vec<_>>()
+            );
             drop(runs);
             lease.set_clean(clean);
             let mut again = Vec::new();
             let mut stale = false;
-            for (job, outcome) in pending.into_iter().zip(outcomes) {
+            let mut deferred = None;
+            let others_waiting =
+                pending.len() > 1 || !self.group.queue.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
+            for (mut job, outcome) in pending.into_iter().zip(outcomes) {
                 match outcome {
                     None => again.push(job),
                     Some(Ok(out)) => {
                         let _ = job.reply.send(Ok(out));
+                    }
+                    Some(Err(BatchError::Sql(SqlError::Statement { .. })))
+                        if !job.deferred && others_waiting =>
+                    {
+                        job.deferred = true;
+                        deferred = Some(job);
                     }
                     Some(Err(BatchError::Sql(e))) => {
                         let _ = job.reply.send(Err(e));
@@ -478,6 +515,15 @@ impl PostgresSql {
             if stale {
                 retried_stale = true;
                 lease.conn().forget_statements();
+            }
+            if let Some(job) = deferred {
+                // Batches queued meanwhile join this transaction ahead of the deferred one.
+                let mut q = self.group.queue.lock().unwrap_or_else(|p| p.into_inner());
+                let n = q.len().min(MAX_GROUP_BATCHES.saturating_sub(again.len() + 1));
+                again.extend(q.drain(..n));
+                drop(q);
+                again.sort_by_key(|j| j.ticket);
+                again.push(job);
             }
             pending = again;
         }
@@ -523,6 +569,15 @@ impl SqlBackend for PostgresSql {
         statements: Vec<SqlStatement>,
         fence: Option<Fence>,
     ) -> Result<Vec<QueryOutput>, SqlError> {
+        self.batch_ordered(statements, fence, None).await
+    }
+
+    async fn batch_ordered(
+        &self,
+        statements: Vec<SqlStatement>,
+        fence: Option<Fence>,
+        ticket: Option<u64>,
+    ) -> Result<Vec<QueryOutput>, SqlError> {
         // Translated once here: a statement PostgreSQL cannot take fails the batch before
         // anything runs.
         let translated = statements
@@ -536,7 +591,7 @@ impl SqlBackend for PostgresSql {
         bounded(async {
             if fence.is_some() {
                 self.ensure_shards().await?;
-                return self.grouped(statements, translated, fence).await;
+                return self.grouped(statements, translated, fence, ticket).await;
             }
             let reads_only = translated
                 .iter()

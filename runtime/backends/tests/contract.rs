@@ -961,6 +961,62 @@ async fn postgres_group_commit_keeps_batches_separate() {
     group_commit_contract(std::sync::Arc::new(PostgresSql::new(&url).unwrap()), &store).await;
 }
 
+/// Batches in one group have no order among themselves: one that fails on a row another batch
+/// of the same group writes is run again behind it, and both commit (the room object's outbox
+/// guard checks the event a concurrent flush writes). A failure that stays one is still one.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_group_commit_runs_a_refused_batch_again_behind_the_others() {
+    let Some(url) = postgres_url() else { return };
+    let store = PostgresObjectStorage::new(&url).unwrap();
+    let sql = std::sync::Arc::new(PostgresSql::new(&url).unwrap());
+    let ns = unique("group-order");
+    let epoch = store.acquire_shard(&ns, 0).await.unwrap();
+    let fence = || Some(Fence { namespace: ns.clone(), shard: 0, epoch });
+    let (rows, guards) = (unique("rows"), unique("guards"));
+    sql.batch(
+        vec![
+            st(&format!("CREATE TABLE {rows} (id INTEGER PRIMARY KEY)"), vec![]),
+            st(&format!("CREATE TABLE {guards} (seen INTEGER NOT NULL)"), vec![]),
+        ],
+        None,
+    )
+    .await
+    .unwrap();
+    let spawn = |statements: Vec<SqlStatement>, delay_ms: u64| {
+        let (sql, fence) = (sql.clone(), fence());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            sql.batch(statements, fence).await
+        })
+    };
+    // A slow write holds the group commit (reads do not take it), so the next three queue up in this order: the
+    // guard on row 1 (written by the batch after it), the write of row 1, and a guard on a
+    // row nobody writes.
+    let slow = spawn(
+        vec![st(
+            &format!("INSERT INTO {rows} (id) VALUES (CASE WHEN pg_sleep(0.4) IS NULL THEN 0 ELSE 0 END)"),
+            vec![],
+        )],
+        0,
+    );
+    let guard = |id: i64| {
+        vec![st(
+            &format!("INSERT INTO {guards} (seen) VALUES ((SELECT id FROM {rows} WHERE id = ?))"),
+            vec![SqlValue::Integer(id)],
+        )]
+    };
+    let early = spawn(guard(1), 100);
+    let write = spawn(vec![st(&format!("INSERT INTO {rows} (id) VALUES (1)"), vec![])], 200);
+    let never = spawn(guard(2), 250);
+    slow.await.unwrap().unwrap();
+    write.await.unwrap().unwrap();
+    early.await.unwrap().expect("the guard runs again behind the write it checks");
+    let r = never.await.unwrap();
+    assert!(matches!(r, Err(SqlError::Statement { index: 0, .. })), "a real failure stays one: {r:?}");
+    let seen = sql.batch(vec![st(&format!("SELECT seen FROM {guards}"), vec![])], None).await.unwrap();
+    assert_eq!(seen[0].rows, vec![vec![SqlValue::Integer(1)]]);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sqlite_group_commit_keeps_batches_separate() {
     let dir = tempfile::tempdir().unwrap();

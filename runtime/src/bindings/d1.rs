@@ -92,9 +92,11 @@ impl WorkerState {
             (d.name.clone(), d.backend.clone())
         };
         let fence = self.inv.object.as_ref().map(|e| e.fence());
+        // Drawn while this event still holds its object, just before it seals its writes.
+        let ticket = self.inv.object.as_ref().map(|_| crate::objects::next_seal_ticket());
         let metrics = self.shared.metrics.clone();
         let started = std::time::Instant::now();
-        let out = self.waiting(Gate::Open, backend.batch(statements, fence)).await?;
+        let out = self.waiting(Gate::Open, backend.batch_ordered(statements, fence, ticket)).await?;
         metrics.binding_call("d1", backend.name(), started.elapsed(), out.is_err());
         if matches!(out, Err(SqlError::Backend(lattice_backends::BackendError::Fenced { .. }))) {
             metrics.fenced_d1_writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
