@@ -203,12 +203,11 @@ pub async fn r2(s: &Server) {
     assert_eq!(get(&format!("{}/r2?key={p}other.txt", s.url)).await.json()["found"], false);
 }
 
-pub async fn objects(s: &Server) {
-    let p = format!("run{}-", unique());
-    // 50 concurrent increments of one counter: no lost update, every value exactly once.
-    let tasks: Vec<_> = (0..50)
+/// `n` concurrent POSTs to `url`, each answering `{"count": c}`: the counts are exactly 1..=n.
+async fn each_count_once(url: &str, n: u64, twice: &str) {
+    let tasks: Vec<_> = (0..n)
         .map(|_| {
-            let url = format!("{}/do/increment?name={p}c1", s.url);
+            let url = url.to_owned();
             tokio::spawn(async move { post(&url, "").await })
         })
         .collect();
@@ -216,9 +215,20 @@ pub async fn objects(s: &Server) {
     for t in tasks {
         let r = t.await.expect("task");
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        assert!(seen.insert(r.json()["count"].as_u64().unwrap_or(0)), "a counter value was handed out twice");
+        assert!(seen.insert(r.json()["count"].as_u64().unwrap_or(0)), "{twice}");
     }
-    assert_eq!(seen, (1..=50).collect::<BTreeSet<u64>>());
+    assert_eq!(seen, (1..=n).collect::<BTreeSet<u64>>());
+}
+
+pub async fn objects(s: &Server) {
+    let p = format!("run{}-", unique());
+    // 50 concurrent increments of one counter: no lost update, every value exactly once.
+    each_count_once(
+        &format!("{}/do/increment?name={p}c1", s.url),
+        50,
+        "a counter value was handed out twice",
+    )
+    .await;
     // Group commit: the 50 events' writes went to storage in fewer commits.
     let commits = metric(s, "lattice_object_commits_total{namespace=\"COUNTERS\"}").await;
     eprintln!("50 increments, {commits} commits");
@@ -226,22 +236,12 @@ pub async fn objects(s: &Server) {
 
     // Reading a secret does not open the input gate (workerd's `env.SECRET` is no I/O): 30
     // concurrent read-secret-then-write events hand out every value exactly once.
-    let tasks: Vec<_> = (0..30)
-        .map(|_| {
-            let url = format!("{}/do/secret-then-write?name={p}s1", s.url);
-            tokio::spawn(async move { post(&url, "").await })
-        })
-        .collect();
-    let mut seen = BTreeSet::new();
-    for t in tasks {
-        let r = t.await.expect("task");
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        assert!(
-            seen.insert(r.json()["count"].as_u64().unwrap_or(0)),
-            "events interleaved across a secret read"
-        );
-    }
-    assert_eq!(seen, (1..=30).collect::<BTreeSet<u64>>());
+    each_count_once(
+        &format!("{}/do/secret-then-write?name={p}s1", s.url),
+        30,
+        "events interleaved across a secret read",
+    )
+    .await;
 
     // 20 items, 50 concurrent claims: exactly 20 distinct items go out.
     assert_eq!(post(&format!("{}/do/fill?name={p}pool&n=20", s.url), "").await.status, 200);
