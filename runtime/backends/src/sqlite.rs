@@ -147,6 +147,8 @@ struct GroupJob {
     statements: Vec<SqlStatement>,
     fence: Option<Fence>,
     reply: tokio::sync::oneshot::Sender<Result<Vec<QueryOutput>, SqlError>>,
+    /// The ticket of [`SqlBackend::batch_ordered`]: a group runs its jobs in ticket order.
+    ticket: Option<u64>,
 }
 
 impl std::fmt::Debug for GroupJob {
@@ -164,19 +166,23 @@ impl SqliteSql {
         &self,
         statements: Vec<SqlStatement>,
         fence: Option<Fence>,
+        ticket: Option<u64>,
     ) -> Result<Vec<QueryOutput>, SqlError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.group.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(GroupJob {
             statements,
             fence,
             reply,
+            ticket,
         });
         let queue = Arc::clone(&self.group);
         let backend = self.db.backend();
         self.db
             .call(move |conn| -> Result<(), SqlError> {
-                let jobs: Vec<GroupJob> =
+                let mut jobs: Vec<GroupJob> =
                     std::mem::take(&mut *queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+                // In the order the objects' events sealed, not the order they queued.
+                jobs.sort_by_key(|j| j.ticket);
                 if jobs.is_empty() {
                     // An earlier caller committed this batch with its group.
                     return Ok(());
@@ -194,7 +200,9 @@ impl SqliteSql {
     }
 }
 
-/// Commits queued batches in one transaction, each in a savepoint, and answers each.
+/// Commits queued batches in one transaction, each in a savepoint, and answers each. A batch
+/// whose statement fails while others are in the group runs once more after them before its
+/// error is final (as on PostgreSQL: concurrent batches have no order of their own).
 fn commit_group(conn: &mut Connection, jobs: Vec<GroupJob>, backend: &'static str) {
     let fail_all = |jobs: Vec<GroupJob>, e: rusqlite::Error| {
         let message = e.to_string();
@@ -206,22 +214,27 @@ fn commit_group(conn: &mut Connection, jobs: Vec<GroupJob>, backend: &'static st
         Ok(t) => t,
         Err(e) => return fail_all(jobs, e),
     };
-    let mut results = Vec::with_capacity(jobs.len());
-    for job in &jobs {
-        let out = (|| -> Result<Vec<QueryOutput>, SqlError> {
-            let sp = tx.savepoint().map_err(unavailable(backend))?;
-            if let Some(fence) = &job.fence {
-                check_sql_fence(&sp, fence, backend)?;
+    let run = |tx: &mut rusqlite::Transaction<'_>, job: &GroupJob| -> Result<Vec<QueryOutput>, SqlError> {
+        let sp = tx.savepoint().map_err(unavailable(backend))?;
+        if let Some(fence) = &job.fence {
+            check_sql_fence(&sp, fence, backend)?;
+        }
+        let mut outputs = Vec::with_capacity(job.statements.len());
+        for (index, st) in job.statements.iter().enumerate() {
+            // On error the savepoint is dropped, which rolls it back.
+            outputs.push(run_statement(&sp, index, st, backend)?);
+        }
+        sp.commit().map_err(unavailable(backend))?;
+        Ok(outputs)
+    };
+    let mut results: Vec<Result<Vec<QueryOutput>, SqlError>> =
+        jobs.iter().map(|job| run(&mut tx, job)).collect();
+    if jobs.len() > 1 {
+        for (job, out) in jobs.iter().zip(results.iter_mut()) {
+            if matches!(out, Err(SqlError::Statement { .. })) {
+                *out = run(&mut tx, job);
             }
-            let mut outputs = Vec::with_capacity(job.statements.len());
-            for (index, st) in job.statements.iter().enumerate() {
-                // On error the savepoint is dropped, which rolls it back.
-                outputs.push(run_statement(&sp, index, st, backend)?);
-            }
-            sp.commit().map_err(unavailable(backend))?;
-            Ok(outputs)
-        })();
-        results.push(out);
+        }
     }
     if let Err(e) = tx.commit() {
         return fail_all(jobs, e);
@@ -387,8 +400,17 @@ impl SqlBackend for SqliteSql {
         statements: Vec<SqlStatement>,
         fence: Option<Fence>,
     ) -> Result<Vec<QueryOutput>, SqlError> {
+        self.batch_ordered(statements, fence, None).await
+    }
+
+    async fn batch_ordered(
+        &self,
+        statements: Vec<SqlStatement>,
+        fence: Option<Fence>,
+        ticket: Option<u64>,
+    ) -> Result<Vec<QueryOutput>, SqlError> {
         if fence.is_some() {
-            return self.grouped(statements, fence).await;
+            return self.grouped(statements, fence, ticket).await;
         }
         let backend = self.db.backend();
         self.db

@@ -964,11 +964,12 @@ async fn postgres_group_commit_keeps_batches_separate() {
 /// Batches in one group have no order among themselves: one that fails on a row another batch
 /// of the same group writes is run again behind it, and both commit (the room object's outbox
 /// guard checks the event a concurrent flush writes). A failure that stays one is still one.
-#[tokio::test(flavor = "multi_thread")]
-async fn postgres_group_commit_runs_a_refused_batch_again_behind_the_others() {
-    let Some(url) = postgres_url() else { return };
-    let store = PostgresObjectStorage::new(&url).unwrap();
-    let sql = std::sync::Arc::new(PostgresSql::new(&url).unwrap());
+/// `slow` is a write (on `rows`, inserting id 0) that keeps the group busy for a while.
+async fn refused_batch_contract(
+    sql: std::sync::Arc<dyn SqlBackend>,
+    store: &dyn ObjectStorageBackend,
+    slow: impl Fn(&str) -> String,
+) {
     let ns = unique("group-order");
     let epoch = store.acquire_shard(&ns, 0).await.unwrap();
     let fence = || Some(Fence { namespace: ns.clone(), shard: 0, epoch });
@@ -989,16 +990,10 @@ async fn postgres_group_commit_runs_a_refused_batch_again_behind_the_others() {
             sql.batch(statements, fence).await
         })
     };
-    // A slow write holds the group commit (reads do not take it), so the next three queue up in this order: the
+    // The slow write holds the group commit, so the next three queue up in this order: the
     // guard on row 1 (written by the batch after it), the write of row 1, and a guard on a
     // row nobody writes.
-    let slow = spawn(
-        vec![st(
-            &format!("INSERT INTO {rows} (id) VALUES (CASE WHEN pg_sleep(0.4) IS NULL THEN 0 ELSE 0 END)"),
-            vec![],
-        )],
-        0,
-    );
+    let slow = spawn(vec![st(&slow(&rows), vec![])], 0);
     let guard = |id: i64| {
         vec![st(
             &format!("INSERT INTO {guards} (seen) VALUES ((SELECT id FROM {rows} WHERE id = ?))"),
@@ -1006,8 +1001,8 @@ async fn postgres_group_commit_runs_a_refused_batch_again_behind_the_others() {
         )]
     };
     let early = spawn(guard(1), 100);
-    let write = spawn(vec![st(&format!("INSERT INTO {rows} (id) VALUES (1)"), vec![])], 200);
-    let never = spawn(guard(2), 250);
+    let write = spawn(vec![st(&format!("INSERT INTO {rows} (id) VALUES (1)"), vec![])], 150);
+    let never = spawn(guard(2), 200);
     slow.await.unwrap().unwrap();
     write.await.unwrap().unwrap();
     early.await.unwrap().expect("the guard runs again behind the write it checks");
@@ -1015,6 +1010,30 @@ async fn postgres_group_commit_runs_a_refused_batch_again_behind_the_others() {
     assert!(matches!(r, Err(SqlError::Statement { index: 0, .. })), "a real failure stays one: {r:?}");
     let seen = sql.batch(vec![st(&format!("SELECT seen FROM {guards}"), vec![])], None).await.unwrap();
     assert_eq!(seen[0].rows, vec![vec![SqlValue::Integer(1)]]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_group_commit_runs_a_refused_batch_again_behind_the_others() {
+    let Some(url) = postgres_url() else { return };
+    let store = PostgresObjectStorage::new(&url).unwrap();
+    refused_batch_contract(std::sync::Arc::new(PostgresSql::new(&url).unwrap()), &store, |rows| {
+        format!("INSERT INTO {rows} (id) VALUES (CASE WHEN pg_sleep(0.6) IS NULL THEN 0 ELSE 0 END)")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_group_commit_runs_a_refused_batch_again_behind_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d1.sqlite");
+    let store = SqliteObjectStorage::open(&path).await.unwrap();
+    // SQLite has no sleep: counting ten million rows keeps its one connection busy.
+    refused_batch_contract(std::sync::Arc::new(SqliteSql::open(&path).await.unwrap()), &store, |rows| {
+        format!(
+            "INSERT INTO {rows} (id) SELECT n * 0 FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 10000000) SELECT count(*) AS n FROM c)"
+        )
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
