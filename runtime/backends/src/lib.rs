@@ -115,7 +115,9 @@ pub trait SqlBackend: Send + Sync {
         &self,
         statements: Vec<SqlStatement>,
         fence: Option<Fence>,
-    ) -> Result<Vec<QueryOutput>, SqlError>;
+    ) -> Result<Vec<QueryOutput>, SqlError> {
+        self.batch_ordered(statements, fence, None).await
+    }
     /// [`SqlBackend::batch`] with the ticket a Durable Object event drew when it sealed its
     /// writes (tickets grow in the order events seal). A backend that commits concurrent
     /// fenced batches as one group runs the group in ticket order, so one object's batches
@@ -125,10 +127,7 @@ pub trait SqlBackend: Send + Sync {
         statements: Vec<SqlStatement>,
         fence: Option<Fence>,
         ticket: Option<u64>,
-    ) -> Result<Vec<QueryOutput>, SqlError> {
-        let _ = ticket;
-        self.batch(statements, fence).await
-    }
+    ) -> Result<Vec<QueryOutput>, SqlError>;
     /// Whether the backend answers at all (for /readyz and metrics).
     async fn ping(&self) -> Result<(), BackendError>;
 }

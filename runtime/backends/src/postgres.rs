@@ -484,8 +484,9 @@ impl PostgresSql {
             let mut again = Vec::new();
             let mut stale = false;
             let mut deferred = None;
+            let others_in_group = pending.len() > 1;
             let others_waiting =
-                pending.len() > 1 || !self.group.queue.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
+                || others_in_group || !self.group.queue.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
             for (mut job, outcome) in pending.into_iter().zip(outcomes) {
                 match outcome {
                     None => again.push(job),
@@ -493,7 +494,7 @@ impl PostgresSql {
                         let _ = job.reply.send(Ok(out));
                     }
                     Some(Err(BatchError::Sql(SqlError::Statement { .. })))
-                        if !job.deferred && others_waiting =>
+                        if !job.deferred && others_waiting() =>
                     {
                         job.deferred = true;
                         deferred = Some(job);
@@ -562,14 +563,6 @@ async fn run_alone(
 impl SqlBackend for PostgresSql {
     fn name(&self) -> &'static str {
         BACKEND
-    }
-
-    async fn batch(
-        &self,
-        statements: Vec<SqlStatement>,
-        fence: Option<Fence>,
-    ) -> Result<Vec<QueryOutput>, SqlError> {
-        self.batch_ordered(statements, fence, None).await
     }
 
     async fn batch_ordered(

@@ -395,14 +395,6 @@ impl SqlBackend for SqliteSql {
         "sqlite"
     }
 
-    async fn batch(
-        &self,
-        statements: Vec<SqlStatement>,
-        fence: Option<Fence>,
-    ) -> Result<Vec<QueryOutput>, SqlError> {
-        self.batch_ordered(statements, fence, None).await
-    }
-
     async fn batch_ordered(
         &self,
         statements: Vec<SqlStatement>,
