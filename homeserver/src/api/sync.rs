@@ -124,8 +124,7 @@ struct RoomSync {
     state: Vec<Value>,
 }
 
-/// Timeline and state of one room for events in `(since, upto]`; the timeline ends at `ceiling`
-/// (exclusive) for rooms the user left.
+/// The timeline limit of a filter, within the server's bounds.
 fn timeline_limit(filter: &RoomFilter) -> i64 {
     filter.timeline.limit.unwrap_or(DEFAULT_TIMELINE_LIMIT).clamp(1, MAX_TIMELINE_LIMIT)
 }

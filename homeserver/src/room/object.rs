@@ -150,12 +150,16 @@ fn outbox_key(seq: i64) -> String {
     format!("p\0{seq:020}")
 }
 
+/// The seed of the server's signing key, from the `signing_key` secret.
+fn signing_seed() -> Result<Vec<u8>, String> {
+    config::secret(SIGNING_KEY_SECRET)
+        .map_err(|e| format!("the signing key secret: {e:?}"))?
+        .ok_or_else(|| "the server has no signing key (secret `signing_key`)".to_owned())
+}
+
 /// The server's signing key, from the `signing_key` secret.
 pub fn server_signing_key() -> Result<SigningKey, String> {
-    let seed = config::secret(SIGNING_KEY_SECRET)
-        .map_err(|e| format!("the signing key secret: {e:?}"))?
-        .ok_or_else(|| "the server has no signing key (secret `signing_key`)".to_owned())?;
-    SigningKey::from_seed(&seed).map_err(|e| e.to_string())
+    SigningKey::from_seed(&signing_seed()?).map_err(|e| e.to_string())
 }
 
 /// The server's signing key, with its public key kept in the object's storage (`k\0<key
@@ -163,9 +167,7 @@ pub fn server_signing_key() -> Result<SigningKey, String> {
 /// every event would pay it. The version is a hash of the seed, so a new seed never meets an old
 /// public key.
 fn signing_key() -> Result<SigningKey, Failure> {
-    let seed = config::secret(SIGNING_KEY_SECRET)
-        .map_err(|e| fail(500, "M_UNKNOWN", format!("the signing key secret: {e:?}")))?
-        .ok_or_else(|| fail(500, "M_UNKNOWN", "the server has no signing key (secret `signing_key`)"))?;
+    let seed = signing_seed().map_err(|e| fail(500, "M_UNKNOWN", e))?;
     let kept = format!("k\0{}", SigningKey::version_of(&seed));
     if let Some((_, public)) =
         storage::get(std::slice::from_ref(&kept)).map_err(storage_fail)?.into_iter().next()
@@ -249,7 +251,7 @@ fn create(
 
 fn send(sender: &str, templates: &[Template], txn: Option<(String, String)>) -> Result<RoomReply, Failure> {
     // A room this object does not hold gets its 404 before anything is written here.
-    if get_json::<Meta>("meta")?.is_none() {
+    if storage::get(&["meta".to_owned()]).map_err(storage_fail)?.is_empty() {
         return Err(fail(404, "M_NOT_FOUND", "no such room"));
     }
     // Everything that waits on other I/O happens before the room's head is read: the signing
