@@ -630,14 +630,7 @@ struct RunFigures {
 /// A fresh database with `synchronous_commit = on` set on it, whatever the server's default.
 async fn fresh_database(base: &str) -> (String, String) {
     use sqlx::Connection as _;
-    let url = lattice_e2e::fresh_postgres_database(base).await;
-    let name = url.rsplit_once('/').map(|(_, n)| n).unwrap_or_default();
-    let name = name.split('?').next().unwrap_or_default().to_owned();
-    let mut conn = sqlx::PgConnection::connect(base).await.expect("connect to PostgreSQL");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER DATABASE {name} SET synchronous_commit = on")))
-        .execute(&mut conn)
-        .await
-        .expect("set synchronous_commit");
+    let url = lattice_e2e::fresh_synchronous_postgres_database(base).await;
     let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect to the fresh database");
     let mut show = Vec::new();
     for setting in ["synchronous_commit", "fsync", "wal_sync_method", "server_version"] {

@@ -377,25 +377,6 @@ async fn idle_rss(server: &Server) -> Result<f64, String> {
 // ---------------------------------------------------------------------------------------------
 // The servers
 
-async fn fresh_db(base: &str) -> String {
-    use sqlx::Connection as _;
-    let url = lattice_e2e::fresh_postgres_database(base).await;
-    let name = url
-        .rsplit_once('/')
-        .map(|(_, n)| n)
-        .unwrap_or_default()
-        .split('?')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
-    let mut conn = sqlx::PgConnection::connect(base).await.expect("connect to PostgreSQL");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER DATABASE {name} SET synchronous_commit = on")))
-        .execute(&mut conn)
-        .await
-        .expect("set synchronous_commit");
-    url
-}
-
 async fn time_to_versions(url: &str, since: Instant) -> f64 {
     loop {
         if reqwest::get(format!("{url}/_matrix/client/versions")).await.is_ok_and(|r| r.status().is_success())
@@ -408,7 +389,7 @@ async fn time_to_versions(url: &str, since: Instant) -> f64 {
 
 async fn lattice(s: &Settings, base_pg: &str) -> Figures {
     let mut figures = empty();
-    let db = fresh_db(base_pg).await;
+    let db = lattice_e2e::fresh_synchronous_postgres_database(base_pg).await;
     // Cold starts, each with an empty compiled-component cache; the last one is measured.
     let mut kept = None;
     for run in 0..s.runs {

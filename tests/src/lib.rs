@@ -178,12 +178,31 @@ pub async fn fresh_postgres_database(base_url: &str) -> String {
     }
 }
 
+/// [`fresh_postgres_database`] with `synchronous_commit = on` set on it whatever the server's
+/// default, as the benchmarks compare servers with durable commits.
+pub async fn fresh_synchronous_postgres_database(base_url: &str) -> String {
+    use sqlx::Connection as _;
+    let url = fresh_postgres_database(base_url).await;
+    let name = postgres_database_name(&url);
+    let mut conn = sqlx::PgConnection::connect(base_url).await.expect("connect to PostgreSQL");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER DATABASE {name} SET synchronous_commit = on")))
+        .execute(&mut conn)
+        .await
+        .expect("set synchronous_commit");
+    url
+}
+
+/// The database name of a PostgreSQL URL (`postgres://host/name?options`).
+pub fn postgres_database_name(url: &str) -> &str {
+    let name = url.rsplit_once('/').map(|(_, n)| n).unwrap_or_default();
+    name.split('?').next().unwrap_or_default()
+}
+
 /// Drops a database [`fresh_postgres_database`] made, once nothing uses it: benchmarks write
 /// hundreds of megabytes per run, which would otherwise pile up on a long-lived test server.
 pub async fn drop_postgres_database(base_url: &str, url: &str) -> Result<(), String> {
     use sqlx::Connection as _;
-    let name = url.rsplit_once('/').map(|(_, n)| n).unwrap_or_default();
-    let name = name.split('?').next().unwrap_or_default();
+    let name = postgres_database_name(url);
     if !name.starts_with("lattice_") || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Err(format!("not a database this crate made: {name:?}"));
     }
