@@ -467,18 +467,6 @@ impl PostgresSql {
                 })
                 .collect();
             let (outcomes, clean) = run_pipelined(lease.conn(), &runs, Mode::Write).await;
-            eprintln!(
-                "DEBUG group of {} -> {:?}",
-                runs.len(),
-                outcomes
-                    .iter()
-                    .map(|o| match o {
-                        None => "none",
-                        Some(Ok(_)) => "ok",
-                        Some(Err(_)) => "err",
-                    })
-                    .collect::<Vec<_>>()
-            );
             drop(runs);
             lease.set_clean(clean);
             let mut again = Vec::new();
