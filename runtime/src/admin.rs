@@ -67,7 +67,7 @@ async fn route(state: Arc<AdminState>, req: Request<Incoming>) -> Response<Body>
                     u8::from(b.up)
                 ));
             }
-            text.push_str("# TYPE lattice_live_objects gauge\n# TYPE lattice_object_commits_total counter\n# TYPE lattice_fenced_writes_total counter\n");
+            text.push_str("# TYPE lattice_live_objects gauge\n# TYPE lattice_object_commits_total counter\n# TYPE lattice_fenced_writes_total counter\n# TYPE lattice_object_joined_batches_total counter\n");
             for (name, ns) in &state.shared.objects.namespaces {
                 text.push_str(&format!("lattice_live_objects{{namespace=\"{name}\"}} {}\n", ns.live_count()));
                 text.push_str(&format!(
@@ -77,6 +77,10 @@ async fn route(state: Arc<AdminState>, req: Request<Incoming>) -> Response<Body>
                 text.push_str(&format!(
                     "lattice_fenced_writes_total{{store=\"objects\",namespace=\"{name}\"}} {}\n",
                     ns.fenced_count()
+                ));
+                text.push_str(&format!(
+                    "lattice_object_joined_batches_total{{namespace=\"{name}\"}} {}\n",
+                    ns.joined_count()
                 ));
             }
             text.push_str(&format!(

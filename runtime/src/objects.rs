@@ -13,6 +13,13 @@
 //! until everything written before it is durable (output gate). Writes sealed while a commit
 //! is in flight go out together in the next commit: group commit.
 //!
+//! A D1 batch an event sends after writing is I/O like any other, so it waits for those writes
+//! to be durable. When the D1 database also holds the namespace's storage (the runtime pairs
+//! them by URL), it does not wait for a commit of its own: it joins the object's next commit,
+//! after the writes, in the same transaction ([`SqlBackend::commit_with_object`]). Nobody can
+//! see the batch before the writes are durable, as the output gate requires, and the writes
+//! and the batches of every event sealed meanwhile take one commit instead of two.
+//!
 //! # Placement
 //! [`Placement`] says which shards this process owns and under which epoch, and where the others
 //! run (`crate::placement`). [`Objects::fetch`] runs an event here when this process owns the
@@ -25,9 +32,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
-use lattice_backends::{BackendError, Fence, ObjectAddr, ObjectListRange, ObjectStorageBackend, ObjectWrite};
+use lattice_backends::{
+    BackendError, Fence, ObjectAddr, ObjectListRange, ObjectStorageBackend, ObjectWrite, QueryOutput,
+    SqlBackend, SqlError, SqlStatement,
+};
 use sha2::{Digest as _, Sha256};
-use tokio::sync::{OwnedMutexGuard, watch};
+use tokio::sync::{OwnedMutexGuard, oneshot, watch};
 
 use crate::bindings::{ObjectRequest, ObjectResponse};
 use crate::placement::{Owner, Placement};
@@ -88,12 +98,16 @@ pub struct ObjectNamespace {
     storage_id: String,
     shards: u32,
     storage: Arc<dyn ObjectStorageBackend>,
+    /// D1 backends whose database holds this namespace's storage (see the module docs).
+    paired: Vec<Arc<dyn SqlBackend>>,
     live: Mutex<HashMap<String, Arc<LiveObject>>>,
     alarm_retries: Mutex<HashMap<String, u32>>,
     /// Storage commits made; fewer than events when writes were grouped.
     commits: Arc<std::sync::atomic::AtomicU64>,
     /// Commits refused because the shard's epoch moved on (another owner took it).
     fenced: Arc<std::sync::atomic::AtomicU64>,
+    /// D1 batches that committed in their object's storage commit.
+    joined: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ObjectNamespace {
@@ -116,15 +130,25 @@ impl ObjectNamespace {
             storage_id,
             shards,
             storage,
+            paired: Vec::new(),
             live: Mutex::new(HashMap::new()),
             alarm_retries: Mutex::new(HashMap::new()),
             commits: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             fenced: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            joined: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
 
     pub fn shards(&self) -> u32 {
         self.shards
+    }
+
+    /// Pairs each D1 backend in `d1` that keeps its data in this namespace's storage database:
+    /// objects' batches to it join their commits. Returns how many were paired.
+    pub fn pair_sql<'a>(&mut self, d1: impl IntoIterator<Item = &'a Arc<dyn SqlBackend>>) -> usize {
+        let Some(db) = self.storage.database().map(str::to_owned) else { return 0 };
+        self.paired = d1.into_iter().filter(|b| b.database() == Some(db.as_str())).cloned().collect();
+        self.paired.len()
     }
 
     /// Forgets the live objects of `shard` (lost or handed over). Events still running on them
@@ -225,8 +249,12 @@ impl ObjectNamespace {
             ObjectAddr { namespace: self.storage_id.clone(), id: id.to_owned(), shard },
             epoch,
             self.storage.clone(),
-            self.commits.clone(),
-            self.fenced.clone(),
+            self.paired.clone(),
+            Counters {
+                commits: self.commits.clone(),
+                fenced: self.fenced.clone(),
+                joined: self.joined.clone(),
+            },
         ));
         live.insert(id.to_owned(), obj.clone());
         Ok(Hold::new(obj))
@@ -239,6 +267,10 @@ impl ObjectNamespace {
             let held = o.holds.load(std::sync::atomic::Ordering::SeqCst) > 0;
             held || !(o.is_broken() || (o.idle_for() >= idle && o.is_quiet()))
         });
+    }
+
+    pub fn joined_count(&self) -> u64 {
+        self.joined.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn commit_count(&self) -> u64 {
@@ -283,6 +315,16 @@ impl Pending {
     }
 }
 
+/// What an attached batch gets: its own outcome once the commit carrying it is over, or the
+/// object's failure (nothing of the commit happened).
+pub type AttachedOutcome = Result<Result<Vec<QueryOutput>, SqlError>, ObjectError>;
+
+/// A D1 batch waiting for its object's next commit (see [`LiveObject::attach`]).
+struct Attached {
+    statements: Vec<SqlStatement>,
+    reply: oneshot::Sender<AttachedOutcome>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Durability {
     UpTo(u64),
@@ -301,6 +343,8 @@ struct Inner {
     /// Sealed writes waiting for the flusher.
     sealed: Pending,
     sealed_seq: u64,
+    /// D1 batches to commit after `sealed`, in the order their events sealed.
+    attached: Vec<Attached>,
     write_seq: u64,
     /// The newest write a response must wait for (unconfirmed writes do not raise it).
     confirmed_seq: u64,
@@ -374,16 +418,24 @@ impl Inner {
     }
 }
 
+/// A namespace's counters, shared by its live objects.
+struct Counters {
+    commits: Arc<std::sync::atomic::AtomicU64>,
+    fenced: Arc<std::sync::atomic::AtomicU64>,
+    joined: Arc<std::sync::atomic::AtomicU64>,
+}
+
 pub struct LiveObject {
     pub addr: ObjectAddr,
     pub epoch: u64,
     storage: Arc<dyn ObjectStorageBackend>,
+    /// D1 backends that hold this object's storage (see [`LiveObject::attach`]).
+    paired: Vec<Arc<dyn SqlBackend>>,
     exec: Arc<tokio::sync::Mutex<()>>,
     inner: Mutex<Inner>,
     durable: watch::Sender<Durability>,
     last_used: Mutex<Instant>,
-    commits: Arc<std::sync::atomic::AtomicU64>,
-    fenced: Arc<std::sync::atomic::AtomicU64>,
+    counters: Counters,
     /// Events and alarms that hold this object (see [`Hold`]).
     holds: std::sync::atomic::AtomicUsize,
 }
@@ -416,13 +468,14 @@ impl LiveObject {
         addr: ObjectAddr,
         epoch: u64,
         storage: Arc<dyn ObjectStorageBackend>,
-        commits: Arc<std::sync::atomic::AtomicU64>,
-        fenced: Arc<std::sync::atomic::AtomicU64>,
+        paired: Vec<Arc<dyn SqlBackend>>,
+        counters: Counters,
     ) -> Self {
         Self {
             addr,
             epoch,
             storage,
+            paired,
             exec: Arc::new(tokio::sync::Mutex::new(())),
             inner: Mutex::new(Inner {
                 cache: BTreeMap::new(),
@@ -432,6 +485,7 @@ impl LiveObject {
                 open_seq: 0,
                 sealed: Pending::default(),
                 sealed_seq: 0,
+                attached: Vec::new(),
                 write_seq: 0,
                 confirmed_seq: 0,
                 flush_scheduled: false,
@@ -441,8 +495,7 @@ impl LiveObject {
             }),
             durable: watch::channel(Durability::UpTo(0)).0,
             last_used: Mutex::new(Instant::now()),
-            commits,
-            fenced,
+            counters,
             holds: std::sync::atomic::AtomicUsize::new(0),
         }
     }
@@ -690,33 +743,107 @@ impl LiveObject {
 
     async fn flush_loop(self: Arc<Self>) {
         loop {
-            let (batch, upto) = {
+            let (batch, upto, attached) = {
                 let mut i = self.lock();
-                if i.sealed.is_empty() {
+                if i.sealed.is_empty() && i.attached.is_empty() {
                     i.flushing = false;
                     return;
                 }
-                (std::mem::take(&mut i.sealed), i.sealed_seq)
+                (std::mem::take(&mut i.sealed), i.sealed_seq, std::mem::take(&mut i.attached))
             };
-            match self.storage.commit(&self.addr, self.epoch, &batch.into_write()).await {
-                Ok(()) => {
-                    self.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let write = batch.into_write();
+            let (statements, replies): (Vec<_>, Vec<_>) =
+                attached.into_iter().map(|a| (a.statements, a.reply)).unzip();
+            match self.commit(&write, statements).await {
+                Ok(outcomes) => {
+                    self.counters.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.durable.send_replace(Durability::UpTo(upto));
+                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                        let _ = reply.send(Ok(outcome));
+                    }
                 }
                 Err(e) => {
                     if matches!(e, BackendError::Fenced { .. }) {
-                        self.fenced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.counters.fenced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     tracing::error!(namespace = %self.addr.namespace, id = %self.addr.id, error = %e, "object write failed; resetting the object");
                     let mut i = self.lock();
                     i.broken = true;
                     i.flushing = false;
+                    let later = std::mem::take(&mut i.attached);
                     drop(i);
                     self.durable.send_replace(Durability::Broken);
+                    for reply in replies.into_iter().chain(later.into_iter().map(|a| a.reply)) {
+                        let _ = reply.send(Err(ObjectError::Broken));
+                    }
                     return;
                 }
             }
         }
+    }
+
+    /// One commit of the flusher: the write alone, or the write and the attached batches in one
+    /// transaction of the paired D1 backend. A `deleteAll` cannot share that transaction: it
+    /// commits first, and the batches run after it, each in its own.
+    async fn commit(
+        &self,
+        write: &ObjectWrite,
+        batches: Vec<Vec<SqlStatement>>,
+    ) -> Result<Vec<Result<Vec<QueryOutput>, SqlError>>, BackendError> {
+        let Some(sql) = self.paired.first().filter(|_| !batches.is_empty()) else {
+            return self.storage.commit(&self.addr, self.epoch, write).await.map(|()| Vec::new());
+        };
+        if !write.delete_all {
+            let n = batches.len() as u64;
+            let outcomes = sql.commit_with_object(&self.addr, self.epoch, write, batches).await?;
+            self.counters.joined.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            return Ok(outcomes);
+        }
+        self.storage.commit(&self.addr, self.epoch, write).await?;
+        let mut outcomes = Vec::with_capacity(batches.len());
+        for statements in batches {
+            outcomes.push(sql.batch(statements, Some(self.fence())).await);
+        }
+        Ok(outcomes)
+    }
+
+    /// Attaches a D1 batch to the object's next commit, after the writes sealed now (see the
+    /// module docs); the caller then gives up the execution token and waits for the answer.
+    /// Gives the statements back when the batch must run as other I/O does: `backend` is not
+    /// paired with this object's storage, a transaction is open, the object is broken, or
+    /// nothing is left to commit.
+    fn attach(
+        self: &Arc<Self>,
+        backend: &Arc<dyn SqlBackend>,
+        statements: Vec<SqlStatement>,
+    ) -> Result<oneshot::Receiver<AttachedOutcome>, Vec<SqlStatement>> {
+        if !self.paired.iter().any(|p| Arc::ptr_eq(p, backend)) {
+            return Err(statements);
+        }
+        let mut i = self.lock();
+        if i.txn.is_some() || i.broken {
+            return Err(statements);
+        }
+        let open = std::mem::take(&mut i.open);
+        if !open.is_empty() {
+            i.sealed.absorb(open);
+            i.sealed_seq = i.open_seq;
+        }
+        let durable = match *self.durable.borrow() {
+            Durability::UpTo(d) => d,
+            Durability::Broken => u64::MAX,
+        };
+        if i.sealed.is_empty() && !i.flushing && durable >= i.confirmed_seq {
+            return Err(statements);
+        }
+        let (reply, answer) = oneshot::channel();
+        i.attached.push(Attached { statements, reply });
+        if !i.flushing {
+            i.flushing = true;
+            let obj = self.clone();
+            tokio::spawn(async move { obj.flush_loop().await });
+        }
+        Ok(answer)
     }
 
     /// The output gate: waits until every write up to `seq` is durable.
@@ -782,6 +909,19 @@ impl ObjectEvent {
         let seq = self.obj.seal();
         self.guard = None;
         self.obj.wait_durable(seq).await
+    }
+
+    /// A D1 batch that joins the object's next commit (see [`LiveObject::attach`]): this event
+    /// lets others in until the commit is over. The statements come back when the batch has to
+    /// run as other I/O does ([`Self::open_gates`]).
+    pub fn attach(
+        &mut self,
+        backend: &Arc<dyn SqlBackend>,
+        statements: Vec<SqlStatement>,
+    ) -> Result<oneshot::Receiver<AttachedOutcome>, Vec<SqlStatement>> {
+        let answer = self.obj.attach(backend, statements)?;
+        self.guard = None;
+        Ok(answer)
     }
 
     pub async fn close_input_gate(&mut self) {

@@ -208,10 +208,12 @@ impl Shared {
             let key = secrets.get(&b.unique_key_secret)?.with_context(|| {
                 format!("durable_objects.{name}: secret {} is missing", b.unique_key_secret)
             })?;
-            namespaces.insert(
-                name.clone(),
-                Arc::new(ObjectNamespace::new(name.clone(), b.class.clone(), &key, b.shards, storage)),
-            );
+            let mut ns = ObjectNamespace::new(name.clone(), b.class.clone(), &key, b.shards, storage);
+            let paired = ns.pair_sql(d1.values());
+            if paired > 0 {
+                tracing::info!(namespace = %name, d1_bindings = paired, "objects' D1 batches join their storage commits");
+            }
+            namespaces.insert(name.clone(), Arc::new(ns));
         }
         let all: Vec<Arc<ObjectNamespace>> = namespaces.values().cloned().collect();
         let (placement, leased, peer_secret): (Arc<dyn Placement>, _, _) = match &config.placement {

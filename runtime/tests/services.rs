@@ -31,6 +31,18 @@ flow_test!(durable_objects_on_postgres, objects, "");
 flow_test!(transactions_on_postgres, transactions, "");
 flow_test!(alarms_on_postgres, alarms, "[limits]\nalarm_poll_ms = 50\n");
 
+/// D1 and the objects' storage share one PostgreSQL database, so an event's D1 insert joins
+/// its object's storage commit: one transaction for both, and for the events grouped with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_writes_and_their_d1_batches_commit_together_on_postgres() {
+    let Some(setup) = production_setup("") else { return };
+    let s = start(setup);
+    let joined = flows::object_writes_then_d1(&s).await;
+    assert_eq!(joined, 30.0, "every insert followed a write, so every one joins a commit");
+    let commits = flows::metric(&s, "lattice_object_commits_total{namespace=\"COUNTERS\"}").await;
+    assert!(commits < 30.0, "the 30 events' writes and inserts were grouped ({commits} commits)");
+}
+
 /// Two runtimes that both claim every shard of one namespace on one PostgreSQL: the later
 /// acquisition bumps the epochs, so the earlier owner's writes are refused (fenced) instead of
 /// overwriting the newer owner's data, and the newer owner continues from the last durable value.

@@ -110,6 +110,30 @@ pub enum SqlError {
 #[async_trait]
 pub trait SqlBackend: Send + Sync {
     fn name(&self) -> &'static str;
+    /// The database this backend writes to, when it can also hold Durable Object storage: the
+    /// runtime pairs a D1 binding with a namespace whose [`ObjectStorageBackend::database`]
+    /// is the same (see [`Self::commit_with_object`]).
+    fn database(&self) -> Option<&str> {
+        None
+    }
+    /// Commits a Durable Object's storage write (under `epoch`, as
+    /// [`ObjectStorageBackend::commit`] would) and, after it, each of `batches` (as
+    /// [`Self::batch`] would, with the object's fence), in one transaction: one commit makes
+    /// the object's writes and the D1 batches its events sent after them durable together.
+    ///
+    /// The write commits whatever the batches do: a batch that fails is left out and answered
+    /// with its error. `Err` means nothing committed (a stale epoch is `Fenced`). Only for a
+    /// backend whose [`Self::database`] holds the object's storage.
+    async fn commit_with_object(
+        &self,
+        addr: &ObjectAddr,
+        epoch: u64,
+        write: &ObjectWrite,
+        batches: Vec<Vec<SqlStatement>>,
+    ) -> Result<Vec<Result<Vec<QueryOutput>, SqlError>>, BackendError> {
+        let _ = (addr, epoch, write, batches);
+        Err(BackendError::unavailable(self.name(), "this database holds no Durable Object storage"))
+    }
     /// Runs every statement in one transaction: all commit or none do.
     async fn batch(
         &self,
@@ -293,6 +317,11 @@ pub struct ObjectListRange {
 #[async_trait]
 pub trait ObjectStorageBackend: Send + Sync {
     fn name(&self) -> &'static str;
+    /// The database the objects are kept in, when a [`SqlBackend`] with the same
+    /// [`SqlBackend::database`] can commit their writes ([`SqlBackend::commit_with_object`]).
+    fn database(&self) -> Option<&str> {
+        None
+    }
     /// Takes ownership of a shard: bumps and returns its epoch. Writes carrying an older epoch
     /// are refused from then on.
     async fn acquire_shard(&self, namespace: &str, shard: u32) -> Result<u64, BackendError>;

@@ -372,6 +372,29 @@ impl Job<'_> {
     }
 }
 
+/// A Durable Object's storage write that opens a pipeline's transaction, ahead of its jobs (see
+/// `PostgresSql::commit_with_object`). Its statement fails (division by zero) unless the
+/// shard's epoch is still the object's, so a stale owner's transaction aborts whole.
+pub(crate) struct Lead<'a> {
+    pub sql: &'static str,
+    pub types: &'static [Type],
+    pub params: Vec<&'a (dyn ToSql + Sync)>,
+    pub shard: u32,
+    pub epoch: u64,
+}
+
+impl Lead<'_> {
+    /// What its failure means: a division by zero is a stale epoch; anything else leaves the
+    /// write's outcome unknown to the guest, as a failed commit does.
+    fn failure(&self, e: &tokio_postgres::Error) -> BatchError {
+        if e.code() == Some(&SqlState::DIVISION_BY_ZERO) {
+            BatchError::Sql(SqlError::Backend(BackendError::Fenced { shard: self.shard, epoch: self.epoch }))
+        } else {
+            BatchError::Sql(SqlError::Backend(unavailable(e.to_string())))
+        }
+    }
+}
+
 /// How a pipeline runs its jobs.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -387,6 +410,7 @@ type Step<'a> = Pin<Box<dyn Future<Output = StepResult> + Send + 'a>>;
 
 enum StepResult {
     Command(Result<(), tokio_postgres::Error>),
+    Lead(Result<(), tokio_postgres::Error>),
     Fence(Result<(), tokio_postgres::Error>),
     Rows(Result<(Vec<tokio_postgres::Row>, u64), tokio_postgres::Error>, Instant),
 }
@@ -452,15 +476,22 @@ async fn prepare_missing(conn: &mut Conn, jobs: &[Job<'_>]) -> Result<(), (usize
 /// outcome is its error and the others have none (`None`), for the caller to run again without
 /// it. When `BEGIN` or `COMMIT` fails, every job fails.
 ///
+/// With a `lead` (only in [`Mode::Write`]), that write runs first in the transaction; when it
+/// fails, every job fails with its error. A job that fails rolls the lead back too, so the
+/// caller runs the lead again with the others.
+///
 /// Also returns whether the connection may be reused (no infrastructure error on it).
 pub(crate) async fn run_pipelined(
     conn: &mut Conn,
     jobs: &[Job<'_>],
     mode: Mode,
+    lead: Option<&Lead<'_>>,
 ) -> (Vec<Option<Result<Vec<QueryOutput>, BatchError>>>, bool) {
     let mut outcomes: Vec<Option<Result<Vec<QueryOutput>, BatchError>>> = jobs.iter().map(|_| None).collect();
+    debug_assert!(lead.is_none() || mode == Mode::Write, "a lead write needs a transaction");
     // A batch that changes the schema cannot be prepared ahead: its later statements may name
-    // a table its earlier ones create. It runs alone, one statement after another.
+    // a table its earlier ones create. It runs alone, one statement after another (a caller
+    // with a lead write does not pass one).
     if let Some(n) = jobs.iter().position(|j| j.translated.iter().any(is_ddl)) {
         let (outcome, clean) = run_sequential(conn, &jobs[n], mode).await;
         outcomes[n] = Some(outcome);
@@ -510,6 +541,18 @@ pub(crate) async fn run_pipelined(
             }
         },
     };
+    let lead_stmt = match lead {
+        None => None,
+        Some(l) => match prepared(conn, l.sql, l.types).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                for outcome in &mut outcomes {
+                    *outcome = Some(Err(BatchError::Sql(SqlError::Backend(unavailable(e.to_string())))));
+                }
+                return (outcomes, !is_infrastructure(&e));
+            }
+        },
+    };
     let fence_params: Vec<[SqlValue; 3]> = jobs.iter().filter_map(|j| j.fence.map(fence_values)).collect();
     let client = &conn.client;
     let started = Instant::now();
@@ -522,6 +565,16 @@ pub(crate) async fn run_pipelined(
         Mode::Write => {
             steps.push(Box::pin(async move { StepResult::Command(client.batch_execute("BEGIN").await) }))
         }
+    }
+    if let (Some(l), Some(stmt)) = (lead, lead_stmt) {
+        steps.push(Box::pin(async move {
+            let r = async {
+                let rows = client.query_raw(&stmt, l.params.iter().copied()).await?;
+                rows.try_collect::<Vec<_>>().await.map(drop)
+            }
+            .await;
+            StepResult::Lead(r)
+        }));
     }
     // Where each job's steps start in `steps` (its fence step first when it has one).
     let mut layout: Vec<(usize, bool)> = Vec::new();
@@ -572,6 +625,13 @@ pub(crate) async fn run_pipelined(
                 return (outcomes, !is_infrastructure(e));
             }
         }
+    }
+    // The lead write failed: it aborted the transaction, and every job with it.
+    if let (Some(l), Some(StepResult::Lead(Err(e)))) = (lead, results.get(1)) {
+        for outcome in &mut outcomes {
+            *outcome = Some(Err(l.failure(e)));
+        }
+        return (outcomes, !is_infrastructure(e));
     }
     let mut clean = true;
     let mut answers: Vec<Result<Vec<QueryOutput>, BatchError>> = Vec::with_capacity(jobs.len());
@@ -625,17 +685,22 @@ pub(crate) async fn run_pipelined(
     (outcomes, clean)
 }
 
-fn is_ddl(t: &Translated) -> bool {
+pub(crate) fn is_ddl(t: &Translated) -> bool {
     matches!(t.first_word.as_str(), "CREATE" | "ALTER" | "DROP")
 }
 
 /// [`FENCE_CHECK`], prepared once per connection.
 async fn fence_statement(conn: &mut Conn) -> Result<Statement, tokio_postgres::Error> {
-    let key = cache_key(FENCE_CHECK, &[]);
+    prepared(conn, FENCE_CHECK, &[Type::TEXT, Type::INT8, Type::INT8]).await
+}
+
+/// One of the runtime's own statements (not a guest's), prepared once per connection.
+async fn prepared(conn: &mut Conn, sql: &str, types: &[Type]) -> Result<Statement, tokio_postgres::Error> {
+    let key = cache_key(sql, &[]);
     if let Some(s) = conn.statements.get(&key) {
         return Ok(s.clone());
     }
-    let s = conn.client.prepare_typed(FENCE_CHECK, &[Type::TEXT, Type::INT8, Type::INT8]).await?;
+    let s = conn.client.prepare_typed(sql, types).await?;
     conn.statements.insert(key, s.clone());
     Ok(s)
 }

@@ -23,7 +23,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions};
 use tokio::sync::OnceCell;
 
-use crate::pgwire::{BatchError, Clients, Job, Lease, Mode, run_pipelined};
+use crate::pgwire::{BatchError, Clients, Job, Lead, Lease, Mode, is_ddl, run_pipelined};
 use crate::sqlite::list_range_sql;
 use crate::{
     BackendError, Fence, ObjectAddr, ObjectListRange, ObjectStorageBackend, ObjectWrite, QueryOutput,
@@ -331,6 +331,7 @@ pub(crate) fn numeric_to_f64(bytes: &[u8]) -> Result<f64, String> {
 /// and transaction, in parallel.
 #[derive(Debug, Clone)]
 pub struct PostgresSql {
+    url: String,
     clients: std::sync::Arc<Clients>,
     schema: std::sync::Arc<OnceCell<()>>,
     group: std::sync::Arc<GroupCommit>,
@@ -370,6 +371,7 @@ impl PostgresSql {
     /// down makes calls fail with `Unavailable`, not this constructor.
     pub fn new(url: &str) -> Result<Self, BackendError> {
         Ok(Self {
+            url: url.to_owned(),
             clients: std::sync::Arc::new(Clients::new(url)?),
             schema: Default::default(),
             group: Default::default(),
@@ -466,7 +468,7 @@ impl PostgresSql {
                     fence: j.fence.as_ref(),
                 })
                 .collect();
-            let (outcomes, clean) = run_pipelined(lease.conn(), &runs, Mode::Write).await;
+            let (outcomes, clean) = run_pipelined(lease.conn(), &runs, Mode::Write, None).await;
             drop(runs);
             lease.set_clean(clean);
             let mut again = Vec::new();
@@ -530,7 +532,7 @@ async fn run_alone(
     let mut retried = false;
     loop {
         let job = Job { statements, translated, fence: None };
-        let (mut outcomes, clean) = run_pipelined(lease.conn(), &[job], mode).await;
+        let (mut outcomes, clean) = run_pipelined(lease.conn(), &[job], mode, None).await;
         lease.set_clean(clean);
         match outcomes.pop().flatten() {
             Some(Ok(out)) => return Ok(out),
@@ -551,6 +553,126 @@ async fn run_alone(
 impl SqlBackend for PostgresSql {
     fn name(&self) -> &'static str {
         BACKEND
+    }
+
+    fn database(&self) -> Option<&str> {
+        Some(&self.url)
+    }
+
+    async fn commit_with_object(
+        &self,
+        addr: &ObjectAddr,
+        epoch: u64,
+        write: &ObjectWrite,
+        mut batches: Vec<Vec<SqlStatement>>,
+    ) -> Result<Vec<Result<Vec<QueryOutput>, SqlError>>, BackendError> {
+        if write.delete_all {
+            // One statement cannot delete and upsert the same rows; the caller commits such a
+            // write through the object storage.
+            return Err(unavailable("a deleteAll write cannot share a D1 transaction"));
+        }
+        let mut answers: Vec<Option<Result<Vec<QueryOutput>, SqlError>>> =
+            batches.iter().map(|_| None).collect();
+        let mut translated: Vec<Vec<Translated>> = Vec::with_capacity(batches.len());
+        for (answer, statements) in answers.iter_mut().zip(&batches) {
+            let t = statements
+                .iter()
+                .enumerate()
+                .map(|(index, st)| {
+                    translate(&st.sql).map_err(|message| SqlError::Statement { index, message })
+                })
+                .collect::<Result<Vec<Translated>, SqlError>>();
+            translated.push(t.unwrap_or_else(|e| {
+                *answer = Some(Err(e));
+                Vec::new()
+            }));
+        }
+        // A batch that changes the schema runs on its own, after the write (see `run_pipelined`).
+        let alone: Vec<usize> = (0..batches.len())
+            .filter(|&i| answers[i].is_none() && translated[i].iter().any(is_ddl))
+            .collect();
+        bounded(async {
+            self.ensure_shards().await?;
+            let p = CommitParams::of(write);
+            let (shard, at) = (i64::from(addr.shard), to_i64(epoch));
+            let lead = Lead {
+                sql: COMMIT_FENCED_STATEMENT,
+                types: COMMIT_TYPES,
+                params: vec![
+                    &addr.namespace,
+                    &addr.id,
+                    &shard,
+                    &at,
+                    &p.deletes,
+                    &p.put_keys,
+                    &p.put_values,
+                    &p.alarm_mode,
+                    &p.alarm_ms,
+                ],
+                shard: addr.shard,
+                epoch,
+            };
+            let mut lease = self.clients.acquire().await?;
+            let mut pending: Vec<usize> =
+                (0..batches.len()).filter(|i| answers[*i].is_none() && !alone.contains(i)).collect();
+            let mut retried_stale = false;
+            // Until a run commits: each run that a batch fails rolls back the write too, and
+            // runs again without that batch.
+            loop {
+                let runs: Vec<Job<'_>> = pending
+                    .iter()
+                    .map(|&i| Job { statements: &batches[i], translated: &translated[i], fence: None })
+                    .collect();
+                let (outcomes, clean) = run_pipelined(lease.conn(), &runs, Mode::Write, Some(&lead)).await;
+                drop(runs);
+                lease.set_clean(clean);
+                let mut again = Vec::new();
+                let mut committed = true;
+                let mut stale = false;
+                for (i, outcome) in pending.iter().copied().zip(outcomes) {
+                    match outcome {
+                        None => again.push(i),
+                        Some(Ok(out)) => answers[i] = Some(Ok(out)),
+                        Some(Err(BatchError::Sql(SqlError::Backend(e)))) => return Err(e),
+                        Some(Err(BatchError::Sql(e))) => {
+                            committed = false;
+                            answers[i] = Some(Err(e));
+                        }
+                        Some(Err(BatchError::StalePlan)) if !retried_stale => {
+                            committed = false;
+                            stale = true;
+                            again.push(i);
+                        }
+                        Some(Err(BatchError::StalePlan)) => {
+                            committed = false;
+                            answers[i] = Some(Err(SqlError::Backend(unavailable(
+                                "prepared statement still stale after a retry",
+                            ))));
+                        }
+                    }
+                }
+                if committed {
+                    break;
+                }
+                if stale {
+                    retried_stale = true;
+                    lease.conn().forget_statements();
+                }
+                pending = again;
+            }
+            drop(lease);
+            let fence = Fence { namespace: addr.namespace.clone(), shard: addr.shard, epoch };
+            for i in alone {
+                let statements = std::mem::take(&mut batches[i]);
+                answers[i] = Some(self.batch_ordered(statements, Some(fence.clone()), None).await);
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(answers
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Err(SqlError::Backend(unavailable("the batch got no outcome")))))
+            .collect())
     }
 
     async fn batch_ordered(
@@ -609,6 +731,7 @@ impl SqlBackend for PostgresSql {
 /// `acquire_shard` is one upsert that bumps the epoch and waits for commits in flight.
 #[derive(Debug, Clone)]
 pub struct PostgresObjectStorage {
+    url: String,
     pool: PgPool,
     schema: std::sync::Arc<OnceCell<()>>,
 }
@@ -616,7 +739,7 @@ pub struct PostgresObjectStorage {
 impl PostgresObjectStorage {
     /// Connects lazily, like [`PostgresSql::new`].
     pub fn new(url: &str) -> Result<Self, BackendError> {
-        Ok(Self { pool: pool(url)?, schema: Default::default() })
+        Ok(Self { url: url.to_owned(), pool: pool(url)?, schema: Default::default() })
     }
 
     async fn ready(&self) -> Result<(), BackendError> {
@@ -639,11 +762,10 @@ impl PostgresObjectStorage {
     }
 }
 
-/// One object commit: the fence and every write in one statement (preceded, in a transaction,
-/// by the deletion `deleteAll` asks for). The data-modifying parts run once whatever the final
-/// SELECT reads; each runs only under the
-/// caller's epoch ($4). `$8` says what to do with the alarm: 0 nothing, 1 set to `$9`, 2 delete.
-const COMMIT_ONE_STATEMENT: &str = "
+/// The writes of both commit statements; the final SELECT follows.
+macro_rules! commit_writes {
+    () => {
+        "
 WITH fence AS (
     SELECT epoch FROM lattice_do_shards WHERE namespace = $1 AND shard = $3 FOR SHARE
 ), owned AS (
@@ -665,7 +787,63 @@ WITH fence AS (
     DELETE FROM lattice_do_alarms
     WHERE namespace = $1 AND object_id = $2 AND $8::int = 2 AND EXISTS (SELECT 1 FROM owned)
 )
-SELECT epoch FROM fence";
+"
+    };
+}
+
+/// One object commit: the fence and every write in one statement (preceded, in a transaction,
+/// by the deletion `deleteAll` asks for). The data-modifying parts run once whatever the final
+/// SELECT reads; each runs only under the
+/// caller's epoch ($4). `$8` says what to do with the alarm: 0 nothing, 1 set to `$9`, 2 delete.
+const COMMIT_ONE_STATEMENT: &str = concat!(commit_writes!(), "SELECT epoch FROM fence");
+
+/// [`COMMIT_ONE_STATEMENT`] inside a larger transaction ([`PostgresSql::commit_with_object`]):
+/// under another epoch (or none) it divides by zero, which aborts the whole transaction.
+const COMMIT_FENCED_STATEMENT: &str =
+    concat!(commit_writes!(), "SELECT 1 / (SELECT count(*)::int FROM owned) AS fenced");
+
+/// The parameter types of both commit statements.
+const COMMIT_TYPES: &[tokio_postgres::types::Type] = {
+    use tokio_postgres::types::Type;
+    &[
+        Type::TEXT,
+        Type::TEXT,
+        Type::INT8,
+        Type::INT8,
+        Type::BYTEA_ARRAY,
+        Type::BYTEA_ARRAY,
+        Type::BYTEA_ARRAY,
+        Type::INT4,
+        Type::INT8,
+    ]
+};
+
+/// An [`ObjectWrite`] as the commit statements' parameters `$5`..`$9` (the last write to a key
+/// wins).
+struct CommitParams<'a> {
+    deletes: Vec<&'a [u8]>,
+    put_keys: Vec<&'a [u8]>,
+    put_values: Vec<&'a [u8]>,
+    alarm_mode: i32,
+    alarm_ms: i64,
+}
+
+impl<'a> CommitParams<'a> {
+    fn of(writes: &'a ObjectWrite) -> Self {
+        let mut last: BTreeMap<&[u8], Option<&Vec<u8>>> = BTreeMap::new();
+        for (k, v) in &writes.entries {
+            last.insert(k.as_bytes(), v.as_ref());
+        }
+        let deletes = last.iter().filter(|(_, v)| v.is_none()).map(|(k, _)| *k).collect();
+        let (put_keys, put_values) = last.iter().filter_map(|(k, v)| v.map(|v| (*k, v.as_slice()))).unzip();
+        let (alarm_mode, alarm_ms) = match writes.alarm {
+            None => (0, 0),
+            Some(Some(ms)) => (1, to_i64(ms)),
+            Some(None) => (2, 0),
+        };
+        Self { deletes, put_keys, put_values, alarm_mode, alarm_ms }
+    }
+}
 
 fn key_string(bytes: Vec<u8>) -> String {
     String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
@@ -675,6 +853,10 @@ fn key_string(bytes: Vec<u8>) -> String {
 impl ObjectStorageBackend for PostgresObjectStorage {
     fn name(&self) -> &'static str {
         BACKEND
+    }
+
+    fn database(&self) -> Option<&str> {
+        Some(&self.url)
     }
 
     async fn acquire_shard(&self, namespace: &str, shard: u32) -> Result<u64, BackendError> {
@@ -760,29 +942,17 @@ impl ObjectStorageBackend for PostgresObjectStorage {
     async fn commit(&self, addr: &ObjectAddr, epoch: u64, writes: &ObjectWrite) -> Result<(), BackendError> {
         bounded(async {
             self.ready().await?;
-            // The last write to a key wins; one statement for the deletes, one for the puts.
-            let mut last: BTreeMap<&[u8], Option<&Vec<u8>>> = BTreeMap::new();
-            for (k, v) in &writes.entries {
-                last.insert(k.as_bytes(), v.as_ref());
-            }
-            let deletes: Vec<&[u8]> = last.iter().filter(|(_, v)| v.is_none()).map(|(k, _)| *k).collect();
-            let (put_keys, put_values): (Vec<&[u8]>, Vec<&[u8]>) =
-                last.iter().filter_map(|(k, v)| v.map(|v| (*k, v.as_slice()))).unzip();
-            let (alarm_mode, alarm_ms) = match writes.alarm {
-                None => (0, 0),
-                Some(Some(ms)) => (1, to_i64(ms)),
-                Some(None) => (2, 0),
-            };
+            let p = CommitParams::of(writes);
             let commit = sqlx::query_scalar::<_, i64>(COMMIT_ONE_STATEMENT)
                 .bind(&addr.namespace)
                 .bind(&addr.id)
                 .bind(i64::from(addr.shard))
                 .bind(to_i64(epoch))
-                .bind(&deletes)
-                .bind(&put_keys)
-                .bind(&put_values)
-                .bind(alarm_mode)
-                .bind(alarm_ms);
+                .bind(&p.deletes)
+                .bind(&p.put_keys)
+                .bind(&p.put_values)
+                .bind(p.alarm_mode)
+                .bind(p.alarm_ms);
             // Without deleteAll the statement runs alone in autocommit: one round trip instead
             // of six (BEGIN, fence, deletes, puts, alarm, COMMIT), and just as atomic. With it,
             // the deletion comes first in a transaction (one statement cannot delete and upsert

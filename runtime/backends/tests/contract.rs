@@ -1043,3 +1043,106 @@ async fn sqlite_group_commit_keeps_batches_separate() {
     let store = SqliteObjectStorage::open(&path).await.unwrap();
     group_commit_contract(std::sync::Arc::new(SqliteSql::open(&path).await.unwrap()), &store).await;
 }
+
+/// `commit_with_object`: an object's write and the D1 batches after it in one transaction. A
+/// failing batch is left out alone; a stale epoch commits nothing, neither the write nor any
+/// batch; a batch that changes the schema runs after the write.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_object_write_and_d1_batches_commit_in_one_transaction() {
+    let Some(url) = postgres_url() else { return };
+    let store = PostgresObjectStorage::new(&url).unwrap();
+    let sql = PostgresSql::new(&url).unwrap();
+    assert_eq!(sql.database(), store.database(), "the same URL pairs them");
+    assert_eq!(
+        SqliteSql::open(tempfile::tempdir().unwrap().path().join("x")).await.unwrap().database(),
+        None
+    );
+    let ns = unique("joined");
+    let epoch = store.acquire_shard(&ns, 0).await.unwrap();
+    let addr = ObjectAddr { namespace: ns.clone(), id: "ab".repeat(32), shard: 0 };
+    let (rows, other) = (unique("rows"), unique("other"));
+    sql.batch(vec![st(&format!("CREATE TABLE {rows} (id INTEGER PRIMARY KEY, v TEXT)"), vec![])], None)
+        .await
+        .unwrap();
+    let put = |k: &str, v: &str| ObjectWrite {
+        delete_all: false,
+        entries: vec![(k.to_owned(), Some(v.as_bytes().to_vec()))],
+        alarm: Some(Some(12_345)),
+    };
+    let insert = |id: i64, v: &str| {
+        st(
+            &format!("INSERT INTO {rows} (id, v) VALUES (?, ?)"),
+            vec![SqlValue::Integer(id), SqlValue::Text(v.into())],
+        )
+    };
+    let ids = || async {
+        let out =
+            sql.batch(vec![st(&format!("SELECT id FROM {rows} ORDER BY id"), vec![])], None).await.unwrap();
+        out[0].rows.iter().map(|r| r[0].clone()).collect::<Vec<_>>()
+    };
+
+    // The middle batch fails on its second statement (a duplicate key): it alone is left out.
+    let out = sql
+        .commit_with_object(
+            &addr,
+            epoch,
+            &put("k1", "v1"),
+            vec![
+                vec![insert(1, "a")],
+                vec![insert(2, "b"), insert(1, "again")],
+                vec![st(
+                    &format!("UPDATE {rows} SET v = ? WHERE id = 1 RETURNING v"),
+                    vec![SqlValue::Text("c".into())],
+                )],
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 3);
+    assert!(out[0].is_ok(), "{:?}", out[0]);
+    assert!(matches!(out[1], Err(SqlError::Statement { index: 1, .. })), "{:?}", out[1]);
+    assert_eq!(out[2].as_ref().unwrap()[0].rows, vec![vec![SqlValue::Text("c".into())]]);
+    assert_eq!(store.get(&addr, &["k1".into()]).await.unwrap(), vec![("k1".to_owned(), b"v1".to_vec())]);
+    assert_eq!(store.get_alarm(&addr).await.unwrap(), Some(12_345));
+    assert_eq!(ids().await, vec![SqlValue::Integer(1)], "nothing of the failed batch landed");
+
+    // Another owner took the shard: nothing commits, neither the write nor the batch.
+    let newer = store.acquire_shard(&ns, 0).await.unwrap();
+    let r = sql.commit_with_object(&addr, epoch, &put("k2", "v2"), vec![vec![insert(3, "d")]]).await;
+    assert!(matches!(r, Err(BackendError::Fenced { shard: 0, epoch: e }) if e == epoch), "{r:?}");
+    assert!(store.get(&addr, &["k2".into()]).await.unwrap().is_empty());
+    assert_eq!(ids().await, vec![SqlValue::Integer(1)]);
+
+    // Under the new epoch: a deletion and no alarm change, a batch that creates a table (it
+    // runs after the write, on its own) and one that fails to translate.
+    let delete = ObjectWrite { delete_all: false, entries: vec![("k1".into(), None)], alarm: None };
+    let out = sql
+        .commit_with_object(
+            &addr,
+            newer,
+            &delete,
+            vec![
+                vec![
+                    st(&format!("CREATE TABLE {other} (id INTEGER)"), vec![]),
+                    st(&format!("INSERT INTO {other} (id) VALUES (7)"), vec![]),
+                ],
+                vec![st("SELECT 'unterminated", vec![])],
+                vec![insert(4, "e")],
+            ],
+        )
+        .await
+        .unwrap();
+    assert!(out[0].is_ok(), "{:?}", out[0]);
+    assert!(matches!(out[1], Err(SqlError::Statement { index: 0, .. })), "{:?}", out[1]);
+    assert!(out[2].is_ok(), "{:?}", out[2]);
+    assert!(store.get(&addr, &["k1".into()]).await.unwrap().is_empty());
+    assert_eq!(store.get_alarm(&addr).await.unwrap(), Some(12_345));
+    assert_eq!(ids().await, vec![SqlValue::Integer(1), SqlValue::Integer(4)]);
+    let seven = sql.batch(vec![st(&format!("SELECT id FROM {other}"), vec![])], None).await.unwrap();
+    assert_eq!(seven[0].rows, vec![vec![SqlValue::Integer(7)]]);
+
+    // A deleteAll cannot share the transaction: refused, nothing written.
+    let all = ObjectWrite { delete_all: true, entries: vec![], alarm: None };
+    assert!(sql.commit_with_object(&addr, newer, &all, vec![vec![insert(5, "f")]]).await.is_err());
+    assert_eq!(ids().await, vec![SqlValue::Integer(1), SqlValue::Integer(4)]);
+}

@@ -91,12 +91,40 @@ impl WorkerState {
             let d = self.table.get(db)?;
             (d.name.clone(), d.backend.clone())
         };
-        let fence = self.inv.object.as_ref().map(|e| e.fence());
-        // Drawn while this event still holds its object, just before it seals its writes.
-        let ticket = self.inv.object.as_ref().map(|_| crate::objects::next_seal_ticket());
         let metrics = self.shared.metrics.clone();
         let started = std::time::Instant::now();
-        let out = self.waiting(Gate::Open, backend.batch_ordered(statements, fence, ticket)).await?;
+        // Inside an object whose storage lives in this database, the batch joins the object's
+        // next commit (see `crate::objects`); otherwise it waits for the writes before it.
+        let statements = match self.inv.object.as_mut() {
+            Some(event) => match event.attach(&backend, statements) {
+                Ok(answer) => Err(answer),
+                Err(statements) => Ok(statements),
+            },
+            None => Ok(statements),
+        };
+        let out = match statements {
+            Ok(statements) => {
+                let fence = self.inv.object.as_ref().map(|e| e.fence());
+                // Drawn while this event still holds its object, just before it seals its writes.
+                let ticket = self.inv.object.as_ref().map(|_| crate::objects::next_seal_ticket());
+                self.waiting(Gate::Open, backend.batch_ordered(statements, fence, ticket)).await?
+            }
+            Err(answer) => {
+                let waited = std::time::Instant::now();
+                let outcome = answer.await;
+                if let Some(event) = self.inv.object.as_mut() {
+                    event.close_input_gate().await;
+                }
+                self.inv.host_wait += waited.elapsed();
+                match outcome {
+                    Ok(Ok(out)) => out,
+                    Ok(Err(e)) => return Err(wasmtime::Error::msg(format!("Durable Object: {e}"))),
+                    Err(_) => {
+                        return Err(wasmtime::Error::msg("Durable Object: the commit carrying a batch ended"));
+                    }
+                }
+            }
+        };
         metrics.binding_call("d1", backend.name(), started.elapsed(), out.is_err());
         if matches!(out, Err(SqlError::Backend(lattice_backends::BackendError::Fenced { .. }))) {
             metrics.fenced_d1_writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -303,6 +303,36 @@ pub async fn alarms(s: &Server) {
     assert_eq!(st["alarm"], serde_json::Value::Null, "a fired alarm is cleared: {st}");
 }
 
+/// 30 concurrent events that each write their object's storage and then insert into D1: every
+/// count is handed out once, and D1 holds each count once. Returns how many of the batches
+/// joined their object's storage commit (`lattice_object_joined_batches_total`).
+pub async fn object_writes_then_d1(s: &Server) -> f64 {
+    let name = format!("run{}-writes-then-d1", unique());
+    let setup = post(
+        &format!("{}/d1/exec", s.url),
+        r#"{"sql":"CREATE TABLE IF NOT EXISTS fence_log (object TEXT NOT NULL, n BIGINT NOT NULL)"}"#,
+    )
+    .await;
+    assert_eq!(setup.status, 200, "{}", String::from_utf8_lossy(&setup.body));
+    let before = metric(s, "lattice_object_joined_batches_total{namespace=\"COUNTERS\"}").await;
+    each_count_once(
+        &format!("{}/do/d1-increment?name={name}&object={name}&order=storage-first", s.url),
+        30,
+        "a count was handed out twice across a D1 insert",
+    )
+    .await;
+    let rows = post(
+        &format!("{}/d1/query", s.url),
+        serde_json::json!({"sql": "SELECT n FROM fence_log WHERE object = ? ORDER BY n", "params": [name]})
+            .to_string(),
+    )
+    .await;
+    let got: Vec<u64> =
+        rows.json()["rows"].as_array().expect("rows").iter().filter_map(|r| r[0].as_u64()).collect();
+    assert_eq!(got, (1..=30).collect::<Vec<u64>>(), "D1 holds each count once: {}", rows.json());
+    metric(s, "lattice_object_joined_batches_total{namespace=\"COUNTERS\"}").await - before
+}
+
 /// One sample from the admin listener's /metrics.
 pub async fn metric(s: &Server, series: &str) -> f64 {
     let m = get(&format!("{}/metrics", s.admin)).await;
