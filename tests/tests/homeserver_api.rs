@@ -364,6 +364,83 @@ async fn sync_until(c: &Client, since: &mut String, what: &str, pred: impl Fn(&V
     }
 }
 
+/// Unread counts kept by one sync and continued by the next stay equal to a count from
+/// scratch: after more events, after a read receipt moves the start, and after the push rules
+/// change (the kept counts were made under other rules).
+async fn unread_counts_continue_across_syncs(backend: Backend) {
+    let Some((hs, proxy)) = start(Options::new(backend)).await else { return };
+    let anon = Client::new(&proxy.url);
+    let alice = anon.register("alice", "pw-alice").await;
+    let bob = anon.register("bob", "pw-bob").await;
+    let bob_id = hs.user_id("bob");
+    let room = create_room(&alice, json!({"preset": "public_chat"})).await;
+    assert_eq!(bob.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), json!({})).await.status, 200);
+    let mut since = sync_once(&bob, "").await["next_batch"].as_str().expect("next_batch").to_owned();
+    let mut sent = Vec::new();
+    let send = async |n: usize, mention: bool| {
+        let mut content = json!({"msgtype": "m.text", "body": format!("message {n}")});
+        if mention {
+            content["m.mentions"] = json!({"user_ids": [bob_id]});
+        }
+        let r = alice
+            .put(&format!("/_matrix/client/v3/rooms/{}/send/m.room.message/u{n}", enc(&room)), content)
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        r.body["event_id"].as_str().expect("event id").to_owned()
+    };
+    let counts = |b: &Value| {
+        let n = &b["rooms"]["join"][&room]["unread_notifications"];
+        (n["notification_count"].as_u64(), n["highlight_count"].as_u64())
+    };
+    // What an initial sync says.
+    let initial = async || counts(&sync_once(&bob, "").await);
+    let mut expect = async |since: &mut String, want: (u64, u64), what: &str| {
+        let want = (Some(want.0), Some(want.1));
+        sync_until(&bob, since, what, |b| counts(b) == want).await;
+        assert_eq!(initial().await, want, "{what}: an initial sync agrees");
+    };
+
+    // 20 events (more than a sync keeps counts after), the 5th mentioning bob.
+    for n in 0..20 {
+        sent.push(send(n, n == 4).await);
+    }
+    expect(&mut since, (20, 1), "20 unread").await;
+    // Three more: the next sync counts only them on top of the kept counts.
+    for n in 20..23 {
+        sent.push(send(n, n == 21).await);
+    }
+    expect(&mut since, (23, 2), "23 unread").await;
+    // A read receipt on the 10th event: counting starts after it.
+    let r = bob
+        .post(&format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room), enc(&sent[9])), json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    expect(&mut since, (13, 1), "13 unread after the receipt").await;
+    for n in 23..43 {
+        sent.push(send(n, false).await);
+    }
+    expect(&mut since, (33, 1), "33 unread").await;
+    // The master rule silences everything, kept counts included.
+    let master = "/_matrix/client/v3/pushrules/global/override/.m.rule.master/enabled";
+    assert_eq!(bob.put(master, json!({"enabled": true})).await.status, 200);
+    sent.push(send(43, false).await);
+    expect(&mut since, (0, 0), "silenced").await;
+    assert_eq!(bob.put(master, json!({"enabled": false})).await.status, 200);
+    sent.push(send(44, true).await);
+    expect(&mut since, (35, 2), "35 unread once the rules are back").await;
+    proxy.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unread_counts_continue_across_syncs_embedded() {
+    unread_counts_continue_across_syncs(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unread_counts_continue_across_syncs_production() {
+    unread_counts_continue_across_syncs(Backend::Production).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn typing_receipts_presence_tags_pushers_and_unread_counts() {
     let Some((hs, proxy)) = start(Options::new(Backend::Embedded)).await else { return };

@@ -17,6 +17,9 @@ use crate::room::pdu;
 
 /// Unread events evaluated per room for notification counts; clients show "99+" anyway.
 pub const MAX_COUNTED_UNREAD: i64 = 200;
+/// A sync that evaluated at least this many unread events in a room keeps its counts
+/// (`unread_counts`), so the next syncs evaluate only the events after them.
+pub const KEEP_COUNTS_AFTER: i64 = 16;
 
 /// Timeline events per room when the filter does not say.
 pub const DEFAULT_TIMELINE_LIMIT: i64 = 10;
@@ -141,8 +144,57 @@ struct Prefetched {
     visibility: Option<Vec<Row>>,
     /// [`sql::CURRENT_STATE`], when another user's event may count as unread.
     state: Option<Vec<Row>>,
-    /// [`sql::EVENTS_AFTER`] the user's read marker (or their join).
+    /// [`sql::EVENTS_AFTER`] the counts kept by an earlier sync, or the user's read marker
+    /// (or their join).
     unread: Vec<Row>,
+    /// The counts kept for the events before `unread` (all zero when none were).
+    kept: Counts,
+}
+
+/// Unread counts over the events after `from` (the read marker, or the join) up to `upto`:
+/// `counted` events, under the push rules tagged `rules`.
+#[derive(Default, Clone, PartialEq, Debug)]
+struct Counts {
+    from: i64,
+    upto: i64,
+    rules: String,
+    counted: i64,
+    notify: u64,
+    highlight: u64,
+}
+
+impl Counts {
+    /// A row of [`sql::UNREAD_COUNTS_GET`], when it still holds for `from` and `rules`.
+    fn kept(row: Option<&Row>, from: i64, rules: &str) -> Option<Self> {
+        let r = row?;
+        let c = Self {
+            from: r.int("from_seq")?,
+            upto: r.int("upto_seq")?,
+            rules: r.str("rules_tag"),
+            counted: r.int("counted")?,
+            notify: u64::try_from(r.int("notify")?).ok()?,
+            highlight: u64::try_from(r.int("highlight")?).ok()?,
+        };
+        (c.from == from && c.rules == rules && c.upto >= from && c.counted <= MAX_COUNTED_UNREAD).then_some(c)
+    }
+
+    /// These counts and the outcome of the events after them, `rows` (in room order).
+    fn then(&self, rows: &[Row], (notify, highlight): (u64, u64)) -> Self {
+        Self {
+            from: self.from,
+            upto: rows.last().and_then(|r| r.int("room_seq")).unwrap_or(self.upto),
+            rules: self.rules.clone(),
+            counted: self.counted + rows.len() as i64,
+            notify: self.notify + notify,
+            highlight: self.highlight + highlight,
+        }
+    }
+}
+
+/// A tag of the user's push rules (their account data row): counts kept under other rules are
+/// not reused.
+fn rules_tag(row: Option<&Row>) -> String {
+    format!("{:016x}", crate::util::fnv1a(row.map(|r| r.str("content")).unwrap_or_default().as_bytes()))
 }
 
 /// Timeline and state of one room from its [`events_since`] rows; the timeline ends at `upto`.
@@ -340,17 +392,20 @@ fn ephemeral(s: &Session, room: &str, since: Option<i64>, typing: &[Row], receip
     out
 }
 
-/// Reads ahead what the joined rooms' sections need, in three batches whatever the number of
-/// rooms (one round trip each on PostgreSQL, where a batch is pipelined): every room's
-/// timeline; then, for the rooms with something to report, history visibility (when there are
-/// timeline events), the read marker and, when another user's event is in the timeline, the
-/// current state; then the events after each read marker, for the unread counts.
+/// Reads ahead what the joined rooms' sections need, in at most three batches whatever the
+/// number of rooms (one round trip each on PostgreSQL, where a batch is pipelined): every
+/// room's timeline; then, for the rooms with something to report, history visibility (when
+/// there are timeline events), the read marker, the counts an earlier sync kept and, when
+/// another user's event is in the timeline, the current state; then the events not counted
+/// yet after each read marker, for the unread counts (no batch when every count is kept).
 struct ReadAhead<'a> {
     since: Option<i64>,
     since_pos: i64,
     upto: i64,
     full_state: bool,
     filter: &'a RoomFilter,
+    /// [`rules_tag`] of the user's push rules.
+    rules: &'a str,
 }
 
 type Timelines = std::collections::HashMap<String, Vec<Row>>;
@@ -382,7 +437,7 @@ impl ReadAhead<'_> {
             joined.iter().zip(&rooms).filter(|(m, room)| reports(m, room)).map(|(m, r)| (*m, r)).collect();
         // Per candidate: which of its reads are in the batch, by position.
         let mut statements = Vec::new();
-        let mut at: Vec<(Option<usize>, usize, Option<usize>)> = Vec::new();
+        let mut at: Vec<(Option<usize>, usize, usize, Option<usize>)> = Vec::new();
         for (_, room) in &candidates {
             let events = timelines.get(*room).map(Vec::as_slice).unwrap_or_default();
             let mut push = |b: Bound| {
@@ -392,33 +447,48 @@ impl ReadAhead<'_> {
             let visibility = (!events.is_empty())
                 .then(|| push(bound(sql::HISTORY_VISIBILITY_EVENTS, vec![db::t(room.as_str())])));
             let read = push(bound(sql::READ_UP_TO, vec![db::t(room.as_str()), db::t(s.user_id.as_str())]));
+            let kept =
+                push(bound(sql::UNREAD_COUNTS_GET, vec![db::t(s.user_id.as_str()), db::t(room.as_str())]));
             let state = events
                 .iter()
                 .any(|r| pdu_sender(r) != s.user_id)
                 .then(|| push(bound(sql::CURRENT_STATE, vec![db::t(room.as_str())])));
-            at.push((visibility, read, state));
+            at.push((visibility, read, kept, state));
         }
         let mut second: Vec<Option<Vec<Row>>> = db.read_batch(&statements)?.into_iter().map(Some).collect();
         let mut take = |i: usize| second.get_mut(i).and_then(Option::take).unwrap_or_default();
         let mut unread_reads = Vec::new();
+        let mut unread_rooms = Vec::new();
         let mut prefetched = std::collections::HashMap::new();
-        for ((m, room), (visibility, read, state)) in candidates.iter().zip(at) {
+        for ((m, room), (visibility, read, kept, state)) in candidates.iter().zip(at) {
             let marker = take(read).first().and_then(|r| r.int("seq")).unwrap_or(0);
             let from = marker.max(m.int("room_seq").unwrap_or(0));
-            unread_reads.push(bound(
-                sql::EVENTS_AFTER,
-                vec![db::t(room.as_str()), db::i(from), db::i(MAX_COUNTED_UNREAD)],
-            ));
+            let kept = Counts::kept(take(kept).first(), from, self.rules).unwrap_or_else(|| Counts {
+                from,
+                upto: from,
+                rules: self.rules.to_owned(),
+                ..Counts::default()
+            });
+            if kept.counted < MAX_COUNTED_UNREAD {
+                unread_reads.push(bound(
+                    sql::EVENTS_AFTER,
+                    vec![db::t(room.as_str()), db::i(kept.upto), db::i(MAX_COUNTED_UNREAD - kept.counted)],
+                ));
+                unread_rooms.push((*room).clone());
+            }
             let ahead = Prefetched {
                 visibility: visibility.map(&mut take),
                 state: state.map(&mut take),
                 unread: Vec::new(),
+                kept,
             };
             prefetched.insert((*room).clone(), ahead);
         }
-        for ((_, room), unread) in candidates.iter().zip(db.read_batch(&unread_reads)?) {
-            if let Some(p) = prefetched.get_mut(*room) {
-                p.unread = unread;
+        if !unread_reads.is_empty() {
+            for (room, unread) in unread_rooms.iter().zip(db.read_batch(&unread_reads)?) {
+                if let Some(p) = prefetched.get_mut(room) {
+                    p.unread = unread;
+                }
             }
         }
         Ok((timelines, prefetched))
@@ -474,6 +544,7 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
         (room_data, receipts, presence_rows) = (next(), next(), next());
     }
     let rules = super::account::ruleset_from(user, push_rules.first())?;
+    let tag = rules_tag(push_rules.first());
     let presence: Vec<Value> = presence_rows
         .iter()
         .map(|r| json!({"type": "m.presence", "sender": r.str("user_id"), "content": super::ephemeral::presence_content(r)}))
@@ -487,7 +558,8 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
     let mut park_keys = vec![format!("user:{}", s.user_id)];
     let joined: Vec<&Row> =
         memberships.iter().filter(|m| m.str("membership") == "join" && wanted(&m.str("room_id"))).collect();
-    let reads = ReadAhead { since, since_pos, upto, full_state, filter: &filter.room };
+    let reads = ReadAhead { since, since_pos, upto, full_state, filter: &filter.room, rules: &tag };
+    let mut keep = Vec::new();
     let (mut timelines, mut prefetched) =
         reads.run(ctx, &s, &joined, [room_data.as_slice(), typing.as_slice(), receipts.as_slice()])?;
     for m in &memberships {
@@ -528,15 +600,34 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
                 {
                     continue;
                 }
-                let (notes, highlights) = unread_counts(
-                    ctx,
-                    &s,
-                    &rules,
-                    &room,
-                    &m.str("room_version"),
+                let counts = ahead.kept.then(
                     &ahead.unread,
-                    ahead.state.as_deref(),
-                )?;
+                    unread_counts(
+                        ctx,
+                        &s,
+                        &rules,
+                        &room,
+                        &m.str("room_version"),
+                        &ahead.unread,
+                        ahead.state.as_deref(),
+                    )?,
+                );
+                if counts.counted - ahead.kept.counted >= KEEP_COUNTS_AFTER {
+                    keep.push(bound(
+                        sql::UNREAD_COUNTS_PUT,
+                        vec![
+                            db::t(user),
+                            db::t(room.as_str()),
+                            db::i(counts.from),
+                            db::i(counts.upto),
+                            db::t(counts.rules.as_str()),
+                            db::i(counts.counted),
+                            db::i(i64::try_from(counts.notify).unwrap_or(i64::MAX)),
+                            db::i(i64::try_from(counts.highlight).unwrap_or(i64::MAX)),
+                        ],
+                    ));
+                }
+                let (notes, highlights) = (counts.notify, counts.highlight);
                 join.insert(
                     room.clone(),
                     json!({
@@ -592,6 +683,10 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
         && presence.is_empty();
     if empty && since.is_some() && timeout > 0 && !woken_by_timeout {
         return Ok(Reply::Park { keys: park_keys, timeout_ms: u32::try_from(timeout).unwrap_or(u32::MAX) });
+    }
+    if !keep.is_empty() {
+        // Only saves the next syncs work: when it fails, they count these events again.
+        let _ = db.batch(&keep);
     }
     ok(json!({
         "next_batch": format!("s{upto}"),

@@ -219,6 +219,17 @@ pub const V11_TO_DEVICE_GUARDS: Sql = sql(
 /// The guards of version 7 were per sending device across all recipients.
 pub const V11_DROP_TO_DEVICE_TXNS: Sql = sql("v11_drop_to_device_txns", "", "DROP TABLE to_device_txns");
 
+// ---- Schema, version 12: unread counts computed by earlier syncs ------------------------------
+/// A user's notification and highlight counts in a room over the events after `from_seq` (their
+/// read marker or join) up to `upto_seq`, `counted` events in all, under the push rules whose
+/// hash is `rules_tag`. A sync counts only the events after `upto_seq` when `from_seq` and the
+/// tag still match (see `api::sync`).
+pub const V12_UNREAD_COUNTS: Sql = sql(
+    "v12_unread_counts",
+    "",
+    "CREATE TABLE unread_counts (user_id TEXT NOT NULL, room_id TEXT NOT NULL, from_seq INTEGER NOT NULL, upto_seq INTEGER NOT NULL, rules_tag TEXT NOT NULL, counted INTEGER NOT NULL, notify INTEGER NOT NULL, highlight INTEGER NOT NULL, PRIMARY KEY (user_id, room_id))",
+);
+
 /// The migration bookkeeping, created before anything else (idempotent).
 pub const MIGRATIONS_TABLE: Sql = sql(
     "migrations_table",
@@ -710,6 +721,17 @@ pub const RECEIPTS_FOR_USER: Sql = sql(
     "SELECT r.room_id, r.user_id, r.receipt_type, r.thread_id, r.event_id, r.ts FROM receipts r JOIN memberships m ON m.room_id = r.room_id WHERE m.user_id = ? AND m.membership = 'join' AND r.stream_pos > ? AND r.stream_pos <= ?",
 );
 /// The room position of the user's newest read receipt (public or private, main timeline).
+pub const UNREAD_COUNTS_GET: Sql = sql(
+    "unread_counts_get",
+    "tt",
+    "SELECT from_seq, upto_seq, rules_tag, counted, notify, highlight FROM unread_counts WHERE user_id = ? AND room_id = ?",
+);
+/// Keeps the row that counted further when two syncs race (both are right).
+pub const UNREAD_COUNTS_PUT: Sql = sql(
+    "unread_counts_put",
+    "ttiitiii",
+    "INSERT INTO unread_counts (user_id, room_id, from_seq, upto_seq, rules_tag, counted, notify, highlight) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user_id, room_id) DO UPDATE SET from_seq = excluded.from_seq, upto_seq = excluded.upto_seq, rules_tag = excluded.rules_tag, counted = excluded.counted, notify = excluded.notify, highlight = excluded.highlight WHERE unread_counts.from_seq <> excluded.from_seq OR unread_counts.rules_tag <> excluded.rules_tag OR unread_counts.upto_seq < excluded.upto_seq",
+);
 pub const READ_UP_TO: Sql = sql(
     "read_up_to",
     "tt",
@@ -929,6 +951,8 @@ pub const ALL: &[Sql] = &[
     RECEIPT_UPSERT,
     RECEIPTS_FOR_USER,
     READ_UP_TO,
+    UNREAD_COUNTS_GET,
+    UNREAD_COUNTS_PUT,
     PRESENCE_UPSERT,
     PRESENCE_GET,
     PRESENCE_FOR_USER,
@@ -990,4 +1014,5 @@ pub const MIGRATIONS: &[(i64, &str, &[Sql])] = &[
     (9, "key backup", &[V9_BACKUP_VERSIONS, V9_BACKUP_SESSIONS]),
     (10, "dehydrated devices", &[V10_DEHYDRATED]),
     (11, "to-device guards per recipient", &[V11_TO_DEVICE_GUARDS, V11_DROP_TO_DEVICE_TXNS]),
+    (12, "unread counts", &[V12_UNREAD_COUNTS]),
 ];

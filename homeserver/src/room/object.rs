@@ -274,7 +274,7 @@ fn send(sender: &str, templates: &[Template], txn: Option<(String, String)>) -> 
     // ids were bucketed keep the device's older ids under one key, read but no longer written.
     let txn_keys = txn.as_ref().map(|(device, id)| {
         (
-            format!("t\0{sender}\0{device}\0{:02}", fnv1a(id.as_bytes()) % TXN_BUCKETS),
+            format!("t\0{sender}\0{device}\0{:02}", crate::util::fnv1a(id.as_bytes()) % TXN_BUCKETS),
             format!("t\0{sender}\0{device}"),
         )
     });
@@ -331,11 +331,6 @@ fn send(sender: &str, templates: &[Template], txn: Option<(String, String)>) -> 
     commit(&meta, &state, &writes, txn_record)?;
     finish(&meta, &writes)?;
     Ok(RoomReply { event_ids: ids })
-}
-
-/// FNV-1a: a hash that stays the same across builds (it names storage keys).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 fn canonical_string(v: &Value) -> String {
@@ -775,8 +770,8 @@ mod tests {
     fn transaction_buckets_never_move() {
         // The bucket is part of a storage key, so its hash must stay FNV-1a (its published
         // test vectors) across builds and releases.
-        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+        assert_eq!(crate::util::fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(crate::util::fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(crate::util::fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
     }
 }

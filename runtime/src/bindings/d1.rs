@@ -120,7 +120,9 @@ impl WorkerState {
                     Ok(Ok(out)) => out,
                     Ok(Err(e)) => return Err(wasmtime::Error::msg(format!("Durable Object: {e}"))),
                     Err(_) => {
-                        return Err(wasmtime::Error::msg("Durable Object: the commit carrying a batch ended"));
+                        return Err(wasmtime::Error::msg(
+                            "Durable Object: the commit carrying a batch ended",
+                        ));
                     }
                 }
             }
