@@ -364,6 +364,9 @@ pub(crate) struct Job<'a> {
     pub statements: &'a [SqlStatement],
     pub translated: &'a [Translated],
     pub fence: Option<&'a Fence>,
+    /// A Durable Object's storage write that runs before the statements (only in
+    /// [`Mode::Write`]).
+    pub lead: Option<&'a Lead<'a>>,
 }
 
 impl Job<'_> {
@@ -372,9 +375,10 @@ impl Job<'_> {
     }
 }
 
-/// A Durable Object's storage write that opens a pipeline's transaction, ahead of its jobs (see
+/// A Durable Object's storage write in a pipeline's transaction (see
 /// `PostgresSql::commit_with_object`). Its statement fails (division by zero) unless the
-/// shard's epoch is still the object's, so a stale owner's transaction aborts whole.
+/// shard's epoch is still the object's, so a stale owner's write aborts the transaction like
+/// any failed job.
 pub(crate) struct Lead<'a> {
     pub sql: &'static str,
     pub types: &'static [Type],
@@ -476,22 +480,20 @@ async fn prepare_missing(conn: &mut Conn, jobs: &[Job<'_>]) -> Result<(), (usize
 /// outcome is its error and the others have none (`None`), for the caller to run again without
 /// it. When `BEGIN` or `COMMIT` fails, every job fails.
 ///
-/// With a `lead` (only in [`Mode::Write`]), that write runs first in the transaction; when it
-/// fails, every job fails with its error. A job that fails rolls the lead back too, so the
-/// caller runs the lead again with the others.
-///
 /// Also returns whether the connection may be reused (no infrastructure error on it).
 pub(crate) async fn run_pipelined(
     conn: &mut Conn,
     jobs: &[Job<'_>],
     mode: Mode,
-    lead: Option<&Lead<'_>>,
 ) -> (Vec<Option<Result<Vec<QueryOutput>, BatchError>>>, bool) {
     let mut outcomes: Vec<Option<Result<Vec<QueryOutput>, BatchError>>> = jobs.iter().map(|_| None).collect();
-    debug_assert!(lead.is_none() || mode == Mode::Write, "a lead write needs a transaction");
+    debug_assert!(
+        jobs.iter().all(|j| j.lead.is_none()) || mode == Mode::Write,
+        "a lead write needs a transaction"
+    );
     // A batch that changes the schema cannot be prepared ahead: its later statements may name
-    // a table its earlier ones create. It runs alone, one statement after another (a caller
-    // with a lead write does not pass one).
+    // a table its earlier ones create. It runs alone, one statement after another (callers
+    // with lead writes do not pass one).
     if let Some(n) = jobs.iter().position(|j| j.translated.iter().any(is_ddl)) {
         let (outcome, clean) = run_sequential(conn, &jobs[n], mode).await;
         outcomes[n] = Some(outcome);
@@ -541,7 +543,7 @@ pub(crate) async fn run_pipelined(
             }
         },
     };
-    let lead_stmt = match lead {
+    let lead_stmt = match jobs.iter().find_map(|j| j.lead) {
         None => None,
         Some(l) => match prepared(conn, l.sql, l.types).await {
             Ok(s) => Some(s),
@@ -566,18 +568,9 @@ pub(crate) async fn run_pipelined(
             steps.push(Box::pin(async move { StepResult::Command(client.batch_execute("BEGIN").await) }))
         }
     }
-    if let (Some(l), Some(stmt)) = (lead, lead_stmt) {
-        steps.push(Box::pin(async move {
-            let r = async {
-                let rows = client.query_raw(&stmt, l.params.iter().copied()).await?;
-                rows.try_collect::<Vec<_>>().await.map(drop)
-            }
-            .await;
-            StepResult::Lead(r)
-        }));
-    }
-    // Where each job's steps start in `steps` (its fence step first when it has one).
-    let mut layout: Vec<(usize, bool)> = Vec::new();
+    // Where each job's steps start in `steps` (its fence step, then its lead write, first when
+    // it has them).
+    let mut layout: Vec<(usize, bool, bool)> = Vec::new();
     let mut fence_values = fence_params.iter();
     for job in jobs {
         let start = steps.len();
@@ -590,6 +583,16 @@ pub(crate) async fn run_pipelined(
                 }
                 .await;
                 StepResult::Fence(r)
+            }));
+        }
+        if let (Some(l), Some(stmt)) = (job.lead, lead_stmt.clone()) {
+            steps.push(Box::pin(async move {
+                let r = async {
+                    let rows = client.query_raw(&stmt, l.params.iter().copied()).await?;
+                    rows.try_collect::<Vec<_>>().await.map(drop)
+                }
+                .await;
+                StepResult::Lead(r)
             }));
         }
         for (st, t) in job.each() {
@@ -608,7 +611,7 @@ pub(crate) async fn run_pipelined(
                 StepResult::Rows(r, Instant::now())
             }));
         }
-        layout.push((start, fenced));
+        layout.push((start, fenced, job.lead.is_some()));
     }
     if mode != Mode::Single {
         steps.push(Box::pin(async move { StepResult::Command(client.batch_execute("COMMIT").await) }));
@@ -626,22 +629,22 @@ pub(crate) async fn run_pipelined(
             }
         }
     }
-    // The lead write failed: it aborted the transaction, and every job with it.
-    if let (Some(l), Some(StepResult::Lead(Err(e)))) = (lead, results.get(1)) {
-        for outcome in &mut outcomes {
-            *outcome = Some(Err(l.failure(e)));
-        }
-        return (outcomes, !is_infrastructure(e));
-    }
     let mut clean = true;
     let mut answers: Vec<Result<Vec<QueryOutput>, BatchError>> = Vec::with_capacity(jobs.len());
-    for (job, (start, fenced)) in jobs.iter().zip(&layout) {
+    for (job, (start, fenced, led)) in jobs.iter().zip(&layout) {
         let mut at = *start;
         let mut error: Option<BatchError> = None;
         if *fenced {
             if let (StepResult::Fence(Err(e)), Some(f)) = (&results[at], job.fence) {
                 clean &= !is_infrastructure(e);
                 error = Some(fence_failure(f, e));
+            }
+            at += 1;
+        }
+        if *led {
+            if let (StepResult::Lead(Err(e)), Some(l), None) = (&results[at], job.lead, &error) {
+                clean &= !is_infrastructure(e);
+                error = Some(l.failure(e));
             }
             at += 1;
         }

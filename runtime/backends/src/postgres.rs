@@ -335,6 +335,7 @@ pub struct PostgresSql {
     clients: std::sync::Arc<Clients>,
     schema: std::sync::Arc<OnceCell<()>>,
     group: std::sync::Arc<GroupCommit>,
+    units: std::sync::Arc<UnitGroup>,
 }
 
 /// Fenced batches one group commit carries at most.
@@ -375,6 +376,7 @@ impl PostgresSql {
             clients: std::sync::Arc::new(Clients::new(url)?),
             schema: Default::default(),
             group: Default::default(),
+            units: Default::default(),
         })
     }
 
@@ -466,9 +468,10 @@ impl PostgresSql {
                     statements: &j.statements,
                     translated: &j.translated,
                     fence: j.fence.as_ref(),
+                    lead: None,
                 })
                 .collect();
-            let (outcomes, clean) = run_pipelined(lease.conn(), &runs, Mode::Write, None).await;
+            let (outcomes, clean) = run_pipelined(lease.conn(), &runs, Mode::Write).await;
             drop(runs);
             lease.set_clean(clean);
             let mut again = Vec::new();
@@ -521,6 +524,201 @@ impl PostgresSql {
     }
 }
 
+/// Object commits one transaction carries at most ([`PostgresSql::commit_with_object`]).
+pub const MAX_GROUP_OBJECT_COMMITS: usize = 32;
+
+/// One object's commit: its storage write and the D1 batches its events sent after it.
+struct Unit {
+    addr: ObjectAddr,
+    epoch: u64,
+    write: ObjectWrite,
+    batches: Vec<Vec<SqlStatement>>,
+    translated: Vec<Vec<Translated>>,
+}
+
+/// One batch's outcome, and a unit's.
+type BatchOutcome = Result<Vec<QueryOutput>, SqlError>;
+type UnitOutcome = Result<Vec<BatchOutcome>, BackendError>;
+
+/// The queue of object commits waiting for the next transaction, and its leader's lock.
+#[derive(Default)]
+struct UnitGroup {
+    queue: std::sync::Mutex<Vec<(Unit, tokio::sync::oneshot::Sender<UnitOutcome>)>>,
+    leader: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for UnitGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnitGroup").finish_non_exhaustive()
+    }
+}
+
+/// What a job of [`PostgresSql::commit_units`] stands for: a unit's write, or one of its batches.
+#[derive(Clone, Copy)]
+struct Part {
+    unit: usize,
+    batch: Option<usize>,
+}
+
+impl PostgresSql {
+    /// Queues an object's commit; whoever takes the leader lock first commits every queued one
+    /// in one transaction (as [`Self::grouped`] does for D1 batches): objects that commit at
+    /// the same time share one WAL flush and one hold of the rows they all write (a stream
+    /// counter), instead of queueing on it one commit after another.
+    async fn grouped_unit(&self, unit: Unit) -> UnitOutcome {
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        self.units.queue.lock().unwrap_or_else(|p| p.into_inner()).push((unit, reply));
+        loop {
+            let _leader = self.units.leader.lock().await;
+            match answer.try_recv() {
+                Ok(r) => return r,
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                    return Err(unavailable("the transaction carrying this object commit failed"));
+                }
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+            }
+            let group: Vec<_> = {
+                let mut q = self.units.queue.lock().unwrap_or_else(|p| p.into_inner());
+                let n = q.len().min(MAX_GROUP_OBJECT_COMMITS);
+                q.drain(..n).collect()
+            };
+            let (units, replies): (Vec<Unit>, Vec<_>) = group.into_iter().unzip();
+            for (reply, outcome) in replies.into_iter().zip(self.commit_units(&units).await) {
+                let _ = reply.send(outcome);
+            }
+        }
+    }
+
+    /// Commits `units` in one transaction: each unit's write, then its batches. A batch whose
+    /// statement fails is answered with its error and left out; a write refused (a stale
+    /// epoch) fails its unit alone; either way the transaction runs again without it, until a
+    /// run commits. An error of the connection fails every unit not answered yet.
+    async fn commit_units(&self, units: &[Unit]) -> Vec<UnitOutcome> {
+        let mut outcomes: Vec<Option<UnitOutcome>> = units.iter().map(|_| None).collect();
+        let mut answers: Vec<Vec<Option<BatchOutcome>>> =
+            units.iter().map(|u| u.batches.iter().map(|_| None).collect()).collect();
+        let mut lease = match self.clients.acquire().await {
+            Ok(l) => l,
+            Err(e) => return units.iter().map(|_| Err(unavailable(e.to_string()))).collect(),
+        };
+        let params: Vec<CommitParams<'_>> = units.iter().map(|u| CommitParams::of(&u.write)).collect();
+        let positions: Vec<(i64, i64)> =
+            units.iter().map(|u| (i64::from(u.addr.shard), to_i64(u.epoch))).collect();
+        let leads: Vec<Lead<'_>> = units
+            .iter()
+            .zip(&params)
+            .zip(&positions)
+            .map(|((u, p), (shard, epoch))| Lead {
+                sql: COMMIT_FENCED_STATEMENT,
+                types: COMMIT_TYPES,
+                params: vec![
+                    &u.addr.namespace,
+                    &u.addr.id,
+                    shard,
+                    epoch,
+                    &p.deletes,
+                    &p.put_keys,
+                    &p.put_values,
+                    &p.alarm_mode,
+                    &p.alarm_ms,
+                ],
+                shard: u.addr.shard,
+                epoch: u.epoch,
+            })
+            .collect();
+        let mut pending: Vec<Part> = units
+            .iter()
+            .enumerate()
+            .flat_map(|(unit, u)| {
+                std::iter::once(Part { unit, batch: None })
+                    .chain((0..u.batches.len()).map(move |b| Part { unit, batch: Some(b) }))
+            })
+            .collect();
+        let mut retried_stale = false;
+        while !pending.is_empty() {
+            let jobs: Vec<Job<'_>> = pending
+                .iter()
+                .map(|p| match p.batch {
+                    None => Job { statements: &[], translated: &[], fence: None, lead: Some(&leads[p.unit]) },
+                    Some(b) => Job {
+                        statements: &units[p.unit].batches[b],
+                        translated: &units[p.unit].translated[b],
+                        fence: None,
+                        lead: None,
+                    },
+                })
+                .collect();
+            let (results, clean) = run_pipelined(lease.conn(), &jobs, Mode::Write).await;
+            drop(jobs);
+            lease.set_clean(clean);
+            let mut again = Vec::new();
+            let mut committed = true;
+            let mut stale = false;
+            let mut failed: Option<String> = None;
+            for (part, result) in pending.iter().copied().zip(results) {
+                match (result, part.batch) {
+                    (None, _) => again.push(part),
+                    (Some(Ok(out)), Some(b)) => answers[part.unit][b] = Some(Ok(out)),
+                    (Some(Ok(_)), None) => {}
+                    (Some(Err(BatchError::Sql(SqlError::Backend(e)))), None) if clean => {
+                        committed = false;
+                        outcomes[part.unit] = Some(Err(e));
+                    }
+                    (Some(Err(BatchError::Sql(SqlError::Statement { .. }))), None) => {
+                        unreachable!("a lead write fails as a backend error")
+                    }
+                    (Some(Err(BatchError::Sql(SqlError::Backend(e)))), _) => {
+                        // The connection failed: nothing of this run committed.
+                        failed = Some(e.to_string());
+                    }
+                    (Some(Err(BatchError::Sql(e))), Some(b)) => {
+                        committed = false;
+                        answers[part.unit][b] = Some(Err(e));
+                    }
+                    (Some(Err(BatchError::StalePlan)), _) if !retried_stale => {
+                        committed = false;
+                        stale = true;
+                        again.push(part);
+                    }
+                    (Some(Err(BatchError::StalePlan)), _) => {
+                        failed = Some("prepared statement still stale after a retry".into());
+                    }
+                }
+            }
+            if let Some(message) = failed {
+                for outcome in outcomes.iter_mut().filter(|o| o.is_none()) {
+                    *outcome = Some(Err(unavailable(message.clone())));
+                }
+                break;
+            }
+            if committed {
+                break;
+            }
+            if stale {
+                retried_stale = true;
+                lease.conn().forget_statements();
+            }
+            pending = again.into_iter().filter(|p| outcomes[p.unit].is_none()).collect();
+        }
+        outcomes
+            .into_iter()
+            .zip(answers)
+            .map(|(outcome, answers)| {
+                outcome.unwrap_or_else(|| {
+                    Ok(answers
+                        .into_iter()
+                        .map(|a| {
+                            a.unwrap_or_else(|| {
+                                Err(SqlError::Backend(unavailable("the batch got no outcome")))
+                            })
+                        })
+                        .collect())
+                })
+            })
+            .collect()
+    }
+}
+
 /// One unfenced batch in a pipeline of its own, run again once if PostgreSQL refused a cached
 /// plan (nothing was committed then).
 async fn run_alone(
@@ -531,8 +729,8 @@ async fn run_alone(
 ) -> Result<Vec<QueryOutput>, SqlError> {
     let mut retried = false;
     loop {
-        let job = Job { statements, translated, fence: None };
-        let (mut outcomes, clean) = run_pipelined(lease.conn(), &[job], mode, None).await;
+        let job = Job { statements, translated, fence: None, lead: None };
+        let (mut outcomes, clean) = run_pipelined(lease.conn(), &[job], mode).await;
         lease.set_clean(clean);
         match outcomes.pop().flatten() {
             Some(Ok(out)) => return Ok(out),
@@ -591,84 +789,28 @@ impl SqlBackend for PostgresSql {
         let alone: Vec<usize> = (0..batches.len())
             .filter(|&i| answers[i].is_none() && translated[i].iter().any(is_ddl))
             .collect();
-        bounded(async {
+        let run: Vec<usize> =
+            (0..batches.len()).filter(|i| answers[*i].is_none() && !alone.contains(i)).collect();
+        let unit = Unit {
+            addr: addr.clone(),
+            epoch,
+            write: write.clone(),
+            batches: run.iter().map(|&i| std::mem::take(&mut batches[i])).collect(),
+            translated: run.iter().map(|&i| std::mem::take(&mut translated[i])).collect(),
+        };
+        let outcomes = bounded(async {
             self.ensure_shards().await?;
-            let p = CommitParams::of(write);
-            let (shard, at) = (i64::from(addr.shard), to_i64(epoch));
-            let lead = Lead {
-                sql: COMMIT_FENCED_STATEMENT,
-                types: COMMIT_TYPES,
-                params: vec![
-                    &addr.namespace,
-                    &addr.id,
-                    &shard,
-                    &at,
-                    &p.deletes,
-                    &p.put_keys,
-                    &p.put_values,
-                    &p.alarm_mode,
-                    &p.alarm_ms,
-                ],
-                shard: addr.shard,
-                epoch,
-            };
-            let mut lease = self.clients.acquire().await?;
-            let mut pending: Vec<usize> =
-                (0..batches.len()).filter(|i| answers[*i].is_none() && !alone.contains(i)).collect();
-            let mut retried_stale = false;
-            // Until a run commits: each run that a batch fails rolls back the write too, and
-            // runs again without that batch.
-            loop {
-                let runs: Vec<Job<'_>> = pending
-                    .iter()
-                    .map(|&i| Job { statements: &batches[i], translated: &translated[i], fence: None })
-                    .collect();
-                let (outcomes, clean) = run_pipelined(lease.conn(), &runs, Mode::Write, Some(&lead)).await;
-                drop(runs);
-                lease.set_clean(clean);
-                let mut again = Vec::new();
-                let mut committed = true;
-                let mut stale = false;
-                for (i, outcome) in pending.iter().copied().zip(outcomes) {
-                    match outcome {
-                        None => again.push(i),
-                        Some(Ok(out)) => answers[i] = Some(Ok(out)),
-                        Some(Err(BatchError::Sql(SqlError::Backend(e)))) => return Err(e),
-                        Some(Err(BatchError::Sql(e))) => {
-                            committed = false;
-                            answers[i] = Some(Err(e));
-                        }
-                        Some(Err(BatchError::StalePlan)) if !retried_stale => {
-                            committed = false;
-                            stale = true;
-                            again.push(i);
-                        }
-                        Some(Err(BatchError::StalePlan)) => {
-                            committed = false;
-                            answers[i] = Some(Err(SqlError::Backend(unavailable(
-                                "prepared statement still stale after a retry",
-                            ))));
-                        }
-                    }
-                }
-                if committed {
-                    break;
-                }
-                if stale {
-                    retried_stale = true;
-                    lease.conn().forget_statements();
-                }
-                pending = again;
-            }
-            drop(lease);
-            let fence = Fence { namespace: addr.namespace.clone(), shard: addr.shard, epoch };
-            for i in alone {
-                let statements = std::mem::take(&mut batches[i]);
-                answers[i] = Some(self.batch_ordered(statements, Some(fence.clone()), None).await);
-            }
-            Ok(())
+            self.grouped_unit(unit).await
         })
         .await?;
+        for (i, outcome) in run.into_iter().zip(outcomes) {
+            answers[i] = Some(outcome);
+        }
+        let fence = Fence { namespace: addr.namespace.clone(), shard: addr.shard, epoch };
+        for i in alone {
+            let statements = std::mem::take(&mut batches[i]);
+            answers[i] = Some(self.batch_ordered(statements, Some(fence.clone()), None).await);
+        }
         Ok(answers
             .into_iter()
             .map(|a| a.unwrap_or_else(|| Err(SqlError::Backend(unavailable("the batch got no outcome")))))

@@ -1146,3 +1146,61 @@ async fn postgres_object_write_and_d1_batches_commit_in_one_transaction() {
     assert!(sql.commit_with_object(&addr, newer, &all, vec![vec![insert(5, "f")]]).await.is_err());
     assert_eq!(ids().await, vec![SqlValue::Integer(1), SqlValue::Integer(4)]);
 }
+
+/// Object commits queued while another one runs share the next transaction: a stale owner's
+/// write fails only its own commit, a failing batch only itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_object_commits_share_a_transaction_and_fail_alone() {
+    let Some(url) = postgres_url() else { return };
+    let store = PostgresObjectStorage::new(&url).unwrap();
+    let sql = std::sync::Arc::new(PostgresSql::new(&url).unwrap());
+    let (ns, stale_ns) = (unique("units"), unique("units-stale"));
+    let epoch = store.acquire_shard(&ns, 0).await.unwrap();
+    let old = store.acquire_shard(&stale_ns, 0).await.unwrap();
+    store.acquire_shard(&stale_ns, 0).await.unwrap();
+    let rows = unique("rows");
+    sql.batch(vec![st(&format!("CREATE TABLE {rows} (id INTEGER PRIMARY KEY)"), vec![])], None)
+        .await
+        .unwrap();
+    let addr = |ns: &str, n: u8| ObjectAddr {
+        namespace: ns.to_owned(),
+        id: format!("{n:02x}").repeat(32),
+        shard: 0,
+    };
+    let put = |v: &str| ObjectWrite {
+        delete_all: false,
+        entries: vec![("k".to_owned(), Some(v.as_bytes().to_vec()))],
+        alarm: None,
+    };
+    let insert = |id: i64| st(&format!("INSERT INTO {rows} (id) VALUES (?)"), vec![SqlValue::Integer(id)]);
+    let commit = |a: ObjectAddr, e: u64, v: &'static str, batches: Vec<Vec<SqlStatement>>, delay_ms: u64| {
+        let sql = sql.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            sql.commit_with_object(&a, e, &put(v), batches).await
+        })
+    };
+    // The first holds the leader while the next three queue behind it.
+    let slow = commit(addr(&ns, 1), epoch, "a", vec![vec![st("SELECT pg_sleep(0.5)", vec![])]], 0);
+    let stale = commit(addr(&stale_ns, 2), old, "b", vec![vec![insert(2)]], 150);
+    let mixed = commit(addr(&ns, 3), epoch, "c", vec![vec![insert(1), insert(1)], vec![insert(3)]], 200);
+    let plain = commit(addr(&ns, 4), epoch, "d", vec![vec![insert(4)]], 250);
+    assert!(slow.await.unwrap().unwrap()[0].is_ok());
+    let r = stale.await.unwrap();
+    assert!(matches!(r, Err(BackendError::Fenced { .. })), "{r:?}");
+    let r = mixed.await.unwrap().unwrap();
+    assert!(matches!(r[0], Err(SqlError::Statement { index: 1, .. })), "{:?}", r[0]);
+    assert!(r[1].is_ok(), "{:?}", r[1]);
+    assert!(plain.await.unwrap().unwrap()[0].is_ok());
+    let ids = sql.batch(vec![st(&format!("SELECT id FROM {rows} ORDER BY id"), vec![])], None).await.unwrap();
+    assert_eq!(ids[0].rows, vec![vec![SqlValue::Integer(3)], vec![SqlValue::Integer(4)]]);
+    for (a, want) in [
+        (addr(&ns, 1), Some("a")),
+        (addr(&stale_ns, 2), None),
+        (addr(&ns, 3), Some("c")),
+        (addr(&ns, 4), Some("d")),
+    ] {
+        let got = store.get(&a, &["k".into()]).await.unwrap();
+        assert_eq!(got.first().map(|(_, v)| String::from_utf8_lossy(v).into_owned()).as_deref(), want);
+    }
+}
