@@ -230,6 +230,16 @@ pub const V12_UNREAD_COUNTS: Sql = sql(
     "CREATE TABLE unread_counts (user_id TEXT NOT NULL, room_id TEXT NOT NULL, from_seq INTEGER NOT NULL, upto_seq INTEGER NOT NULL, rules_tag TEXT NOT NULL, counted INTEGER NOT NULL, notify INTEGER NOT NULL, highlight INTEGER NOT NULL, PRIMARY KEY (user_id, room_id))",
 );
 
+// ---- Schema, version 13: state events by type -------------------------------------------------
+/// A room's state events of one type without reading its messages: without it, finding a
+/// room's history visibility events read every event of the room (~10 ms for 10 000 events,
+/// on every sync that brought the room's timeline). Partial, so messages add nothing to it.
+pub const V13_EVENTS_STATE_TYPE: Sql = sql(
+    "v13_events_state_type",
+    "",
+    "CREATE INDEX events_state_type ON events (room_id, type) WHERE state_key IS NOT NULL",
+);
+
 /// The migration bookkeeping, created before anything else (idempotent).
 pub const MIGRATIONS_TABLE: Sql = sql(
     "migrations_table",
@@ -461,7 +471,7 @@ pub const STATE_AT_KEY: Sql = sql(
 pub const HISTORY_VISIBILITY_EVENTS: Sql = sql(
     "history_visibility_events",
     "t",
-    "SELECT json FROM events WHERE room_id = ? AND type = 'm.room.history_visibility' LIMIT 2",
+    "SELECT json FROM events WHERE room_id = ? AND type = 'm.room.history_visibility' AND state_key IS NOT NULL LIMIT 2",
 );
 pub const CURRENT_STATE_UPSERT: Sql = sql(
     "current_state_upsert",
@@ -1015,4 +1025,5 @@ pub const MIGRATIONS: &[(i64, &str, &[Sql])] = &[
     (10, "dehydrated devices", &[V10_DEHYDRATED]),
     (11, "to-device guards per recipient", &[V11_TO_DEVICE_GUARDS, V11_DROP_TO_DEVICE_TXNS]),
     (12, "unread counts", &[V12_UNREAD_COUNTS]),
+    (13, "state events by type", &[V13_EVENTS_STATE_TYPE]),
 ];
