@@ -102,12 +102,7 @@ pub struct ObjectNamespace {
     paired: Vec<Arc<dyn SqlBackend>>,
     live: Mutex<HashMap<String, Arc<LiveObject>>>,
     alarm_retries: Mutex<HashMap<String, u32>>,
-    /// Storage commits made; fewer than events when writes were grouped.
-    commits: Arc<std::sync::atomic::AtomicU64>,
-    /// Commits refused because the shard's epoch moved on (another owner took it).
-    fenced: Arc<std::sync::atomic::AtomicU64>,
-    /// D1 batches that committed in their object's storage commit.
-    joined: Arc<std::sync::atomic::AtomicU64>,
+    counters: Counters,
 }
 
 impl ObjectNamespace {
@@ -133,9 +128,7 @@ impl ObjectNamespace {
             paired: Vec::new(),
             live: Mutex::new(HashMap::new()),
             alarm_retries: Mutex::new(HashMap::new()),
-            commits: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-            fenced: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-            joined: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            counters: Counters::default(),
         }
     }
 
@@ -168,7 +161,7 @@ impl ObjectNamespace {
     }
 
     pub fn fenced_count(&self) -> u64 {
-        self.fenced.load(std::sync::atomic::Ordering::Relaxed)
+        self.counters.fenced.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn storage_id(&self) -> &str {
@@ -250,11 +243,7 @@ impl ObjectNamespace {
             epoch,
             self.storage.clone(),
             self.paired.clone(),
-            Counters {
-                commits: self.commits.clone(),
-                fenced: self.fenced.clone(),
-                joined: self.joined.clone(),
-            },
+            self.counters.clone(),
         ));
         live.insert(id.to_owned(), obj.clone());
         Ok(Hold::new(obj))
@@ -270,11 +259,11 @@ impl ObjectNamespace {
     }
 
     pub fn joined_count(&self) -> u64 {
-        self.joined.load(std::sync::atomic::Ordering::Relaxed)
+        self.counters.joined.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn commit_count(&self) -> u64 {
-        self.commits.load(std::sync::atomic::Ordering::Relaxed)
+        self.counters.commits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn live_count(&self) -> usize {
@@ -419,9 +408,13 @@ impl Inner {
 }
 
 /// A namespace's counters, shared by its live objects.
+#[derive(Clone, Default)]
 struct Counters {
+    /// Storage commits made; fewer than events when writes were grouped.
     commits: Arc<std::sync::atomic::AtomicU64>,
+    /// Commits refused because the shard's epoch moved on (another owner took it).
     fenced: Arc<std::sync::atomic::AtomicU64>,
+    /// D1 batches that committed in their object's storage commit.
     joined: Arc<std::sync::atomic::AtomicU64>,
 }
 

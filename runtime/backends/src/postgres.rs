@@ -114,6 +114,13 @@ pub(crate) async fn bounded<T, E: From<BackendError>>(
     }
 }
 
+/// What [`SqlBackend::database`] and [`ObjectStorageBackend::database`] answer: a digest of the
+/// URL, so that two backends on the same URL pair up and no password reaches a log.
+fn database_id(url: &str) -> String {
+    use sha2::Digest as _;
+    format!("postgres:{}", hex::encode(&sha2::Sha256::digest(url.as_bytes())[..12]))
+}
+
 /// Creates the tables once per process (again after a failure).
 pub(crate) async fn ensure_schema(
     cell: &OnceCell<()>,
@@ -331,7 +338,7 @@ pub(crate) fn numeric_to_f64(bytes: &[u8]) -> Result<f64, String> {
 /// and transaction, in parallel.
 #[derive(Debug, Clone)]
 pub struct PostgresSql {
-    url: String,
+    database: String,
     clients: std::sync::Arc<Clients>,
     schema: std::sync::Arc<OnceCell<()>>,
     group: std::sync::Arc<GroupCommit>,
@@ -372,7 +379,7 @@ impl PostgresSql {
     /// down makes calls fail with `Unavailable`, not this constructor.
     pub fn new(url: &str) -> Result<Self, BackendError> {
         Ok(Self {
-            url: url.to_owned(),
+            database: database_id(url),
             clients: std::sync::Arc::new(Clients::new(url)?),
             schema: Default::default(),
             group: Default::default(),
@@ -754,7 +761,7 @@ impl SqlBackend for PostgresSql {
     }
 
     fn database(&self) -> Option<&str> {
-        Some(&self.url)
+        Some(&self.database)
     }
 
     async fn commit_with_object(
@@ -873,7 +880,7 @@ impl SqlBackend for PostgresSql {
 /// `acquire_shard` is one upsert that bumps the epoch and waits for commits in flight.
 #[derive(Debug, Clone)]
 pub struct PostgresObjectStorage {
-    url: String,
+    database: String,
     pool: PgPool,
     schema: std::sync::Arc<OnceCell<()>>,
 }
@@ -881,7 +888,7 @@ pub struct PostgresObjectStorage {
 impl PostgresObjectStorage {
     /// Connects lazily, like [`PostgresSql::new`].
     pub fn new(url: &str) -> Result<Self, BackendError> {
-        Ok(Self { url: url.to_owned(), pool: pool(url)?, schema: Default::default() })
+        Ok(Self { database: database_id(url), pool: pool(url)?, schema: Default::default() })
     }
 
     async fn ready(&self) -> Result<(), BackendError> {
@@ -998,7 +1005,7 @@ impl ObjectStorageBackend for PostgresObjectStorage {
     }
 
     fn database(&self) -> Option<&str> {
-        Some(&self.url)
+        Some(&self.database)
     }
 
     async fn acquire_shard(&self, namespace: &str, shard: u32) -> Result<u64, BackendError> {
