@@ -52,3 +52,15 @@ pub fn now_ms() -> u64 {
     let d = wasip2::clocks::wall_clock::now();
     d.seconds * 1000 + u64::from(d.nanoseconds / 1_000_000)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fnv1a_never_changes() {
+        // It names storage keys (the room object's transaction buckets) and tags stored rows,
+        // so it must stay FNV-1a (its published test vectors) across builds and releases.
+        assert_eq!(super::fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(super::fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(super::fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+}

@@ -394,7 +394,7 @@ async fn unread_counts_continue_across_syncs(backend: Backend) {
     };
     // What an initial sync says.
     let initial = async || counts(&sync_once(&bob, "").await);
-    let mut expect = async |since: &mut String, want: (u64, u64), what: &str| {
+    let expect = async |since: &mut String, want: (u64, u64), what: &str| {
         let want = (Some(want.0), Some(want.1));
         sync_until(&bob, since, what, |b| counts(b) == want).await;
         assert_eq!(initial().await, want, "{what}: an initial sync agrees");

@@ -761,17 +761,3 @@ fn bounds(p: &Planned) -> Vec<Bound> {
 pub fn call(room_id: &str, request: &RoomRequest) -> Result<RoomReply, crate::error::Error> {
     crate::object::call(BINDING, room_id, vec![], request)
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn transaction_buckets_never_move() {
-        // The bucket is part of a storage key, so its hash must stay FNV-1a (its published
-        // test vectors) across builds and releases.
-        assert_eq!(crate::util::fnv1a(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(crate::util::fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(crate::util::fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
-    }
-}
