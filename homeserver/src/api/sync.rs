@@ -86,15 +86,20 @@ struct Filter {
     room: RoomFilter,
 }
 
-fn load_filter(ctx: &Ctx, user: &str) -> Result<Filter> {
-    let Some(f) = ctx.param("filter") else { return Ok(Filter::default()) };
-    let text = if f.trim_start().starts_with('{') {
-        f.to_owned()
-    } else {
-        ctx.db()?
-            .first(sql::FILTER_GET, vec![db::t(user), db::t(f)])?
-            .map(|r| r.str("json"))
-            .ok_or_else(|| Error::NotFound("no such filter".into()))?
+/// The `filter` parameter's id when it names a stored filter (not inline JSON): sync reads it
+/// with the user's other data, in the same batch.
+fn stored_filter_id(ctx: &Ctx) -> Option<&str> {
+    ctx.param("filter").filter(|f| !f.trim_start().starts_with('{'))
+}
+
+/// The sync's filter: none, inline JSON, or the stored filter's [`sql::FILTER_GET`] rows.
+fn parse_filter(ctx: &Ctx, stored: Option<&[Row]>) -> Result<Filter> {
+    let text = match (ctx.param("filter"), stored) {
+        (None, _) => return Ok(Filter::default()),
+        (Some(_), Some(rows)) => {
+            rows.first().map(|r| r.str("json")).ok_or_else(|| Error::NotFound("no such filter".into()))?
+        }
+        (Some(inline), None) => inline.to_owned(),
     };
     serde_json::from_str(&text).map_err(|e| Error::BadJson(format!("filter: {e}")))
 }
@@ -506,7 +511,6 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
     .min(ctx.settings.max_sync_timeout_ms);
     let full_state = ctx.param("full_state") == Some("true");
     let woken_by_timeout = ctx.req.header("lattice-wake").as_deref() == Some("timeout");
-    let filter = load_filter(ctx, &s.user_id)?;
     let db = ctx.db()?;
     let since_pos = since.unwrap_or(0);
     // The stream head and everything else this sync reads about the user, in one call. The
@@ -529,11 +533,16 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
         bound(sql::ACCOUNT_DATA_GET, super::account::ruleset_params(user)),
     ];
     statements.extend(since_upto(i64::MAX));
+    let stored_filter = stored_filter_id(ctx);
+    if let Some(id) = stored_filter {
+        statements.push(bound(sql::FILTER_GET, vec![db::t(user), db::t(id)]));
+    }
     let mut results = db.read_batch(&statements)?.into_iter();
     let mut next = || results.next().unwrap_or_default();
     let mut upto = next().first().and_then(|r| r.int("pos")).unwrap_or(0);
     let (e2ee_rows, memberships, typing, push_rules) = (next(), next(), next(), next());
     let (mut room_data, mut receipts, mut presence_rows) = (next(), next(), next());
+    let filter = parse_filter(ctx, stored_filter.map(|_| next()).as_deref())?;
     // To-device messages first: when there are more than one sync carries, everything else
     // stops where they stop, so the next since token acknowledges only what was delivered.
     let e2ee = super::keys::for_sync(user, &s.device_id, since, &e2ee_rows)?;
