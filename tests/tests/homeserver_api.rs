@@ -428,6 +428,16 @@ async fn unread_counts_continue_across_syncs(backend: Backend) {
     assert_eq!(bob.put(master, json!({"enabled": false})).await.status, 200);
     sent.push(send(44, true).await);
     expect(&mut since, (35, 2), "35 unread once the rules are back").await;
+    // A rule on the member count: nothing notifies in a room of two (alice and bob).
+    let r = bob
+        .put(
+            "/_matrix/client/v3/pushrules/global/override/two",
+            json!({"conditions": [{"kind": "room_member_count", "is": "2"}], "actions": []}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    sent.push(send(45, false).await);
+    expect(&mut since, (0, 0), "a room of two members is silenced").await;
     proxy.assert_clean();
 }
 

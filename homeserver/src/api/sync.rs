@@ -147,13 +147,36 @@ fn events_since(room: &str, since: i64, upto: i64, filter: &RoomFilter) -> Bound
 struct Prefetched {
     /// [`sql::HISTORY_VISIBILITY_EVENTS`], when the room had timeline events.
     visibility: Option<Vec<Row>>,
-    /// [`sql::CURRENT_STATE`], when another user's event may count as unread.
-    state: Option<Vec<Row>>,
+    /// What push rules need of the room ([`PushState`]), when another user's event may count
+    /// as unread.
+    push: Option<PushState>,
     /// [`sql::EVENTS_AFTER`] the counts kept by an earlier sync, or the user's read marker
     /// (or their join).
     unread: Vec<Row>,
     /// The counts kept for the events before `unread` (all zero when none were).
     kept: Counts,
+}
+
+/// What push rules need of a room's current state for one user: [`sql::PUSH_STATE`]'s rows and
+/// [`sql::ROOM_JOINED_COUNT`].
+#[derive(Default)]
+struct PushState {
+    rows: Vec<Row>,
+    joined: u64,
+}
+
+impl PushState {
+    fn statements(room: &str, user: &str) -> [Bound; 2] {
+        [
+            bound(sql::PUSH_STATE, vec![db::t(room), db::t(user)]),
+            bound(sql::ROOM_JOINED_COUNT, vec![db::t(room)]),
+        ]
+    }
+
+    fn from_rows(rows: Vec<Row>, count: &[Row]) -> Self {
+        let joined = count.first().and_then(|r| r.int("n")).and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
+        Self { rows, joined }
+    }
 }
 
 /// Unread counts over the events after `from` (the read marker, or the join) up to `upto`:
@@ -203,8 +226,8 @@ fn rules_tag(row: Option<&Row>) -> String {
 }
 
 /// Timeline and state of one room from its [`events_since`] rows; the timeline ends at `upto`.
-/// The room's history visibility rows and `current` state are used when read ahead, else read
-/// here; `membership` is the user's row of [`sql::USER_MEMBERSHIPS`].
+/// The room's history visibility rows are used when read ahead, else read here; `membership` is
+/// the user's row of [`sql::USER_MEMBERSHIPS`].
 #[allow(clippy::too_many_arguments, reason = "the reads sync made ahead, passed as they are")]
 fn room_sync(
     ctx: &Ctx,
@@ -214,7 +237,7 @@ fn room_sync(
     upto: i64,
     filter: &RoomFilter,
     full_state: bool,
-    (membership, visibility, current): (Option<&Row>, Option<&[Row]>, Option<&[Row]>),
+    (membership, visibility): (Option<&Row>, Option<&[Row]>),
 ) -> Result<RoomSync> {
     let limit = timeline_limit(filter);
     let limited = rows.len() as i64 > limit;
@@ -237,10 +260,9 @@ fn room_sync(
     let prev_batch = first_seq.map_or_else(|| format!("s{upto}"), |seq| format!("t{seq}"));
     let mut state = Vec::new();
     if full_state || limited {
-        let map = match (first_seq, current) {
-            (Some(seq), _) => state_before(ctx, room, seq)?,
-            (None, Some(rows)) => state_map(rows),
-            (None, None) => state_map(&super::rooms::current_state(ctx, room)?),
+        let map = match first_seq {
+            Some(seq) => state_before(ctx, room, seq)?,
+            None => state_map(&super::rooms::current_state(ctx, room)?),
         };
         let in_timeline: std::collections::HashSet<&str> =
             timeline.iter().filter_map(|e| e["event_id"].as_str()).collect();
@@ -288,8 +310,8 @@ fn stripped_state(ctx: &Ctx, room: &str, invite_event: &str) -> Result<Vec<Value
 }
 
 /// Notification and highlight counts: of `rows`, the events after the user's read receipt (or
-/// their join), those that the push rules say notify. The room's current state is read here
-/// unless it was read ahead.
+/// their join), those that the push rules say notify. What they need of the room's state is read
+/// here unless it was read ahead.
 fn unread_counts(
     ctx: &Ctx,
     s: &Session,
@@ -297,32 +319,29 @@ fn unread_counts(
     room: &str,
     version: &str,
     rows: &[Row],
-    state: Option<&[Row]>,
+    push: Option<&PushState>,
 ) -> Result<(u64, u64)> {
     if rows.iter().all(|r| pdu_sender(r) == s.user_id) {
         return Ok((0, 0));
     }
     let read_here;
-    let state = match state {
-        Some(rows) => rows,
+    let push = match push {
+        Some(p) => p,
         None => {
-            read_here = super::rooms::current_state(ctx, room)?;
+            let mut read = ctx.db()?.read_batch(&PushState::statements(room, &s.user_id))?.into_iter();
+            let rows = read.next().unwrap_or_default();
+            read_here = PushState::from_rows(rows, &read.next().unwrap_or_default());
             &read_here
         }
     };
+    let state = &push.rows;
     let content = |t: &str, k: &str| {
         state
             .iter()
             .find(|r| r.str("type") == t && r.str("state_key") == k)
             .and_then(|r| serde_json::from_str::<Value>(&r.str("json")).ok())
     };
-    let member_count = state
-        .iter()
-        .filter(|r| r.str("type") == "m.room.member")
-        .filter(|r| {
-            serde_json::from_str::<Value>(&r.str("json")).is_ok_and(|p| p["content"]["membership"] == "join")
-        })
-        .count() as u64;
+    let member_count = push.joined;
     let display_name = content("m.room.member", &s.user_id)
         .and_then(|p| p["content"]["displayname"].as_str().map(str::to_owned))
         .unwrap_or_else(|| {
@@ -415,6 +434,15 @@ struct ReadAhead<'a> {
 
 type Timelines = std::collections::HashMap<String, Vec<Row>>;
 
+/// Where one room's reads are in [`ReadAhead`]'s second batch.
+struct SecondReads {
+    visibility: Option<usize>,
+    read: usize,
+    kept: usize,
+    /// [`PushState::statements`].
+    push_state: Option<(usize, usize)>,
+}
+
 impl ReadAhead<'_> {
     /// `room_rows`: account data, typing and receipt rows, each with a `room_id`: a room with
     /// one of these has something to report even without timeline events.
@@ -442,7 +470,7 @@ impl ReadAhead<'_> {
             joined.iter().zip(&rooms).filter(|(m, room)| reports(m, room)).map(|(m, r)| (*m, r)).collect();
         // Per candidate: which of its reads are in the batch, by position.
         let mut statements = Vec::new();
-        let mut at: Vec<(Option<usize>, usize, usize, Option<usize>)> = Vec::new();
+        let mut at: Vec<SecondReads> = Vec::new();
         for (_, room) in &candidates {
             let events = timelines.get(*room).map(Vec::as_slice).unwrap_or_default();
             let mut push = |b: Bound| {
@@ -454,18 +482,18 @@ impl ReadAhead<'_> {
             let read = push(bound(sql::READ_UP_TO, vec![db::t(room.as_str()), db::t(s.user_id.as_str())]));
             let kept =
                 push(bound(sql::UNREAD_COUNTS_GET, vec![db::t(s.user_id.as_str()), db::t(room.as_str())]));
-            let state = events
-                .iter()
-                .any(|r| pdu_sender(r) != s.user_id)
-                .then(|| push(bound(sql::CURRENT_STATE, vec![db::t(room.as_str())])));
-            at.push((visibility, read, kept, state));
+            let push_state = events.iter().any(|r| pdu_sender(r) != s.user_id).then(|| {
+                let [rows, count] = PushState::statements(room, &s.user_id);
+                (push(rows), push(count))
+            });
+            at.push(SecondReads { visibility, read, kept, push_state });
         }
         let mut second: Vec<Option<Vec<Row>>> = db.read_batch(&statements)?.into_iter().map(Some).collect();
         let mut take = |i: usize| second.get_mut(i).and_then(Option::take).unwrap_or_default();
         let mut unread_reads = Vec::new();
         let mut unread_rooms = Vec::new();
         let mut prefetched = std::collections::HashMap::new();
-        for ((m, room), (visibility, read, kept, state)) in candidates.iter().zip(at) {
+        for ((m, room), SecondReads { visibility, read, kept, push_state }) in candidates.iter().zip(at) {
             let marker = take(read).first().and_then(|r| r.int("seq")).unwrap_or(0);
             let from = marker.max(m.int("room_seq").unwrap_or(0));
             let kept = Counts::kept(take(kept).first(), from, self.rules).unwrap_or_else(|| Counts {
@@ -483,7 +511,7 @@ impl ReadAhead<'_> {
             }
             let ahead = Prefetched {
                 visibility: visibility.map(&mut take),
-                state: state.map(&mut take),
+                push: push_state.map(|(rows, count)| PushState::from_rows(take(rows), &take(count))),
                 unread: Vec::new(),
                 kept,
             };
@@ -591,7 +619,7 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
                     upto,
                     &filter.room,
                     full_state || newly,
-                    (Some(m), ahead.visibility.as_deref(), ahead.state.as_deref()),
+                    (Some(m), ahead.visibility.as_deref()),
                 )?;
                 let account: Vec<Value> = room_data
                     .iter()
@@ -618,7 +646,7 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
                         &room,
                         &m.str("room_version"),
                         &ahead.unread,
-                        ahead.state.as_deref(),
+                        ahead.push.as_ref(),
                     )?,
                 );
                 if counts.counted - ahead.kept.counted >= KEEP_COUNTS_AFTER {
@@ -660,8 +688,7 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
                 let ceiling = changed_at.min(upto);
                 let rows = db.read_batch(&[events_since(&room, since_pos, ceiling, &filter.room)])?;
                 let rows = rows.into_iter().next().unwrap_or_default();
-                let rs =
-                    room_sync(ctx, &s, &room, rows, ceiling, &filter.room, false, (Some(m), None, None))?;
+                let rs = room_sync(ctx, &s, &room, rows, ceiling, &filter.room, false, (Some(m), None))?;
                 leave.insert(
                     room,
                     json!({

@@ -483,6 +483,19 @@ pub const CURRENT_STATE: Sql = sql(
     "t",
     "SELECT c.type, c.state_key, c.event_id, e.json FROM current_state c JOIN events e ON e.event_id = c.event_id WHERE c.room_id = ?",
 );
+/// What push rules need of a room's current state for one user: their own member event, the
+/// power levels and the create event (not every member's event, as [`CURRENT_STATE`] reads).
+pub const PUSH_STATE: Sql = sql(
+    "push_state",
+    "tt",
+    "SELECT c.type, c.state_key, c.event_id, e.json FROM current_state c JOIN events e ON e.event_id = c.event_id WHERE c.room_id = ? AND ((c.type = 'm.room.member' AND c.state_key = ?) OR (c.type IN ('m.room.power_levels', 'm.room.create') AND c.state_key = ''))",
+);
+/// A room's joined members, counted from the membership table.
+pub const ROOM_JOINED_COUNT: Sql = sql(
+    "room_joined_count",
+    "t",
+    "SELECT COUNT(*) AS n FROM memberships WHERE room_id = ? AND membership = 'join'",
+);
 pub const CURRENT_STATE_ONE: Sql = sql(
     "current_state_one",
     "ttt",
@@ -907,6 +920,8 @@ pub const ALL: &[Sql] = &[
     STATE_AT,
     CURRENT_STATE_UPSERT,
     CURRENT_STATE,
+    PUSH_STATE,
+    ROOM_JOINED_COUNT,
     CURRENT_STATE_ONE,
     MEMBERSHIP_UPSERT,
     USER_MEMBERSHIPS,
