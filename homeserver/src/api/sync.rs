@@ -420,8 +420,10 @@ fn ephemeral(s: &Session, room: &str, since: Option<i64>, typing: &[Row], receip
 /// number of rooms (one round trip each on PostgreSQL, where a batch is pipelined): every
 /// room's timeline; then, for the rooms with something to report, history visibility (when
 /// there are timeline events), the read marker, the counts an earlier sync kept and, when
-/// another user's event is in the timeline, the current state; then the events not counted
-/// yet after each read marker, for the unread counts (no batch when every count is kept).
+/// another user's event is in the timeline, what push rules need of the state; then the events
+/// not counted yet after each read marker, for the unread counts (no batch when every count is
+/// kept). A user in few rooms ([`EARLY_MARKERS_MAX_ROOMS`]) gets the read markers and kept
+/// counts with the timelines and the events to count in the second batch: two batches.
 struct ReadAhead<'a> {
     since: Option<i64>,
     since_pos: i64,
@@ -434,13 +436,25 @@ struct ReadAhead<'a> {
 
 type Timelines = std::collections::HashMap<String, Vec<Row>>;
 
+/// A user in at most this many rooms gets the read markers and kept counts read with the
+/// timelines, so the events to count are read in the second batch and no third is needed
+/// (a woken `/sync` makes one D1 call fewer). With more rooms it would read them for rooms
+/// with nothing to report; they are then read in the second batch for the rooms that report.
+pub const EARLY_MARKERS_MAX_ROOMS: usize = 8;
+
 /// Where one room's reads are in [`ReadAhead`]'s second batch.
 struct SecondReads {
     visibility: Option<usize>,
-    read: usize,
-    kept: usize,
+    counts: CountsRead,
     /// [`PushState::statements`].
     push_state: Option<(usize, usize)>,
+}
+
+/// How a room's unread counts are read: the marker and kept counts came with the timelines
+/// and the events to count are in the second batch, or all of it comes later.
+enum CountsRead {
+    Early { kept: Counts, unread: Option<usize> },
+    Late { read: usize, kept: usize },
 }
 
 impl ReadAhead<'_> {
@@ -454,10 +468,47 @@ impl ReadAhead<'_> {
         room_rows: [&[Row]; 3],
     ) -> Result<(Timelines, std::collections::HashMap<String, Prefetched>)> {
         let db = ctx.db()?;
+        let user = s.user_id.as_str();
         let rooms: Vec<String> = joined.iter().map(|m| m.str("room_id")).collect();
-        let statements: Vec<Bound> =
+        let mut statements: Vec<Bound> =
             rooms.iter().map(|r| events_since(r, self.since_pos, self.upto, self.filter)).collect();
-        let timelines: Timelines = rooms.iter().cloned().zip(db.read_batch(&statements)?).collect();
+        let early = rooms.len() <= EARLY_MARKERS_MAX_ROOMS;
+        if early {
+            for r in &rooms {
+                statements.push(bound(sql::READ_UP_TO, vec![db::t(r.as_str()), db::t(user)]));
+                statements.push(bound(sql::UNREAD_COUNTS_GET, vec![db::t(user), db::t(r.as_str())]));
+            }
+        }
+        let mut first = db.read_batch(&statements)?.into_iter();
+        let timelines: Timelines = rooms.iter().cloned().zip(first.by_ref().take(rooms.len())).collect();
+        let mut markers: std::collections::HashMap<&str, (Vec<Row>, Vec<Row>)> =
+            std::collections::HashMap::new();
+        if early {
+            for r in &rooms {
+                let read = first.next().unwrap_or_default();
+                markers.insert(r.as_str(), (read, first.next().unwrap_or_default()));
+            }
+        }
+        // The counts kept for a room, when they still hold for its read marker (or join) and
+        // the push rules; else nothing counted yet.
+        let counts_from = |m: &Row, read: &[Row], kept: &[Row]| {
+            let marker = read.first().and_then(|r| r.int("seq")).unwrap_or(0);
+            let from = marker.max(m.int("room_seq").unwrap_or(0));
+            Counts::kept(kept.first(), from, self.rules).unwrap_or_else(|| Counts {
+                from,
+                upto: from,
+                rules: self.rules.to_owned(),
+                ..Counts::default()
+            })
+        };
+        let events_after = |room: &str, kept: &Counts| {
+            (kept.counted < MAX_COUNTED_UNREAD).then(|| {
+                bound(
+                    sql::EVENTS_AFTER,
+                    vec![db::t(room), db::i(kept.upto), db::i(MAX_COUNTED_UNREAD - kept.counted)],
+                )
+            })
+        };
 
         let reports = |m: &Row, room: &str| {
             self.since.is_none()
@@ -471,7 +522,7 @@ impl ReadAhead<'_> {
         // Per candidate: which of its reads are in the batch, by position.
         let mut statements = Vec::new();
         let mut at: Vec<SecondReads> = Vec::new();
-        for (_, room) in &candidates {
+        for (m, room) in &candidates {
             let events = timelines.get(*room).map(Vec::as_slice).unwrap_or_default();
             let mut push = |b: Bound| {
                 statements.push(b);
@@ -479,40 +530,44 @@ impl ReadAhead<'_> {
             };
             let visibility = (!events.is_empty())
                 .then(|| push(bound(sql::HISTORY_VISIBILITY_EVENTS, vec![db::t(room.as_str())])));
-            let read = push(bound(sql::READ_UP_TO, vec![db::t(room.as_str()), db::t(s.user_id.as_str())]));
-            let kept =
-                push(bound(sql::UNREAD_COUNTS_GET, vec![db::t(s.user_id.as_str()), db::t(room.as_str())]));
+            let counts = match markers.remove(room.as_str()) {
+                Some((read, kept)) => {
+                    let kept = counts_from(m, &read, &kept);
+                    let unread = events_after(room, &kept).map(&mut push);
+                    CountsRead::Early { kept, unread }
+                }
+                None => CountsRead::Late {
+                    read: push(bound(sql::READ_UP_TO, vec![db::t(room.as_str()), db::t(user)])),
+                    kept: push(bound(sql::UNREAD_COUNTS_GET, vec![db::t(user), db::t(room.as_str())])),
+                },
+            };
             let push_state = events.iter().any(|r| pdu_sender(r) != s.user_id).then(|| {
-                let [rows, count] = PushState::statements(room, &s.user_id);
+                let [rows, count] = PushState::statements(room, user);
                 (push(rows), push(count))
             });
-            at.push(SecondReads { visibility, read, kept, push_state });
+            at.push(SecondReads { visibility, counts, push_state });
         }
         let mut second: Vec<Option<Vec<Row>>> = db.read_batch(&statements)?.into_iter().map(Some).collect();
         let mut take = |i: usize| second.get_mut(i).and_then(Option::take).unwrap_or_default();
         let mut unread_reads = Vec::new();
         let mut unread_rooms = Vec::new();
         let mut prefetched = std::collections::HashMap::new();
-        for ((m, room), SecondReads { visibility, read, kept, push_state }) in candidates.iter().zip(at) {
-            let marker = take(read).first().and_then(|r| r.int("seq")).unwrap_or(0);
-            let from = marker.max(m.int("room_seq").unwrap_or(0));
-            let kept = Counts::kept(take(kept).first(), from, self.rules).unwrap_or_else(|| Counts {
-                from,
-                upto: from,
-                rules: self.rules.to_owned(),
-                ..Counts::default()
-            });
-            if kept.counted < MAX_COUNTED_UNREAD {
-                unread_reads.push(bound(
-                    sql::EVENTS_AFTER,
-                    vec![db::t(room.as_str()), db::i(kept.upto), db::i(MAX_COUNTED_UNREAD - kept.counted)],
-                ));
-                unread_rooms.push((*room).clone());
-            }
+        for ((m, room), SecondReads { visibility, counts, push_state }) in candidates.iter().zip(at) {
+            let (kept, unread) = match counts {
+                CountsRead::Early { kept, unread } => (kept, unread.map(&mut take).unwrap_or_default()),
+                CountsRead::Late { read, kept } => {
+                    let kept = counts_from(m, &take(read), &take(kept));
+                    if let Some(b) = events_after(room, &kept) {
+                        unread_reads.push(b);
+                        unread_rooms.push((*room).clone());
+                    }
+                    (kept, Vec::new())
+                }
+            };
             let ahead = Prefetched {
                 visibility: visibility.map(&mut take),
                 push: push_state.map(|(rows, count)| PushState::from_rows(take(rows), &take(count))),
-                unread: Vec::new(),
+                unread,
                 kept,
             };
             prefetched.insert((*room).clone(), ahead);
