@@ -372,6 +372,15 @@ impl Inner {
         }
     }
 
+    /// Seals the writes of the event holding the token: the flusher commits them next.
+    fn seal_open(&mut self) {
+        let open = std::mem::take(&mut self.open);
+        if !open.is_empty() {
+            self.sealed.absorb(open);
+            self.sealed_seq = self.open_seq;
+        }
+    }
+
     /// Counts a write; a confirmed one (and any inside a transaction) holds responses until
     /// it is durable.
     fn wrote(&mut self, confirm: bool) {
@@ -706,21 +715,11 @@ impl LiveObject {
 
     fn seal_with(self: &Arc<Self>, now: bool) -> u64 {
         let mut i = self.lock();
-        let open = std::mem::take(&mut i.open);
-        if !open.is_empty() {
-            i.sealed.absorb(open);
-            i.sealed_seq = i.open_seq;
-        }
+        i.seal_open();
         let seq = i.confirmed_seq;
         if !i.sealed.is_empty() && !i.flushing && !i.broken {
-            let durable = match *self.durable.borrow() {
-                Durability::UpTo(d) => d,
-                Durability::Broken => u64::MAX,
-            };
-            if now || seq > durable {
-                i.flushing = true;
-                let obj = self.clone();
-                tokio::spawn(async move { obj.flush_loop().await });
+            if now || seq > self.durable_up_to() {
+                self.start_flush(&mut i);
             } else if !i.flush_scheduled {
                 i.flush_scheduled = true;
                 let obj = self.clone();
@@ -732,6 +731,22 @@ impl LiveObject {
             }
         }
         seq
+    }
+
+    /// Everything up to this write sequence number is durable (all of it once broken: nothing
+    /// more will be).
+    fn durable_up_to(&self) -> u64 {
+        match *self.durable.borrow() {
+            Durability::UpTo(d) => d,
+            Durability::Broken => u64::MAX,
+        }
+    }
+
+    /// Starts the flusher; the caller checked that none runs.
+    fn start_flush(self: &Arc<Self>, i: &mut Inner) {
+        i.flushing = true;
+        let obj = self.clone();
+        tokio::spawn(async move { obj.flush_loop().await });
     }
 
     async fn flush_loop(self: Arc<Self>) {
@@ -747,7 +762,7 @@ impl LiveObject {
             let write = batch.into_write();
             let (statements, replies): (Vec<_>, Vec<_>) =
                 attached.into_iter().map(|a| (a.statements, a.reply)).unzip();
-            match self.commit(&write, statements).await {
+            match self.commit(write, statements).await {
                 Ok(outcomes) => {
                     self.counters.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.durable.send_replace(Durability::UpTo(upto));
@@ -780,11 +795,11 @@ impl LiveObject {
     /// commits first, and the batches run after it, each in its own.
     async fn commit(
         &self,
-        write: &ObjectWrite,
+        write: ObjectWrite,
         batches: Vec<Vec<SqlStatement>>,
     ) -> Result<Vec<Result<Vec<QueryOutput>, SqlError>>, BackendError> {
         let Some(sql) = self.paired.first().filter(|_| !batches.is_empty()) else {
-            return self.storage.commit(&self.addr, self.epoch, write).await.map(|()| Vec::new());
+            return self.storage.commit(&self.addr, self.epoch, &write).await.map(|()| Vec::new());
         };
         if !write.delete_all {
             let n = batches.len() as u64;
@@ -792,7 +807,7 @@ impl LiveObject {
             self.counters.joined.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
             return Ok(outcomes);
         }
-        self.storage.commit(&self.addr, self.epoch, write).await?;
+        self.storage.commit(&self.addr, self.epoch, &write).await?;
         let mut outcomes = Vec::with_capacity(batches.len());
         for statements in batches {
             outcomes.push(sql.batch(statements, Some(self.fence())).await);
@@ -817,24 +832,14 @@ impl LiveObject {
         if i.txn.is_some() || i.broken {
             return Err(statements);
         }
-        let open = std::mem::take(&mut i.open);
-        if !open.is_empty() {
-            i.sealed.absorb(open);
-            i.sealed_seq = i.open_seq;
-        }
-        let durable = match *self.durable.borrow() {
-            Durability::UpTo(d) => d,
-            Durability::Broken => u64::MAX,
-        };
-        if i.sealed.is_empty() && !i.flushing && durable >= i.confirmed_seq {
+        i.seal_open();
+        if i.sealed.is_empty() && !i.flushing && self.durable_up_to() >= i.confirmed_seq {
             return Err(statements);
         }
         let (reply, answer) = oneshot::channel();
         i.attached.push(Attached { statements, reply });
         if !i.flushing {
-            i.flushing = true;
-            let obj = self.clone();
-            tokio::spawn(async move { obj.flush_loop().await });
+            self.start_flush(&mut i);
         }
         Ok(answer)
     }

@@ -128,7 +128,7 @@ pub trait SqlBackend: Send + Sync {
         &self,
         addr: &ObjectAddr,
         epoch: u64,
-        write: &ObjectWrite,
+        write: ObjectWrite,
         batches: Vec<Vec<SqlStatement>>,
     ) -> Result<Vec<Result<Vec<QueryOutput>, SqlError>>, BackendError> {
         let _ = (addr, epoch, write, batches);

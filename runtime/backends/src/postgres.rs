@@ -341,8 +341,8 @@ pub struct PostgresSql {
     database: String,
     clients: std::sync::Arc<Clients>,
     schema: std::sync::Arc<OnceCell<()>>,
-    group: std::sync::Arc<GroupCommit>,
-    units: std::sync::Arc<UnitGroup>,
+    group: std::sync::Arc<Queue<GroupJob>>,
+    units: std::sync::Arc<Queue<(Unit, UnitReply)>>,
 }
 
 /// Fenced batches one group commit carries at most.
@@ -361,17 +361,65 @@ struct GroupJob {
     deferred: bool,
 }
 
-/// The queue of batches waiting for the next group commit, and the lock its leader holds.
-#[derive(Default)]
-struct GroupCommit {
-    queue: std::sync::Mutex<Vec<GroupJob>>,
+/// Work waiting for the next shared transaction, and the lock its leader holds: a caller
+/// queues its item and then either finds its answer ready or, holding the lock, commits what
+/// queued itself (D1 group commits, object commits).
+struct Queue<T> {
+    items: std::sync::Mutex<Vec<T>>,
     leader: tokio::sync::Mutex<()>,
 }
 
-impl std::fmt::Debug for GroupCommit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GroupCommit").finish_non_exhaustive()
+impl<T> Default for Queue<T> {
+    fn default() -> Self {
+        Self { items: std::sync::Mutex::new(Vec::new()), leader: tokio::sync::Mutex::new(()) }
     }
+}
+
+impl<T> std::fmt::Debug for Queue<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue").finish_non_exhaustive()
+    }
+}
+
+impl<T> Queue<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<T>> {
+        self.items.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Up to `max` queued items, oldest first.
+    fn take(&self, max: usize) -> Vec<T> {
+        let mut q = self.lock();
+        let n = q.len().min(max);
+        q.drain(..n).collect()
+    }
+
+    /// Waits for the leader lock, then: the answer of the caller's queued item when it is
+    /// there (`None` when its reply was dropped), or else up to `max` queued items for this
+    /// caller to commit while it holds the lock (the guard). Callers loop until answered.
+    async fn turn<R>(&self, answer: &mut tokio::sync::oneshot::Receiver<R>, max: usize) -> Turn<'_, T, R> {
+        let leader = self.leader.lock().await;
+        match answer.try_recv() {
+            Ok(r) => Turn::Answered(Some(r)),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Turn::Answered(None),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => Turn::Lead(self.take(max), leader),
+        }
+    }
+}
+
+/// See [`Queue::turn`].
+enum Turn<'a, T, R> {
+    Answered(Option<R>),
+    Lead(Vec<T>, tokio::sync::MutexGuard<'a, ()>),
+}
+
+/// A batch's statements for PostgreSQL; a statement it cannot take fails the batch before
+/// anything runs.
+fn translate_all(statements: &[SqlStatement]) -> Result<Vec<Translated>, SqlError> {
+    statements
+        .iter()
+        .enumerate()
+        .map(|(index, st)| translate(&st.sql).map_err(|message| SqlError::Statement { index, message }))
+        .collect()
 }
 
 impl PostgresSql {
@@ -416,34 +464,22 @@ impl PostgresSql {
         ticket: Option<u64>,
     ) -> Result<Vec<QueryOutput>, SqlError> {
         let (reply, mut answer) = tokio::sync::oneshot::channel();
-        self.group.queue.lock().unwrap_or_else(|p| p.into_inner()).push(GroupJob {
-            statements,
-            translated,
-            fence,
-            reply,
-            ticket,
-            deferred: false,
-        });
+        self.group.lock().push(GroupJob { statements, translated, fence, reply, ticket, deferred: false });
         loop {
-            let _leader = self.group.leader.lock().await;
-            match answer.try_recv() {
-                Ok(r) => return r,
-                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
-                    return Err(SqlError::Backend(unavailable(
-                        "the group commit carrying this batch failed",
-                    )));
+            match self.group.turn(&mut answer, MAX_GROUP_BATCHES).await {
+                Turn::Answered(r) => {
+                    return r.unwrap_or_else(|| {
+                        Err(SqlError::Backend(unavailable("the group commit carrying this batch failed")))
+                    });
                 }
-                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+                Turn::Lead(mut jobs, _leader) => {
+                    // Objects' batches queue in the order their waits for durability end, which
+                    // is not the order their events sealed when one storage commit made several
+                    // durable.
+                    jobs.sort_by_key(|j| j.ticket);
+                    self.commit_group(jobs).await;
+                }
             }
-            let mut jobs: Vec<GroupJob> = {
-                let mut q = self.group.queue.lock().unwrap_or_else(|p| p.into_inner());
-                let n = q.len().min(MAX_GROUP_BATCHES);
-                q.drain(..n).collect()
-            };
-            // Objects' batches queue in the order their waits for durability end, which is not
-            // the order their events sealed when one storage commit made several durable.
-            jobs.sort_by_key(|j| j.ticket);
-            self.commit_group(jobs).await;
         }
     }
 
@@ -485,8 +521,7 @@ impl PostgresSql {
             let mut stale = false;
             let mut deferred = None;
             let others_in_group = pending.len() > 1;
-            let others_waiting =
-                || others_in_group || !self.group.queue.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
+            let others_waiting = || others_in_group || !self.group.lock().is_empty();
             for (mut job, outcome) in pending.into_iter().zip(outcomes) {
                 match outcome {
                     None => again.push(job),
@@ -519,7 +554,7 @@ impl PostgresSql {
             }
             if let Some(job) = deferred {
                 // Batches queued meanwhile join this transaction ahead of the deferred one.
-                let mut q = self.group.queue.lock().unwrap_or_else(|p| p.into_inner());
+                let mut q = self.group.lock();
                 let n = q.len().min(MAX_GROUP_BATCHES.saturating_sub(again.len() + 1));
                 again.extend(q.drain(..n));
                 drop(q);
@@ -547,18 +582,7 @@ struct Unit {
 type BatchOutcome = Result<Vec<QueryOutput>, SqlError>;
 type UnitOutcome = Result<Vec<BatchOutcome>, BackendError>;
 
-/// The queue of object commits waiting for the next transaction, and its leader's lock.
-#[derive(Default)]
-struct UnitGroup {
-    queue: std::sync::Mutex<Vec<(Unit, tokio::sync::oneshot::Sender<UnitOutcome>)>>,
-    leader: tokio::sync::Mutex<()>,
-}
-
-impl std::fmt::Debug for UnitGroup {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UnitGroup").finish_non_exhaustive()
-    }
-}
+type UnitReply = tokio::sync::oneshot::Sender<UnitOutcome>;
 
 /// What a job of [`PostgresSql::commit_units`] stands for: a unit's write, or one of its batches.
 #[derive(Clone, Copy)]
@@ -574,24 +598,20 @@ impl PostgresSql {
     /// counter), instead of queueing on it one commit after another.
     async fn grouped_unit(&self, unit: Unit) -> UnitOutcome {
         let (reply, mut answer) = tokio::sync::oneshot::channel();
-        self.units.queue.lock().unwrap_or_else(|p| p.into_inner()).push((unit, reply));
+        self.units.lock().push((unit, reply));
         loop {
-            let _leader = self.units.leader.lock().await;
-            match answer.try_recv() {
-                Ok(r) => return r,
-                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
-                    return Err(unavailable("the transaction carrying this object commit failed"));
+            match self.units.turn(&mut answer, MAX_GROUP_OBJECT_COMMITS).await {
+                Turn::Answered(r) => {
+                    return r.unwrap_or_else(|| {
+                        Err(unavailable("the transaction carrying this object commit failed"))
+                    });
                 }
-                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
-            }
-            let group: Vec<_> = {
-                let mut q = self.units.queue.lock().unwrap_or_else(|p| p.into_inner());
-                let n = q.len().min(MAX_GROUP_OBJECT_COMMITS);
-                q.drain(..n).collect()
-            };
-            let (units, replies): (Vec<Unit>, Vec<_>) = group.into_iter().unzip();
-            for (reply, outcome) in replies.into_iter().zip(self.commit_units(&units).await) {
-                let _ = reply.send(outcome);
+                Turn::Lead(group, _leader) => {
+                    let (units, replies): (Vec<Unit>, Vec<UnitReply>) = group.into_iter().unzip();
+                    for (reply, outcome) in replies.into_iter().zip(self.commit_units(&units).await) {
+                        let _ = reply.send(outcome);
+                    }
+                }
             }
         }
     }
@@ -768,7 +788,7 @@ impl SqlBackend for PostgresSql {
         &self,
         addr: &ObjectAddr,
         epoch: u64,
-        write: &ObjectWrite,
+        write: ObjectWrite,
         mut batches: Vec<Vec<SqlStatement>>,
     ) -> Result<Vec<Result<Vec<QueryOutput>, SqlError>>, BackendError> {
         if write.delete_all {
@@ -780,14 +800,7 @@ impl SqlBackend for PostgresSql {
             batches.iter().map(|_| None).collect();
         let mut translated: Vec<Vec<Translated>> = Vec::with_capacity(batches.len());
         for (answer, statements) in answers.iter_mut().zip(&batches) {
-            let t = statements
-                .iter()
-                .enumerate()
-                .map(|(index, st)| {
-                    translate(&st.sql).map_err(|message| SqlError::Statement { index, message })
-                })
-                .collect::<Result<Vec<Translated>, SqlError>>();
-            translated.push(t.unwrap_or_else(|e| {
+            translated.push(translate_all(statements).unwrap_or_else(|e| {
                 *answer = Some(Err(e));
                 Vec::new()
             }));
@@ -801,7 +814,7 @@ impl SqlBackend for PostgresSql {
         let unit = Unit {
             addr: addr.clone(),
             epoch,
-            write: write.clone(),
+            write,
             batches: run.iter().map(|&i| std::mem::take(&mut batches[i])).collect(),
             translated: run.iter().map(|&i| std::mem::take(&mut translated[i])).collect(),
         };
@@ -832,11 +845,7 @@ impl SqlBackend for PostgresSql {
     ) -> Result<Vec<QueryOutput>, SqlError> {
         // Translated once here: a statement PostgreSQL cannot take fails the batch before
         // anything runs.
-        let translated = statements
-            .iter()
-            .enumerate()
-            .map(|(index, st)| translate(&st.sql).map_err(|message| SqlError::Statement { index, message }))
-            .collect::<Result<Vec<Translated>, SqlError>>()?;
+        let translated = translate_all(&statements)?;
         // Reads need no fence: a stale owner reading harms nothing, and a read-only batch then
         // takes no lock on the shard row and does not wait for (or hold up) a group commit.
         let fence = fence.filter(|_| translated.iter().any(|t| t.writes));

@@ -1086,7 +1086,7 @@ async fn postgres_object_write_and_d1_batches_commit_in_one_transaction() {
         .commit_with_object(
             &addr,
             epoch,
-            &put("k1", "v1"),
+            put("k1", "v1"),
             vec![
                 vec![insert(1, "a")],
                 vec![insert(2, "b"), insert(1, "again")],
@@ -1108,7 +1108,7 @@ async fn postgres_object_write_and_d1_batches_commit_in_one_transaction() {
 
     // Another owner took the shard: nothing commits, neither the write nor the batch.
     let newer = store.acquire_shard(&ns, 0).await.unwrap();
-    let r = sql.commit_with_object(&addr, epoch, &put("k2", "v2"), vec![vec![insert(3, "d")]]).await;
+    let r = sql.commit_with_object(&addr, epoch, put("k2", "v2"), vec![vec![insert(3, "d")]]).await;
     assert!(matches!(r, Err(BackendError::Fenced { shard: 0, epoch: e }) if e == epoch), "{r:?}");
     assert!(store.get(&addr, &["k2".into()]).await.unwrap().is_empty());
     assert_eq!(ids().await, vec![SqlValue::Integer(1)]);
@@ -1120,7 +1120,7 @@ async fn postgres_object_write_and_d1_batches_commit_in_one_transaction() {
         .commit_with_object(
             &addr,
             newer,
-            &delete,
+            delete,
             vec![
                 vec![
                     st(&format!("CREATE TABLE {other} (id INTEGER)"), vec![]),
@@ -1143,7 +1143,7 @@ async fn postgres_object_write_and_d1_batches_commit_in_one_transaction() {
 
     // A deleteAll cannot share the transaction: refused, nothing written.
     let all = ObjectWrite { delete_all: true, entries: vec![], alarm: None };
-    assert!(sql.commit_with_object(&addr, newer, &all, vec![vec![insert(5, "f")]]).await.is_err());
+    assert!(sql.commit_with_object(&addr, newer, all, vec![vec![insert(5, "f")]]).await.is_err());
     assert_eq!(ids().await, vec![SqlValue::Integer(1), SqlValue::Integer(4)]);
 }
 
@@ -1177,7 +1177,7 @@ async fn postgres_object_commits_share_a_transaction_and_fail_alone() {
         let sql = sql.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-            sql.commit_with_object(&a, e, &put(v), batches).await
+            sql.commit_with_object(&a, e, put(v), batches).await
         })
     };
     // The first holds the leader while the next three queue behind it.
