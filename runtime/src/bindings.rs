@@ -4,6 +4,7 @@
 //! the same.
 
 pub mod config;
+pub mod crypto;
 pub mod d1;
 pub mod durable_object;
 pub mod kv;

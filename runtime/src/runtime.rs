@@ -25,10 +25,37 @@ use crate::signals::Signals;
 pub const GENERATED_SECRET_BYTES: usize = 32;
 
 /// Secrets by name: files in a directory (a mounted Kubernetes Secret, or generated once in
-/// embedded mode).
-#[derive(Debug, Clone)]
+/// embedded mode). A file's bytes are kept with its identity (inode, size, modification time),
+/// so a read of an unchanged secret is one `stat`; a Kubernetes Secret update swaps the files
+/// (new inodes), which the next read sees.
+#[derive(Debug)]
 pub struct Secrets {
     dir: Option<PathBuf>,
+    kept: std::sync::Mutex<HashMap<String, (FileIdentity, Vec<u8>)>>,
+}
+
+/// What tells one version of a file from another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileIdentity {
+    inode: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileIdentity {
+    /// A file changed this recently is read again whatever its identity: file times have the
+    /// kernel clock's tick as granularity, so a rewrite in place within one tick (same inode,
+    /// same length) would keep the time.
+    const SETTLED: std::time::Duration = std::time::Duration::from_secs(2);
+
+    fn of(m: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        Self { inode: m.ino(), len: m.len(), modified: m.modified().ok() }
+    }
+
+    fn settled(&self) -> bool {
+        self.modified.and_then(|t| t.elapsed().ok()).is_some_and(|age| age >= Self::SETTLED)
+    }
 }
 
 impl Secrets {
@@ -47,17 +74,39 @@ impl Secrets {
         } else if !c.generate.is_empty() {
             anyhow::bail!("secrets.generate needs secrets.dir");
         }
-        Ok(Self { dir: c.dir.clone() })
+        Ok(Self { dir: c.dir.clone(), kept: Default::default() })
     }
 
     pub fn get(&self, name: &str) -> Result<Option<Vec<u8>>, std::io::Error> {
         let Some(dir) = &self.dir else { return Ok(None) };
         let Ok(path) = secret_path(dir, name) else { return Ok(None) };
-        match std::fs::read(path) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+        let identity = match std::fs::metadata(&path) {
+            Ok(m) => FileIdentity::of(&m),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.kept.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        if identity.settled()
+            && let Some((kept, bytes)) = self.kept.lock().unwrap_or_else(|p| p.into_inner()).get(name)
+            && *kept == identity
+        {
+            return Ok(Some(bytes.clone()));
         }
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        // Kept only when the file did not change while it was read.
+        if std::fs::metadata(&path).map(|m| FileIdentity::of(&m)).ok().as_ref() == Some(&identity) {
+            self.kept
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.to_owned(), (identity, bytes.clone()));
+        }
+        Ok(Some(bytes))
     }
 }
 
@@ -99,6 +148,8 @@ pub struct Shared {
     pub process_id: String,
     pub outbound: Arc<OutboundPolicy>,
     pub secrets: Arc<Secrets>,
+    /// Ed25519 key pairs derived from secrets (`lattice:bindings/crypto`).
+    pub signing_keys: crate::bindings::crypto::SigningKeys,
     pub d1: HashMap<String, Arc<dyn SqlBackend>>,
     pub kv: HashMap<String, Arc<dyn KvBackend>>,
     pub r2: HashMap<String, Arc<dyn ObjectBackend>>,
@@ -280,6 +331,7 @@ impl Shared {
             process_id,
             outbound,
             secrets,
+            signing_keys: Default::default(),
             d1,
             kv,
             r2,
@@ -432,5 +484,43 @@ impl SignalPublisher {
             self.metrics.binding_call("signals", "queue", std::time::Duration::ZERO, true);
             tracing::warn!("the signal queue is full; a signal to other processes was dropped");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_reread_when_their_file_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secrets = Secrets::open(&crate::config::SecretsConfig {
+            dir: Some(dir.path().to_owned()),
+            generate: vec![],
+        })
+        .expect("secrets");
+        let path = dir.path().join("s");
+        assert_eq!(secrets.get("s").expect("get"), None);
+        // Rewritten in place at once (same inode, same length, maybe the same file time): read again.
+        std::fs::write(&path, b"one").expect("write");
+        assert_eq!(secrets.get("s").expect("get").as_deref(), Some(&b"one"[..]));
+        std::fs::write(&path, b"two").expect("write");
+        assert_eq!(secrets.get("s").expect("get").as_deref(), Some(&b"two"[..]));
+        // A settled file is kept: bytes changed behind its unchanged identity are not seen, which
+        // shows the read came from memory.
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        std::fs::File::options().write(true).open(&path).expect("open").set_modified(old).expect("mtime");
+        assert_eq!(secrets.get("s").expect("get").as_deref(), Some(&b"two"[..]));
+        std::fs::write(&path, b"xyz").expect("write");
+        std::fs::File::options().write(true).open(&path).expect("open").set_modified(old).expect("mtime");
+        assert_eq!(secrets.get("s").expect("get").as_deref(), Some(&b"two"[..]), "kept");
+        // A Kubernetes Secret update swaps in new files (new inodes): seen at once.
+        let next = dir.path().join("s.next");
+        std::fs::write(&next, b"new").expect("write");
+        std::fs::File::options().write(true).open(&next).expect("open").set_modified(old).expect("mtime");
+        std::fs::rename(&next, &path).expect("rename");
+        assert_eq!(secrets.get("s").expect("get").as_deref(), Some(&b"new"[..]));
+        std::fs::remove_file(&path).expect("remove");
+        assert_eq!(secrets.get("s").expect("get"), None);
     }
 }

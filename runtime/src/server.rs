@@ -63,8 +63,10 @@ async fn invoke(
     body: &Bytes,
     scheme: &Scheme,
     wake: Option<Wake>,
+    note: Option<Vec<u8>>,
 ) -> Invocation {
-    let state = WorkerState::new(shared.clone(), None, 0);
+    let mut state = WorkerState::new(shared.clone(), None, 0);
+    state.inv.note = note;
     let park = state.inv.park.clone();
     let since = state.inv.signal_seq_at_start;
     let mut store = wasmtime::Store::new(&shared.engine, state);
@@ -230,8 +232,9 @@ pub async fn respond(
 ) -> Response<Body> {
     let limits = &shared.config.limits;
     let mut wake = None;
+    let mut note = None;
     loop {
-        match invoke(shared, parts, &body, &scheme, wake).await {
+        match invoke(shared, parts, &body, &scheme, wake, note.take()).await {
             Invocation::Respond(r) => return r,
             Invocation::Park(p, since) => {
                 if wake == Some(Wake::Shutdown) {
@@ -250,6 +253,7 @@ pub async fn respond(
                 let w = shared.signals.wait(&p.keys, since, p.timeout).await;
                 shared.metrics.parked.fetch_sub(1, Ordering::SeqCst);
                 wake = Some(w);
+                note = p.note;
             }
         }
     }

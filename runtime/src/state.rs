@@ -18,6 +18,8 @@ use crate::runtime::Shared;
 pub struct ParkRequest {
     pub keys: Vec<String>,
     pub timeout: Duration,
+    /// Kept for the next invocation (`park-with-note`).
+    pub note: Option<Vec<u8>>,
 }
 
 /// Bookkeeping for one call into the guest.
@@ -30,6 +32,8 @@ pub struct Invocation {
     pub park: Arc<Mutex<Option<ParkRequest>>>,
     /// The signal sequence when this invocation began: later signals wake a park at once.
     pub signal_seq_at_start: u64,
+    /// On a re-run of a parked request, the note the previous invocation parked with.
+    pub note: Option<Vec<u8>>,
     /// Set while a Durable Object event runs.
     pub object: Option<ObjectEvent>,
     /// How many Durable Object calls deep this invocation is.
@@ -70,6 +74,7 @@ impl WorkerState {
             execution_limit: Duration::from_millis(limits.execution_ms),
             park: Arc::new(Mutex::new(None)),
             signal_seq_at_start: shared.signals.current_seq(),
+            note: None,
             object,
             call_depth,
         };

@@ -8,7 +8,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Setup, get, guest, post, start};
+use serde_json::{Value, json};
+
+use support::{Setup, get, guest, post, send, start};
 
 fn conformance(extra: &str) -> support::Server {
     let mut s = Setup::new(guest("conformance"));
@@ -158,6 +160,28 @@ async fn parked_requests_hold_no_instance_and_wake_on_signal_or_timeout() {
     }
     let r = get(&format!("{}/wait?key=quiet&timeout=50", s.url)).await;
     assert_eq!(r.json()["woke"], "timeout");
+    assert_eq!(r.json()["note"], Value::Null, "a plain park keeps no note");
+    // A note the parked invocation kept reaches the re-run, whether woken or timed out; a
+    // client's own wake header does not make a first run look like one.
+    let r = get(&format!("{}/wait?key=quiet&timeout=50&note=kept", s.url)).await;
+    assert_eq!((r.json()["woke"].clone(), r.json()["note"].clone()), (json!("timeout"), json!("kept")));
+    let noted = {
+        let url = format!("{}/wait?key=room2&timeout=60000&note=from-the-first-run", s.url);
+        tokio::spawn(async move { get(&url).await })
+    };
+    for _ in 0..500 {
+        if parked().await == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(post(&format!("{}/signal?key=room2", s.url), "").await.status, 200);
+    let r = noted.await.expect("task");
+    assert_eq!(r.json()["note"], "from-the-first-run");
+    let url = format!("{}/wait?key=quiet&timeout=50", s.url);
+    let forged = send("GET", &url, &[("lattice-wake", "signal")], "").await;
+    assert_eq!(forged.json()["woke"], "timeout", "the host replaces a client's wake header");
+    assert_eq!(forged.json()["note"], Value::Null);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -241,6 +265,23 @@ async fn config_and_secrets_reach_the_guest() {
     assert_eq!(get(&format!("{}/config?name=greeting", s.url)).await.json()["value"], "hello");
     assert_eq!(get(&format!("{}/config?name=missing", s.url)).await.json()["value"], serde_json::Value::Null);
     assert_eq!(get(&format!("{}/secret?name=counters_key", s.url)).await.json()["length"], 32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_signs_with_a_secret_the_guest_names() {
+    let s = conformance("");
+    let r = post(&format!("{}/sign?key=counters_key", s.url), "a message").await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let hex = |v: &Value| hex::decode(v.as_str().expect("hex")).expect("hex");
+    let (public, signature) = (hex(&r.json()["public_key"]), hex(&r.json()["signature"]));
+    assert_eq!((public.len(), signature.len()), (32, 64));
+    let key = aws_lc_rs::signature::UnparsedPublicKey::new(&aws_lc_rs::signature::ED25519, public);
+    key.verify(b"a message", &signature).expect("the signature verifies");
+    assert!(key.verify(b"another message", &signature).is_err());
+    let r = post(&format!("{}/sign?key=no_such_secret", s.url), "a message").await;
+    assert_eq!((r.status, r.json()["error"].clone()), (400, json!("invalid")));
+    let r = post(&format!("{}/sign?key=counters_key", s.url), vec![b'x'; 1024 * 1024 + 1]).await;
+    assert_eq!((r.status, r.json()["error"].clone()), (413, json!("too-large")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

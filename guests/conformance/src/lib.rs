@@ -6,7 +6,7 @@
 
 use lattice_worker::bindings::exports::lattice::bindings::object_handler::Guest as ObjectGuest;
 use lattice_worker::bindings::lattice::bindings::{
-    config, d1, durable_object, kv, log, r2, signals, storage, types,
+    config, crypto, d1, durable_object, kv, log, r2, signals, storage, types,
 };
 use lattice_worker::http::{self, Request};
 use serde_json::{Value as Json, json};
@@ -191,6 +191,10 @@ fn conditional(req: &Request) -> Option<r2::Conditional> {
     any.then_some(c)
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn hex_bytes(s: &str) -> Option<Vec<u8>> {
     (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
 }
@@ -331,6 +335,16 @@ fn route(req: &Request) -> Result<Reply, Reply> {
             Ok(s) => (200, json!({"length": s.map(|s| s.len())})),
             Err(e) => err_json(&e),
         },
+        // Signs the body with a secret the host keeps; the key's public half comes along.
+        "/sign" => {
+            let key = req.param("key").unwrap_or_default();
+            match (crypto::ed25519_public_key(key), crypto::ed25519_sign(key, &req.body)) {
+                (Ok(public), Ok(signature)) => {
+                    (200, json!({"public_key": hex(&public), "signature": hex(&signature)}))
+                }
+                (Err(e), _) | (_, Err(e)) => err_json(&e),
+            }
+        }
         "/signal" => {
             signals::signal(req.param("key").unwrap_or_default());
             (200, json!({"ok": true}))
@@ -385,17 +399,22 @@ impl wasip2::exports::http::incoming_handler::Guest for Worker {
         // Long poll: park until the key is signalled, then answer how we woke.
         if req.path == "/wait" {
             if let Some(w) = req.header("lattice-wake") {
+                // What the parked invocation kept for this one, if anything.
+                let note = signals::note().map(|n| String::from_utf8_lossy(&n).into_owned());
                 http::respond(
                     out,
                     200,
                     &[("content-type", "application/json")],
-                    json!({"woke": w}).to_string().as_bytes(),
+                    json!({"woke": w, "note": note}).to_string().as_bytes(),
                 );
                 return;
             }
             let key = req.param("key").unwrap_or_default().to_owned();
             let timeout = req.param("timeout").and_then(|v| v.parse().ok()).unwrap_or(30_000);
-            signals::park(&[key], timeout);
+            match req.param("note") {
+                Some(note) => signals::park_with_note(&[key], timeout, note.as_bytes()),
+                None => signals::park(&[key], timeout),
+            }
             drop(out);
             return;
         }
