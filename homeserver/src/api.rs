@@ -20,7 +20,7 @@ use std::cell::OnceCell;
 use lattice_worker::bindings::lattice::bindings::{kv, signals};
 use lattice_worker::http::{self, Request};
 use serde::de::DeserializeOwned;
-use serde_json::Value;
+use serde_json::{Value, json};
 use wasip2::http::types::{IncomingRequest, ResponseOutparam};
 
 use crate::config::Settings;
@@ -36,6 +36,8 @@ pub enum Reply {
     Park {
         keys: Vec<String>,
         timeout_ms: u32,
+        /// Kept by the host for the re-run ([`Ctx::noted_session`]).
+        note: Option<Vec<u8>>,
     },
 }
 
@@ -49,6 +51,34 @@ pub struct Session {
     pub user_id: String,
     pub device_id: String,
     pub token_hash: String,
+}
+
+impl Session {
+    /// What a parked request keeps for its re-run ([`Ctx::noted_session`]), with the handler's
+    /// own fields in `more` (an object).
+    pub fn note(&self, mut more: Value) -> Vec<u8> {
+        if let Some(m) = more.as_object_mut() {
+            m.insert("token_hash".into(), json!(self.token_hash));
+            m.insert("user_id".into(), json!(self.user_id));
+            m.insert("device_id".into(), json!(self.device_id));
+        }
+        more.to_string().into_bytes()
+    }
+}
+
+/// The session of a [`sql::TOKEN_LOOKUP_VERSIONED`] row (none: an unknown token).
+fn session_of(row: Option<&db::Row>, token_hash: String) -> Result<Session> {
+    let row =
+        row.filter(|r| r.text("user_id").is_some()).ok_or(Error::UnknownToken { soft_logout: false })?;
+    if row.int("deactivated").unwrap_or(0) != 0 {
+        return Err(Error::UnknownToken { soft_logout: false });
+    }
+    if let Some(expires) = row.int("expires_ms")
+        && expires <= util::now_ms() as i64
+    {
+        return Err(Error::UnknownToken { soft_logout: true });
+    }
+    Ok(Session { user_id: row.str("user_id"), device_id: row.str("device_id"), token_hash })
 }
 
 /// Everything a handler needs about its request.
@@ -123,18 +153,43 @@ impl Ctx {
                     _ => lookup(self.db()?)?,
                 }
             }
+        };
+        session_of(row.as_ref(), hash)
+    }
+
+    /// On the re-run of a parked request, the session its earlier run resolved, from the note
+    /// it parked with ([`Session::note`]) when that is for this request's token. Not checked
+    /// yet: the caller reads [`sql::TOKEN_LOOKUP_VERSIONED`] in the same batch as its data and
+    /// passes the row to [`Ctx::confirm_noted`], so a token revoked while the request was
+    /// parked gets no data, and the re-run makes no round trip of its own for it.
+    /// The whole note comes back too, for the handler's own fields.
+    pub fn noted_session(&self) -> Option<(Session, Value)> {
+        self.req.header("lattice-wake")?;
+        let note: Value = serde_json::from_slice(&signals::note()?).ok()?;
+        let hash = util::token_hash(&self.access_token()?);
+        let field = |k: &str| note.get(k).and_then(Value::as_str).map(str::to_owned);
+        let session = (field("token_hash")? == hash).then_some(Session {
+            user_id: field("user_id")?,
+            device_id: field("device_id")?,
+            token_hash: hash,
+        })?;
+        Some((session, note))
+    }
+
+    /// Checks a [`Ctx::noted_session`] against its token's row, read with `db` in the caller's
+    /// batch: true when the token still is that user's and device's (and `db` becomes this
+    /// request's database), an error when it is not; false when the schema is not current,
+    /// then the caller starts over the usual way (which migrates).
+    pub fn confirm_noted(&self, db: Db, noted: &Session, row: Option<&db::Row>) -> Result<bool> {
+        if row.and_then(|r| r.int("schema_version")).unwrap_or(0) < db::LATEST_SCHEMA {
+            return Ok(false);
         }
-        .filter(|row| row.text("user_id").is_some())
-        .ok_or(Error::UnknownToken { soft_logout: false })?;
-        if row.int("deactivated").unwrap_or(0) != 0 {
+        let s = session_of(row, noted.token_hash.clone())?;
+        if (s.user_id.as_str(), s.device_id.as_str()) != (noted.user_id.as_str(), noted.device_id.as_str()) {
             return Err(Error::UnknownToken { soft_logout: false });
         }
-        if let Some(expires) = row.int("expires_ms")
-            && expires <= util::now_ms() as i64
-        {
-            return Err(Error::UnknownToken { soft_logout: true });
-        }
-        Ok(Session { user_id: row.str("user_id"), device_id: row.str("device_id"), token_hash: hash })
+        let _ = self.db.set(db);
+        Ok(true)
     }
 
     /// A fixed-window rate limit over KV: `limit` hits per minute per `key`; 0 is off.
@@ -163,6 +218,9 @@ impl Ctx {
     }
 }
 
+/// The longest note the host keeps for a parked request (`signals.park-with-note`).
+const PARK_NOTE_MAX_BYTES: usize = 64 * 1024;
+
 /// The KV binding's name.
 pub const KV_BINDING: &str = "KV";
 
@@ -184,8 +242,14 @@ pub fn serve(request: IncomingRequest, out: ResponseOutparam) {
     let settings = Settings::load();
     match handle(req, settings) {
         Ok(Reply::Json(status, body)) => respond(out, status, &body, None),
-        Ok(Reply::Park { keys, timeout_ms }) => {
-            signals::park(&keys, timeout_ms);
+        Ok(Reply::Park { keys, timeout_ms, note }) => {
+            match note {
+                // A longer note would trap; without one the re-run looks everything up again.
+                Some(note) if note.len() <= PARK_NOTE_MAX_BYTES => {
+                    signals::park_with_note(&keys, timeout_ms, &note)
+                }
+                _ => signals::park(&keys, timeout_ms),
+            }
             // The host discards this answer and runs the request again when woken.
             respond(out, 200, &Value::Object(Default::default()), None);
         }

@@ -364,6 +364,119 @@ async fn sync_until(c: &Client, since: &mut String, what: &str, pred: impl Fn(&V
     }
 }
 
+/// The number of requests parked at `hs`, from its metrics.
+async fn parked(hs: &Homeserver) -> u64 {
+    let text =
+        reqwest::get(format!("{}/metrics", hs.admin_url)).await.expect("metrics").text().await.expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix("lattice_parked_requests ").and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+/// A woken `/sync` takes its session, its stored filter and the rooms to read ahead from what
+/// it parked with, and checks the token in the same read as its data:
+/// - a stored filter still applies on the re-run (a filtered-out event parks it again);
+/// - joining a room while parked (other rooms than the note's) still brings that room;
+/// - a good token gets the event that woke it; one logged out while parked gets
+///   `M_UNKNOWN_TOKEN` and none of it.
+async fn woken_sync_keeps_what_it_parked_with(backend: Backend) {
+    let Some((hs, proxy)) = start(Options::new(backend)).await else { return };
+    let anon = Client::new(&proxy.url);
+    let alice = anon.register("alice", "pw-alice").await;
+    let bob = anon.register("bob", "pw-bob").await;
+    let bob_id = hs.user_id("bob");
+    let room = create_room(&alice, json!({"preset": "public_chat"})).await;
+    let other = create_room(&alice, json!({"preset": "public_chat"})).await;
+    assert_eq!(bob.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), json!({})).await.status, 200);
+    let r = bob
+        .post(
+            &format!("/_matrix/client/v3/user/{}/filter", enc(&bob_id)),
+            json!({"room": {"timeline": {"not_types": ["m.room.message"]}}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let filter_id = r.body["filter_id"].as_str().expect("filter_id").to_owned();
+    // Starts a long poll and waits until it is parked; the task answers with its response.
+    #[expect(clippy::async_yields_async, reason = "the poll is awaited after what should wake it")]
+    let long_poll = async |query: String| -> tokio::task::JoinHandle<lattice_e2e::Response> {
+        let since = sync_once(&bob, "").await["next_batch"].as_str().expect("next_batch").to_owned();
+        let poll = {
+            let bob = bob.clone();
+            let url = format!("/_matrix/client/v3/sync?since={since}&timeout=20000{query}");
+            tokio::spawn(async move { bob.get(&url).await })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while parked(&hs).await == 0 {
+            assert!(std::time::Instant::now() < deadline, "the long poll never parked");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        poll
+    };
+    let send = async |kind: &str, n: &str| {
+        let body = json!({"msgtype": "m.text", "body": format!("wake {n}")});
+        let r = alice.put(&format!("/_matrix/client/v3/rooms/{}/send/{kind}/w{n}", enc(&room)), body).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    };
+    let timeline = |r: &lattice_e2e::Response, room: &str| {
+        r.body["rooms"]["join"][room]["timeline"]["events"].to_string()
+    };
+
+    // The stored filter: the message does not count, so the woken sync parks again; the next
+    // event of another type ends it.
+    let poll = long_poll(format!("&filter={filter_id}")).await;
+    send("m.room.message", "filtered").await;
+    send("org.lattice.test.ping", "ping").await;
+    let r = poll.await.expect("poll task");
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(timeline(&r, &room).contains("wake ping"), "{:?}", r.body);
+    assert!(!timeline(&r, &room).contains("wake filtered"), "{:?}", r.body);
+
+    // Joining another room while parked: the re-run reads for the rooms the user is in now.
+    let poll = long_poll(String::new()).await;
+    let login = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "bob"}, "password": "pw-bob"});
+    let r = anon.post("/_matrix/client/v3/login", login).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let bob_again = anon.with_token(r.body["access_token"].as_str().expect("access_token"));
+    assert_eq!(
+        bob_again.post(&format!("/_matrix/client/v3/join/{}", enc(&other)), json!({})).await.status,
+        200
+    );
+    let r = poll.await.expect("poll task");
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(timeline(&r, &other).contains("m.room.member"), "the joined room: {:?}", r.body);
+
+    for (n, log_out) in [("1", false), ("2", true)] {
+        let poll = long_poll(String::new()).await;
+        if log_out {
+            assert_eq!(bob.post("/_matrix/client/v3/logout", json!({})).await.status, 200);
+        }
+        send("m.room.message", n).await;
+        let r = poll.await.expect("poll task");
+        if log_out {
+            assert_eq!(
+                (r.status, r.body["errcode"].as_str()),
+                (401, Some("M_UNKNOWN_TOKEN")),
+                "{:?}",
+                r.body
+            );
+            assert!(!r.body.to_string().contains("wake 2"), "{:?}", r.body);
+        } else {
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            assert!(timeline(&r, &room).contains("wake 1"), "{:?}", r.body);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn woken_sync_keeps_what_it_parked_with_embedded() {
+    woken_sync_keeps_what_it_parked_with(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn woken_sync_keeps_what_it_parked_with_production() {
+    woken_sync_keeps_what_it_parked_with(Backend::Production).await;
+}
+
 /// Unread counts kept by one sync and continued by the next stay equal to a count from
 /// scratch: after more events, after a read receipt moves the start, and after the push rules
 /// change (the kept counts were made under other rules).

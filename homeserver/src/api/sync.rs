@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Ctx, Reply, Session, ok};
-use crate::db::{self, Bound, Row, bound, sql};
+use super::{Ctx, Reply, Session};
+use crate::db::{self, Bound, Db, Row, bound, sql};
 use crate::error::{Error, Result};
 use crate::room::pdu;
 
@@ -101,7 +101,11 @@ fn parse_filter(ctx: &Ctx, stored: Option<&[Row]>) -> Result<Filter> {
         }
         (Some(inline), None) => inline.to_owned(),
     };
-    serde_json::from_str(&text).map_err(|e| Error::BadJson(format!("filter: {e}")))
+    filter_from_json(&text)
+}
+
+fn filter_from_json(text: &str) -> Result<Filter> {
+    serde_json::from_str(text).map_err(|e| Error::BadJson(format!("filter: {e}")))
 }
 
 /// A room state: `(type, state_key)` → (event id, PDU JSON).
@@ -457,29 +461,41 @@ enum CountsRead {
     Late { read: usize, kept: usize },
 }
 
+/// [`ReadAhead`]'s first batch: each room's timeline, and for few rooms the read markers and
+/// kept counts too.
+fn first_reads(user: &str, rooms: &[String], since_pos: i64, upto: i64, filter: &RoomFilter) -> Vec<Bound> {
+    let mut statements: Vec<Bound> = rooms.iter().map(|r| events_since(r, since_pos, upto, filter)).collect();
+    if rooms.len() <= EARLY_MARKERS_MAX_ROOMS {
+        for r in rooms {
+            statements.push(bound(sql::READ_UP_TO, vec![db::t(r.as_str()), db::t(user)]));
+            statements.push(bound(sql::UNREAD_COUNTS_GET, vec![db::t(user), db::t(r.as_str())]));
+        }
+    }
+    statements
+}
+
 impl ReadAhead<'_> {
     /// `room_rows`: account data, typing and receipt rows, each with a `room_id`: a room with
     /// one of these has something to report even without timeline events.
+    /// `first`: the results of [`first_reads`] for exactly these rooms, when the caller read
+    /// them ahead.
     fn run(
         &self,
         ctx: &Ctx,
         s: &Session,
         joined: &[&Row],
         room_rows: [&[Row]; 3],
+        first: Option<Vec<Vec<Row>>>,
     ) -> Result<(Timelines, std::collections::HashMap<String, Prefetched>)> {
         let db = ctx.db()?;
         let user = s.user_id.as_str();
         let rooms: Vec<String> = joined.iter().map(|m| m.str("room_id")).collect();
-        let mut statements: Vec<Bound> =
-            rooms.iter().map(|r| events_since(r, self.since_pos, self.upto, self.filter)).collect();
         let early = rooms.len() <= EARLY_MARKERS_MAX_ROOMS;
-        if early {
-            for r in &rooms {
-                statements.push(bound(sql::READ_UP_TO, vec![db::t(r.as_str()), db::t(user)]));
-                statements.push(bound(sql::UNREAD_COUNTS_GET, vec![db::t(user), db::t(r.as_str())]));
-            }
+        let mut first = match first {
+            Some(rows) => rows,
+            None => db.read_batch(&first_reads(user, &rooms, self.since_pos, self.upto, self.filter))?,
         }
-        let mut first = db.read_batch(&statements)?.into_iter();
+        .into_iter();
         let timelines: Timelines = rooms.iter().cloned().zip(first.by_ref().take(rooms.len())).collect();
         let mut markers: std::collections::HashMap<&str, (Vec<Row>, Vec<Row>)> =
             std::collections::HashMap::new();
@@ -585,7 +601,24 @@ impl ReadAhead<'_> {
 
 /// # `GET /_matrix/client/v3/sync`
 pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
-    let s = ctx.session()?;
+    // Woken from a park: the session comes from the note and is confirmed in the user batch.
+    if let Some(noted) = ctx.noted_session()
+        && let Some(reply) = sync(ctx, Some(noted))?
+    {
+        return Ok(reply);
+    }
+    sync(ctx, None)?.ok_or_else(|| Error::Internal("a sync without a note did not answer".into()))
+}
+
+/// One `/sync`. With `noted` (see [`Ctx::noted_session`]) the token's row is read in the user
+/// batch, and so are the timelines of the rooms the parked run saw (when few): a woken sync
+/// makes two D1 calls fewer. `None` back means the schema was not current, and the caller
+/// starts over without the note.
+fn sync(ctx: &Ctx, noted: Option<(Session, Value)>) -> Result<Option<Reply>> {
+    let (s, note, noted_db) = match noted {
+        Some((s, note)) => (s, note, Some(Db::open()?)),
+        None => (ctx.session()?, Value::Null, None),
+    };
     let since = ctx.param("since").map(parse_since).transpose()?;
     let timeout = match ctx.param("timeout") {
         Some(t) => t.parse::<u64>().map_err(|_| Error::InvalidParam("timeout must be a number".into()))?,
@@ -594,7 +627,6 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
     .min(ctx.settings.max_sync_timeout_ms);
     let full_state = ctx.param("full_state") == Some("true");
     let woken_by_timeout = ctx.req.header("lattice-wake").as_deref() == Some("timeout");
-    let db = ctx.db()?;
     let since_pos = since.unwrap_or(0);
     // The stream head and everything else this sync reads about the user, in one call. The
     // batch is one snapshot, and every row's position comes from the stream counter a writer
@@ -616,21 +648,64 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
         bound(sql::ACCOUNT_DATA_GET, super::account::ruleset_params(user)),
     ];
     statements.extend(since_upto(i64::MAX));
+    // A stored filter never changes, so the parked run's copy of its JSON serves the re-run.
     let stored_filter = stored_filter_id(ctx);
-    if let Some(id) = stored_filter {
-        statements.push(bound(sql::FILTER_GET, vec![db::t(user), db::t(id)]));
-    }
-    let mut results = db.read_batch(&statements)?.into_iter();
+    let noted_filter = stored_filter
+        .filter(|id| note.pointer("/filter/id").and_then(Value::as_str) == Some(id))
+        .and_then(|_| note.pointer("/filter/json").and_then(Value::as_str).map(str::to_owned));
+    let early_filter = match (stored_filter, &noted_filter) {
+        (None, _) => Some(parse_filter(ctx, None)?),
+        (Some(_), Some(text)) => Some(filter_from_json(text)?),
+        (Some(id), None) => {
+            statements.push(bound(sql::FILTER_GET, vec![db::t(user), db::t(id)]));
+            None
+        }
+    };
+    // The rooms the parked run saw: their first reads ride in this batch. They read "up to the
+    // end", which in this snapshot is up to the head read with them.
+    let noted_rooms: Option<Vec<String>> = note
+        .get("rooms")
+        .and_then(|r| serde_json::from_value(r.clone()).ok())
+        .filter(|r: &Vec<String>| r.len() <= EARLY_MARKERS_MAX_ROOMS);
+    let ahead_reads = match (&noted_rooms, &early_filter) {
+        (Some(rooms), Some(f)) => first_reads(user, rooms, since_pos, i64::MAX, &f.room),
+        _ => Vec::new(),
+    };
+    let ahead_count = ahead_reads.len();
+    statements.extend(ahead_reads);
+    let (mut results, mut ahead) = match noted_db {
+        Some(db) => {
+            statements.push(bound(sql::TOKEN_LOOKUP_VERSIONED, vec![db::t(s.token_hash.as_str())]));
+            // An error here may be a schema that changed while the request was parked: the
+            // usual path migrates, then says what is wrong.
+            let Ok(mut results) = db.read_batch(&statements) else { return Ok(None) };
+            let token = results.pop().unwrap_or_default();
+            if !ctx.confirm_noted(db, &s, token.first())? {
+                return Ok(None);
+            }
+            let ahead = results.split_off(results.len().saturating_sub(ahead_count));
+            (results.into_iter(), (ahead_count > 0).then_some(ahead))
+        }
+        None => (ctx.db()?.read_batch(&statements)?.into_iter(), None),
+    };
+    let db = ctx.db()?;
     let mut next = || results.next().unwrap_or_default();
     let mut upto = next().first().and_then(|r| r.int("pos")).unwrap_or(0);
     let (e2ee_rows, memberships, typing, push_rules) = (next(), next(), next(), next());
     let (mut room_data, mut receipts, mut presence_rows) = (next(), next(), next());
-    let filter = parse_filter(ctx, stored_filter.map(|_| next()).as_deref())?;
+    let stored_rows = early_filter.is_none().then(next);
+    let filter_json = noted_filter.or_else(|| stored_rows.as_ref()?.first().map(|r| r.str("json")));
+    let filter = match early_filter {
+        Some(f) => f,
+        None => parse_filter(ctx, stored_rows.as_deref())?,
+    };
     // To-device messages first: when there are more than one sync carries, everything else
     // stops where they stop, so the next since token acknowledges only what was delivered.
     let e2ee = super::keys::for_sync(user, &s.device_id, since, &e2ee_rows)?;
     if let Some(stop) = e2ee.stop {
         upto = stop;
+        // Read past the new end: read again.
+        ahead = None;
         let mut again = db.read_batch(&since_upto(upto))?.into_iter();
         let mut next = || again.next().unwrap_or_default();
         (room_data, receipts, presence_rows) = (next(), next(), next());
@@ -648,12 +723,17 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
     let (mut join, mut invite, mut leave, mut knock) =
         (serde_json::Map::new(), serde_json::Map::new(), serde_json::Map::new(), serde_json::Map::new());
     let mut park_keys = vec![format!("user:{}", s.user_id)];
-    let joined: Vec<&Row> =
+    let mut joined: Vec<&Row> =
         memberships.iter().filter(|m| m.str("membership") == "join" && wanted(&m.str("room_id"))).collect();
+    // In one order from run to run, so a re-run can tell it reads for the same rooms.
+    joined.sort_by_cached_key(|m| m.str("room_id"));
     let reads = ReadAhead { since, since_pos, upto, full_state, filter: &filter.room, rules: &tag };
     let mut keep = Vec::new();
+    let joined_ids: Vec<String> = joined.iter().map(|m| m.str("room_id")).collect();
+    // Read ahead for other rooms than the user is in now: read again.
+    let ahead = ahead.filter(|_| noted_rooms.as_ref() == Some(&joined_ids));
     let (mut timelines, mut prefetched) =
-        reads.run(ctx, &s, &joined, [room_data.as_slice(), typing.as_slice(), receipts.as_slice()])?;
+        reads.run(ctx, &s, &joined, [room_data.as_slice(), typing.as_slice(), receipts.as_slice()], ahead)?;
     for m in &memberships {
         let room = m.str("room_id");
         if !wanted(&room) {
@@ -773,20 +853,30 @@ pub fn sync_route(ctx: &Ctx) -> Result<Reply> {
         && global.is_empty()
         && presence.is_empty();
     if empty && since.is_some() && timeout > 0 && !woken_by_timeout {
-        return Ok(Reply::Park { keys: park_keys, timeout_ms: u32::try_from(timeout).unwrap_or(u32::MAX) });
+        return Ok(Some(Reply::Park {
+            keys: park_keys,
+            timeout_ms: u32::try_from(timeout).unwrap_or(u32::MAX),
+            note: Some(s.note(json!({
+                "rooms": (joined_ids.len() <= EARLY_MARKERS_MAX_ROOMS).then_some(&joined_ids),
+                "filter": stored_filter.zip(filter_json).map(|(id, json)| json!({"id": id, "json": json})),
+            }))),
+        }));
     }
     if !keep.is_empty() {
         // Only saves the next syncs work: when it fails, they count these events again.
         let _ = db.batch(&keep);
     }
-    ok(json!({
-        "next_batch": format!("s{upto}"),
-        "rooms": {"join": join, "invite": invite, "leave": leave, "knock": knock},
-        "account_data": {"events": global},
-        "presence": {"events": presence},
-        "to_device": {"events": e2ee.to_device},
-        "device_lists": {"changed": e2ee.changed, "left": e2ee.left},
-        "device_one_time_keys_count": e2ee.one_time_key_counts,
-        "device_unused_fallback_key_types": e2ee.unused_fallback_key_types,
-    }))
+    Ok(Some(Reply::Json(
+        200,
+        json!({
+            "next_batch": format!("s{upto}"),
+            "rooms": {"join": join, "invite": invite, "leave": leave, "knock": knock},
+            "account_data": {"events": global},
+            "presence": {"events": presence},
+            "to_device": {"events": e2ee.to_device},
+            "device_lists": {"changed": e2ee.changed, "left": e2ee.left},
+            "device_one_time_keys_count": e2ee.one_time_key_counts,
+            "device_unused_fallback_key_types": e2ee.unused_fallback_key_types,
+        }),
+    )))
 }
