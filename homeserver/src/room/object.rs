@@ -157,27 +157,15 @@ fn signing_seed() -> Result<Vec<u8>, String> {
         .ok_or_else(|| "the server has no signing key (secret `signing_key`)".to_owned())
 }
 
-/// The server's signing key, from the `signing_key` secret.
+/// The server's signing key, from the `signing_key` secret: the host keeps the key pair and
+/// signs (`lattice:bindings/crypto`); the seed is read here only for the key id's version (a
+/// hash of it).
 pub fn server_signing_key() -> Result<SigningKey, String> {
-    SigningKey::from_seed(&signing_seed()?).map_err(|e| e.to_string())
+    SigningKey::hosted(SIGNING_KEY_SECRET, &signing_seed()?).map_err(|e| e.to_string())
 }
 
-/// The server's signing key, with its public key kept in the object's storage (`k\0<key
-/// version>`): deriving it is a scalar multiplication, as costly as the signature itself, and
-/// every event would pay it. The version is a hash of the seed, so a new seed never meets an old
-/// public key.
 fn signing_key() -> Result<SigningKey, Failure> {
-    let seed = signing_seed().map_err(|e| fail(500, "M_UNKNOWN", e))?;
-    let kept = format!("k\0{}", SigningKey::version_of(&seed));
-    if let Some((_, public)) =
-        storage::get(std::slice::from_ref(&kept)).map_err(storage_fail)?.into_iter().next()
-        && let Ok(key) = SigningKey::from_seed_and_public(&seed, &public)
-    {
-        return Ok(key);
-    }
-    let key = SigningKey::from_seed(&seed).map_err(|e| fail(500, "M_UNKNOWN", e.to_string()))?;
-    storage::put(&[(kept, key.public_key().to_vec())]).map_err(storage_fail)?;
-    Ok(key)
+    server_signing_key().map_err(|e| fail(500, "M_UNKNOWN", e))
 }
 
 /// Handles one request to a room object.
