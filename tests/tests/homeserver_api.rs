@@ -364,6 +364,26 @@ async fn sync_until(c: &Client, since: &mut String, what: &str, pred: impl Fn(&V
     }
 }
 
+/// A server with alice and bob, in a public room alice made.
+struct Pair {
+    hs: Homeserver,
+    proxy: ValidatingProxy,
+    anon: Client,
+    alice: Client,
+    bob: Client,
+    room: String,
+}
+
+async fn alice_and_bob(backend: Backend) -> Option<Pair> {
+    let (hs, proxy) = start(Options::new(backend)).await?;
+    let anon = Client::new(&proxy.url);
+    let alice = anon.register("alice", "pw-alice").await;
+    let bob = anon.register("bob", "pw-bob").await;
+    let room = create_room(&alice, json!({"preset": "public_chat"})).await;
+    assert_eq!(bob.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), json!({})).await.status, 200);
+    Some(Pair { hs, proxy, anon, alice, bob, room })
+}
+
 /// The number of requests parked at `hs`, from its metrics.
 async fn parked(hs: &Homeserver) -> u64 {
     let text =
@@ -380,14 +400,11 @@ async fn parked(hs: &Homeserver) -> u64 {
 /// - a good token gets the event that woke it; one logged out while parked gets
 ///   `M_UNKNOWN_TOKEN` and none of it.
 async fn woken_sync_keeps_what_it_parked_with(backend: Backend) {
-    let Some((hs, proxy)) = start(Options::new(backend)).await else { return };
-    let anon = Client::new(&proxy.url);
-    let alice = anon.register("alice", "pw-alice").await;
-    let bob = anon.register("bob", "pw-bob").await;
+    let Some(Pair { hs, proxy, anon, alice, bob, room }) = alice_and_bob(backend).await else {
+        return;
+    };
     let bob_id = hs.user_id("bob");
-    let room = create_room(&alice, json!({"preset": "public_chat"})).await;
     let other = create_room(&alice, json!({"preset": "public_chat"})).await;
-    assert_eq!(bob.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), json!({})).await.status, 200);
     let r = bob
         .post(
             &format!("/_matrix/client/v3/user/{}/filter", enc(&bob_id)),
@@ -465,6 +482,7 @@ async fn woken_sync_keeps_what_it_parked_with(backend: Backend) {
             assert!(timeline(&r, &room).contains("wake 1"), "{:?}", r.body);
         }
     }
+    proxy.assert_clean();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -481,13 +499,10 @@ async fn woken_sync_keeps_what_it_parked_with_production() {
 /// scratch: after more events, after a read receipt moves the start, and after the push rules
 /// change (the kept counts were made under other rules).
 async fn unread_counts_continue_across_syncs(backend: Backend) {
-    let Some((hs, proxy)) = start(Options::new(backend)).await else { return };
-    let anon = Client::new(&proxy.url);
-    let alice = anon.register("alice", "pw-alice").await;
-    let bob = anon.register("bob", "pw-bob").await;
+    let Some(Pair { hs, proxy, anon: _, alice, bob, room }) = alice_and_bob(backend).await else {
+        return;
+    };
     let bob_id = hs.user_id("bob");
-    let room = create_room(&alice, json!({"preset": "public_chat"})).await;
-    assert_eq!(bob.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), json!({})).await.status, 200);
     let mut since = sync_once(&bob, "").await["next_batch"].as_str().expect("next_batch").to_owned();
     let mut sent = Vec::new();
     let send = async |n: usize, mention: bool| {
