@@ -16,6 +16,9 @@ use paths::manifest_dir;
 mod access;
 #[path = "common/helm.rs"]
 mod helm_bin;
+#[path = "common/ports.rs"]
+mod ports;
+use ports::free_port;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -867,7 +870,7 @@ async fn the_binary_leads_reconciles_and_serves_metrics() {
     let Some(kubeconfig) = kubeconfig_path() else { return };
     let ns = namespace(&client, "op-bin").await;
     provide_secrets(&client, &ns).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+    let port = free_port();
     let dir = tempfile::tempdir().expect("tempdir");
     let log_path = dir.path().join("operator.log");
     let log = std::fs::File::create(&log_path).expect("log");

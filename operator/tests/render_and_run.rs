@@ -15,6 +15,9 @@
 
 #[path = "common/access.rs"]
 mod access;
+#[path = "common/ports.rs"]
+mod ports;
+use ports::free_port;
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
@@ -67,13 +70,6 @@ fn inputs() -> Option<Inputs> {
             None
         }
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 /// One HTTP/1.0 request (so the body is never chunked); returns the status and body.
