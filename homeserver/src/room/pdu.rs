@@ -57,14 +57,14 @@ pub struct SigningKey {
 /// An ed25519 key pair as ruma signs with it: the secret and the public key.
 struct Pair {
     secret: Secret,
-    public: ed25519_dalek::VerifyingKey,
+    public: [u8; 32],
     version: String,
 }
 
 /// Where a [`Pair`]'s secret is.
 enum Secret {
-    /// Here, expanded.
-    Local(ExpandedSecretKey),
+    /// Here, expanded, with its public key as a curve point.
+    Local(Box<(ExpandedSecretKey, ed25519_dalek::VerifyingKey)>),
     /// In the host's secret store, by name: the host signs (`lattice:bindings/crypto`), natively
     /// and several times faster than this code compiled to WebAssembly.
     Hosted(&'static str),
@@ -73,8 +73,9 @@ enum Secret {
 impl ruma::signatures::KeyPair for Pair {
     fn sign(&self, message: &[u8]) -> ruma::signatures::Signature {
         let bytes = match &self.secret {
-            Secret::Local(secret) => {
-                ed25519_dalek::hazmat::raw_sign::<ed25519_dalek::Sha512>(secret, message, &self.public)
+            Secret::Local(local) => {
+                let (secret, public) = local.as_ref();
+                ed25519_dalek::hazmat::raw_sign::<ed25519_dalek::Sha512>(secret, message, public)
                     .to_bytes()
                     .to_vec()
             }
@@ -136,18 +137,17 @@ impl SigningKey {
     pub fn hosted(name: &'static str, seed: &[u8]) -> Result<Self, PduError> {
         let public = lattice_worker::bindings::lattice::bindings::crypto::ed25519_public_key(name)
             .map_err(|e| PduError::Key(format!("{e:?}")))?;
+        // Kept as bytes: decompressing it to a curve point costs as much as a signature here.
         let public: [u8; 32] =
             public.as_slice().try_into().map_err(|_| PduError::Key("a public key has 32 bytes".into()))?;
-        let public =
-            ed25519_dalek::VerifyingKey::from_bytes(&public).map_err(|e| PduError::Key(e.to_string()))?;
         Ok(Self::with_secret(Secret::Hosted(name), public, &Self::version_of(seed)))
     }
 
     fn from_parts(secret: ExpandedSecretKey, public: ed25519_dalek::VerifyingKey, version: &str) -> Self {
-        Self::with_secret(Secret::Local(secret), public, version)
+        Self::with_secret(Secret::Local(Box::new((secret, public))), public.to_bytes(), version)
     }
 
-    fn with_secret(secret: Secret, public: ed25519_dalek::VerifyingKey, version: &str) -> Self {
+    fn with_secret(secret: Secret, public: [u8; 32], version: &str) -> Self {
         Self {
             pair: Pair { secret, public, version: version.to_owned() },
             key_id: format!("ed25519:{version}"),
@@ -155,7 +155,7 @@ impl SigningKey {
     }
 
     pub fn public_key(&self) -> [u8; 32] {
-        self.pair.public.to_bytes()
+        self.pair.public
     }
 
     pub fn public_key_b64(&self) -> String {
