@@ -16,7 +16,7 @@ use paths::manifest_dir;
 mod access;
 #[path = "common/helm.rs"]
 mod helm_bin;
-#[path = "common/ports.rs"]
+#[path = "../../tests/src/ports.rs"]
 mod ports;
 use ports::free_port;
 

@@ -15,7 +15,7 @@
 
 #[path = "common/access.rs"]
 mod access;
-#[path = "common/ports.rs"]
+#[path = "../../tests/src/ports.rs"]
 mod ports;
 use ports::free_port;
 

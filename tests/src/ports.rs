@@ -1,4 +1,5 @@
-//! Loopback ports for the processes the tests start.
+//! Loopback ports for the processes the tests start. One file for every test crate (the
+//! end-to-end tests, the runtime's and the operator's include it by path).
 
 /// A free loopback port for a child process to listen on. Not port 0's pick: that comes from
 /// the kernel's ephemeral range, where an outgoing connection (to PostgreSQL, Redis, ...) can
