@@ -77,6 +77,12 @@ impl Secrets {
         Ok(Self { dir: c.dir.clone(), kept: Default::default() })
     }
 
+    /// The secrets in `dir`, none generated (unit tests).
+    #[cfg(test)]
+    pub(crate) fn in_dir(dir: &Path) -> Self {
+        Self { dir: Some(dir.to_owned()), kept: Default::default() }
+    }
+
     pub fn get(&self, name: &str) -> Result<Option<Vec<u8>>, std::io::Error> {
         let Some(dir) = &self.dir else { return Ok(None) };
         let Ok(path) = secret_path(dir, name) else { return Ok(None) };
@@ -494,11 +500,7 @@ mod tests {
     #[test]
     fn secrets_are_reread_when_their_file_changes() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let secrets = Secrets::open(&crate::config::SecretsConfig {
-            dir: Some(dir.path().to_owned()),
-            generate: vec![],
-        })
-        .expect("secrets");
+        let secrets = Secrets::in_dir(dir.path());
         let path = dir.path().join("s");
         assert_eq!(secrets.get("s").expect("get"), None);
         // Rewritten in place at once (same inode, same length, maybe the same file time): read again.

@@ -54,10 +54,9 @@ pub struct SigningKey {
     pub key_id: String,
 }
 
-/// An ed25519 key pair as ruma signs with it: the secret and the public key.
+/// An ed25519 key as ruma signs with it.
 struct Pair {
     secret: Secret,
-    public: [u8; 32],
     version: String,
 }
 
@@ -79,9 +78,9 @@ impl ruma::signatures::KeyPair for Pair {
                     .to_bytes()
                     .to_vec()
             }
-            // The host gave this key's public key a moment ago, so it has the secret; if it is
-            // gone now, no signature can be made and the request fails (a trap) before
-            // anything is written.
+            // The caller read this secret a moment ago and `hosted` checked that it holds a
+            // seed; if it is gone now, no signature can be made and the request fails (a trap)
+            // before anything is written.
             Secret::Hosted(name) => {
                 lattice_worker::bindings::lattice::bindings::crypto::ed25519_sign(name, message)
                     .unwrap_or_else(|e| panic!("the host cannot sign with secret {name:?}: {e:?}"))
@@ -133,33 +132,33 @@ impl SigningKey {
     }
 
     /// The key in the host's secret `name` whose seed is `seed` (read by the caller for the key
-    /// id's version): the host derives the public key once and signs.
+    /// id's version): the host derives the key pair once and signs. Signing needs no public key,
+    /// so none is asked for here (see [`SigningKey::public_key`]).
     pub fn hosted(name: &'static str, seed: &[u8]) -> Result<Self, PduError> {
-        let public = lattice_worker::bindings::lattice::bindings::crypto::ed25519_public_key(name)
-            .map_err(|e| PduError::Key(format!("{e:?}")))?;
-        // Kept as bytes: decompressing it to a curve point costs as much as a signature here.
-        let public: [u8; 32] =
-            public.as_slice().try_into().map_err(|_| PduError::Key("a public key has 32 bytes".into()))?;
-        Ok(Self::with_secret(Secret::Hosted(name), public, &Self::version_of(seed)))
+        seed_bytes(seed)?;
+        Ok(Self::with_secret(Secret::Hosted(name), &Self::version_of(seed)))
     }
 
     fn from_parts(secret: ExpandedSecretKey, public: ed25519_dalek::VerifyingKey, version: &str) -> Self {
-        Self::with_secret(Secret::Local(Box::new((secret, public))), public.to_bytes(), version)
+        Self::with_secret(Secret::Local(Box::new((secret, public))), version)
     }
 
-    fn with_secret(secret: Secret, public: [u8; 32], version: &str) -> Self {
-        Self {
-            pair: Pair { secret, public, version: version.to_owned() },
-            key_id: format!("ed25519:{version}"),
+    fn with_secret(secret: Secret, version: &str) -> Self {
+        Self { pair: Pair { secret, version: version.to_owned() }, key_id: format!("ed25519:{version}") }
+    }
+
+    /// The public key; a hosted key asks the host.
+    pub fn public_key(&self) -> Result<[u8; 32], PduError> {
+        match &self.pair.secret {
+            Secret::Local(local) => Ok(local.1.to_bytes()),
+            Secret::Hosted(name) => {
+                lattice_worker::bindings::lattice::bindings::crypto::ed25519_public_key(name)
+                    .map_err(|e| PduError::Key(format!("{e:?}")))?
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| PduError::Key("a public key has 32 bytes".into()))
+            }
         }
-    }
-
-    pub fn public_key(&self) -> [u8; 32] {
-        self.pair.public
-    }
-
-    pub fn public_key_b64(&self) -> String {
-        crate::util::b64(&self.public_key())
     }
 
     /// Signs arbitrary JSON (server keys, for example).
@@ -266,12 +265,15 @@ pub fn hash_and_sign(
 }
 
 /// The public keys to verify events of this server with.
-pub fn public_key_map(server_name: &str, key: &SigningKey) -> ruma::signatures::PublicKeyMap {
+pub fn public_key_map(
+    server_name: &str,
+    key: &SigningKey,
+) -> Result<ruma::signatures::PublicKeyMap, PduError> {
     let mut set = ruma::signatures::PublicKeySet::new();
-    set.insert(key.key_id.clone(), ruma::serde::Base64::new(key.public_key().to_vec()));
+    set.insert(key.key_id.clone(), ruma::serde::Base64::new(key.public_key()?.to_vec()));
     let mut map = ruma::signatures::PublicKeyMap::new();
     map.insert(server_name.to_owned(), set);
-    map
+    Ok(map)
 }
 
 /// Room version 12: the room id of a room whose create event this is.

@@ -88,11 +88,7 @@ mod tests {
     #[test]
     fn signs_verifiably_and_follows_a_rotated_secret() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let secrets = Secrets::open(&crate::config::SecretsConfig {
-            dir: Some(dir.path().to_owned()),
-            generate: vec![],
-        })
-        .expect("secrets");
+        let secrets = Secrets::in_dir(dir.path());
         let keys = SigningKeys::default();
         assert!(matches!(keys.get(&secrets, "signing_key"), Err(GuestError::Invalid(_))));
         std::fs::write(dir.path().join("signing_key"), [7u8; 16]).expect("write");
@@ -122,11 +118,7 @@ mod tests {
             hex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60"),
         )
         .expect("write");
-        let secrets = Secrets::open(&crate::config::SecretsConfig {
-            dir: Some(dir.path().to_owned()),
-            generate: vec![],
-        })
-        .expect("secrets");
+        let secrets = Secrets::in_dir(dir.path());
         let pair = SigningKeys::default().get(&secrets, "k").expect("key");
         assert_eq!(
             pair.public_key().as_ref(),
